@@ -1,0 +1,2 @@
+//! AArch64 guest boot: device tree.
+pub mod fdt;

@@ -1,0 +1,2 @@
+//! x86_64 guest layout, boot protocol and firmware tables.
+pub mod acpi;
