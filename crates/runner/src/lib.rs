@@ -6,6 +6,12 @@
 //! that chooses a backend by `target_os` is the `backend` module.
 
 pub mod aarch64;
+pub mod backend;
+pub mod console;
 pub mod initramfs;
 pub mod kernel;
+pub mod pvm;
+pub mod resources;
+pub mod timings;
+pub mod vmm;
 pub mod x86_64;

@@ -1,1 +1,117 @@
-//! TODO
+//! supermachine: run OCI/Docker images as hardware-isolated microVMs.
+//!
+//! This crate is the public facade: a small library API and the `supermachine` CLI.
+//! Today it boots a kernel with supermachine's own guest init ([`boot`]); running
+//! images builds on it.
+//!
+//! ```no_run
+//! // Boot Debian's cloud kernel (provisioned on first use) to supermachine's guest
+//! // init and get the guest's exit status.
+//! let outcome = supermachine::boot(&supermachine::BootConfig::default())?;
+//! println!("guest exited with {}", outcome.exit_code());
+//! # Ok::<(), supermachine::Error>(())
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use runner::resources::{parse_size, VmResources, DEFAULT_MEMORY};
+pub use runner::timings::Timings;
+pub use runner::vmm::{GuestExit, RunOutcome};
+
+/// Errors of the library API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The guest kernel could not be found or provisioned.
+    #[error(transparent)]
+    Kernel(#[from] runner::kernel::KernelError),
+    /// The initramfs could not be built.
+    #[error(transparent)]
+    Initramfs(#[from] runner::initramfs::InitramfsError),
+    /// The hypervisor could not be opened.
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    /// Building or running the VM failed.
+    #[error(transparent)]
+    Run(#[from] runner::vmm::RunError),
+}
+
+/// The default kernel command line: serial console, quiet boot, reboot through the
+/// ACPI reset register, reset (which ends the run) on panic, no PCI probing (every
+/// device is on virtio-mmio).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 quiet panic=-1 reboot=acpi pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux";
+
+/// What to boot. `Default` boots the provisioned Debian cloud kernel with
+/// supermachine's initramfs, 512 MiB and one vCPU.
+#[derive(Clone, Debug, Default)]
+pub struct BootConfig {
+    /// Kernel path; `None` = `$SUPERMACHINE_KERNEL` or the provisioned kernel.
+    pub kernel: Option<PathBuf>,
+    /// Initramfs path; `None` = supermachine's own for a Linux kernel, none otherwise.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `None` = [`DEFAULT_CMDLINE`].
+    pub cmdline: Option<String>,
+    /// Guest RAM in bytes; `None` = [`DEFAULT_MEMORY`].
+    pub memory: Option<u64>,
+    /// vCPUs; `None` = 1.
+    pub cpus: Option<u32>,
+}
+
+/// Resolves a [`BootConfig`] into concrete resources (provisioning the kernel and
+/// building the initramfs when needed).
+pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
+    let env_kernel = std::env::var_os("SUPERMACHINE_KERNEL").map(PathBuf::from);
+    let explicit = cfg.kernel.clone().or(env_kernel);
+    let (kernel, initrd) = match explicit {
+        Some(k) => {
+            let initrd = match &cfg.initrd {
+                Some(i) => Some(i.clone()),
+                None if runner::pvm::is_linux_kernel(&k) => {
+                    let assets = runner::kernel::KernelAssets::from_path(&k)?;
+                    Some(runner::initramfs::ensure(&assets)?)
+                }
+                None => None,
+            };
+            (k, initrd)
+        }
+        None => {
+            let assets = runner::kernel::provision()?;
+            let initrd = match &cfg.initrd {
+                Some(i) => Some(i.clone()),
+                None => Some(runner::initramfs::ensure(&assets)?),
+            };
+            (assets.kernel.clone(), initrd)
+        }
+    };
+    Ok(VmResources {
+        kernel,
+        initrd,
+        cmdline: cfg
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        memory: cfg.memory.unwrap_or(DEFAULT_MEMORY),
+        vcpus: cfg.cpus.unwrap_or(1),
+    })
+}
+
+/// Boots `cfg` to completion with the guest console on this process's stdout.
+pub fn boot(cfg: &BootConfig) -> Result<RunOutcome, Error> {
+    boot_with_console(cfg, Box::new(std::io::stdout()), Arc::new(Timings::start()))
+}
+
+/// Boots `cfg` to completion, sending the guest console to `console`.
+pub fn boot_with_console(
+    cfg: &BootConfig,
+    console: Box<dyn Write + Send>,
+    timings: Arc<Timings>,
+) -> Result<RunOutcome, Error> {
+    let res = resolve(cfg)?;
+    res.validate().map_err(runner::vmm::RunError::from)?;
+    timings.phase("resolved");
+    let hv = runner::backend::open()?;
+    timings.phase("hypervisor_open");
+    Ok(runner::vmm::run(&hv, &res, console, timings)?)
+}
