@@ -28,7 +28,8 @@ pub fn hello_and_poweroff_code(byte: u8, exit_status: u32) -> Vec<u8> {
     c
 }
 
-/// 32-bit code that writes each byte of `text` to COM1 and powers off with `exit_status`.
+/// 32-bit code that writes each byte of `text` and a newline to COM1 and powers off
+/// with `exit_status`.
 pub fn print_and_poweroff_code(text: &[u8], exit_status: u32) -> Vec<u8> {
     let mut c = Vec::new();
     c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
@@ -36,8 +37,8 @@ pub fn print_and_poweroff_code(text: &[u8], exit_status: u32) -> Vec<u8> {
         c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b ; out dx, al
     }
     let tail = hello_and_poweroff_code(b'\n', exit_status);
-    // Skip the leading "mov dx; mov al, '\n'; out" (7 bytes) of the tail.
-    c.extend_from_slice(&tail[7..]);
+    // `dx` already holds COM1: skip the tail's leading `mov dx, 0x3f8` (4 bytes).
+    c.extend_from_slice(&tail[4..]);
     c
 }
 
@@ -69,7 +70,15 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
 
     // PT_LOAD for the code.
-    phdr(&mut f, 1, 5, code_off as u64, LOAD_ADDR, code.len() as u64, 16);
+    phdr(
+        &mut f,
+        1,
+        5,
+        code_off as u64,
+        LOAD_ADDR,
+        code.len() as u64,
+        16,
+    );
     // PT_NOTE for the PVH entry.
     phdr(&mut f, 4, 4, note_off as u64, 0, note.len() as u64, 4);
     f.extend_from_slice(&note);
@@ -109,7 +118,10 @@ mod tests {
         let code = hello_and_poweroff_code(b'X', 0);
         let elf = pvh_elf(&code);
         assert_eq!(&elf[..4], b"\x7fELF");
-        assert_eq!(u64::from_le_bytes(elf[24..32].try_into().unwrap()), LOAD_ADDR);
+        assert_eq!(
+            u64::from_le_bytes(elf[24..32].try_into().unwrap()),
+            LOAD_ADDR
+        );
         assert!(elf.windows(4).any(|w| w == b"Xen\0"));
         assert!(elf.ends_with(&code));
     }

@@ -1,0 +1,147 @@
+//! The `supermachine boot` command as a user meets it, directly on this host's
+//! `/dev/kvm` with tiny PVH guests: guest output and exit status, and one-line errors
+//! with exit code 125 (never a panic) for bad input.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_supermachine"))
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sm-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    // Readable by the unprivileged user of the no-access test.
+    std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    d
+}
+
+fn tiny_guest(dir: &Path, text: &[u8], status: u32) -> PathBuf {
+    let p = dir.join("guest.elf");
+    std::fs::write(
+        &p,
+        test_guests::pvh_elf(&test_guests::print_and_poweroff_code(text, status)),
+    )
+    .unwrap();
+    p
+}
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("skipped: /dev/kvm cannot be opened on this host");
+    }
+    ok
+}
+
+fn boot(args: &[&str]) -> Output {
+    Command::new(bin()).arg("boot").args(args).output().unwrap()
+}
+
+/// A supermachine failure: exit 125, exactly one line on stderr naming the problem.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected, got: {err}");
+    assert!(err.starts_with("supermachine: error: "), "{err}");
+    assert!(err.contains(needle), "{needle:?} not in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn boot_tiny_guest_prints_and_exits_with_its_status() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("ok");
+    let k = tiny_guest(&d, b"hello from the guest", 7);
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--memory", "64M"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello from the guest\n");
+    assert_eq!(o.status.code(), Some(7), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn boot_tiny_guest_status_zero_exits_zero_with_two_cpus() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("ok2");
+    let k = tiny_guest(&d, b"ok", 0);
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--cpus", "2"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n");
+    assert_eq!(o.status.code(), Some(0));
+}
+
+#[test]
+fn boot_missing_kernel_is_one_line_error() {
+    let o = boot(&["--kernel", "/nonexistent/vmlinuz"]);
+    assert_one_line_error(&o, "/nonexistent/vmlinuz");
+}
+
+#[test]
+fn boot_non_kernel_file_is_one_line_error() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("nk");
+    let k = d.join("notes.txt");
+    std::fs::write(&k, b"this is not a kernel").unwrap();
+    let o = boot(&["--kernel", k.to_str().unwrap()]);
+    assert_one_line_error(&o, "not a bootable x86_64 kernel");
+}
+
+#[test]
+fn boot_small_or_unaligned_memory_is_one_line_error() {
+    let d = tmpdir("mem");
+    let k = tiny_guest(&d, b"x", 0);
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--memory", "4M"]);
+    assert_one_line_error(&o, "too small");
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--memory", "65537K"]);
+    assert_one_line_error(&o, "not a multiple");
+}
+
+#[test]
+fn boot_zero_cpus_is_one_line_error() {
+    let d = tmpdir("cpu");
+    let k = tiny_guest(&d, b"x", 0);
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--cpus", "0"]);
+    assert_one_line_error(&o, "0 vCPUs");
+}
+
+#[test]
+fn boot_unreadable_initrd_is_one_line_error() {
+    let d = tmpdir("initrd");
+    let k = tiny_guest(&d, b"x", 0);
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--initrd", "/nonexistent/initrd.img"]);
+    assert_one_line_error(&o, "/nonexistent/initrd.img");
+}
+
+#[test]
+fn boot_without_kvm_access_is_one_line_error() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to drop to an unprivileged user");
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let d = tmpdir("noacc");
+    let k = tiny_guest(&d, b"x", 0);
+    std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = Command::new(bin())
+        .args(["boot", "--kernel", k.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .env("HOME", &d)
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "/dev/kvm");
+}
