@@ -159,43 +159,51 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Prepares the kernel cache on the host (L1 has no network) and runs this binary in
-/// the rig.
+/// Prepares the kernel and initramfs on the host (L1 has no network and building the
+/// initramfs needs the module tree) and runs this binary in the rig with a copy of
+/// just those files as its cache.
 fn run_in_rig(filter: Option<&str>) -> bool {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_supermachine"));
+    let assets = match runner::kernel::provision() {
+        Ok(a) => a,
+        Err(e) => {
+            println!("linux_guest: cannot provision the kernel on the host: {e}");
+            println!("linux_guest: 0 passed, 1 failed");
+            return false;
+        }
+    };
+    let initramfs = match runner::initramfs::ensure(&assets) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("linux_guest: cannot build the initramfs on the host: {e}");
+            println!("linux_guest: 0 passed, 1 failed");
+            return false;
+        }
+    };
     let payload = std::env::temp_dir().join(format!("sm-rig-payload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&payload);
-    let cache = payload.join("cache");
-    std::fs::create_dir_all(&cache).expect("create payload dir");
-    // Reuse the host's provisioned kernel: copy the cache's kernel tree and build the
-    // initramfs into the payload's cache by running the product itself.
-    let host_cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-        });
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(host_cache.join("supermachine"))
-        .arg(&cache)
-        .status();
-    if !matches!(status, Ok(s) if s.success()) {
-        println!(
-            "linux_guest: cannot copy the kernel cache from {}; run `supermachine kernel` first",
-            host_cache.display()
-        );
-        println!("linux_guest: 0 passed, 1 failed");
-        return false;
+    let store = payload.join("cache/supermachine");
+    let kdir = store.join("kernels").join(&assets.version);
+    std::fs::create_dir_all(&kdir).expect("create payload dir");
+    std::fs::copy(&assets.kernel, kdir.join(assets.kernel.file_name().expect("kernel name")))
+        .expect("copy kernel");
+    if let Some(c) = &assets.config {
+        std::fs::copy(c, kdir.join(c.file_name().expect("config name"))).expect("copy config");
     }
-    // The rig's own L1 needs nothing from the payload cache but the kernel.
-    let _ = std::fs::remove_dir_all(cache.join("supermachine/rig"));
+    std::fs::write(store.join("kernels/default"), &assets.version).expect("write default");
+    std::fs::copy(&initramfs, store.join(initramfs.file_name().expect("initramfs name")))
+        .expect("copy initramfs");
     std::fs::copy(&bin, payload.join("supermachine")).expect("copy supermachine");
     let me = std::env::current_exe().expect("current_exe");
     std::fs::copy(&me, payload.join("linux_guest")).expect("copy test binary");
 
-    let (kernel, modules) = rig_kernel(&cache.join("supermachine"));
+    let Some(modules) = assets.modules_dir.clone() else {
+        println!("linux_guest: the provisioned kernel has no modules dir (kvm-amd is needed for L1)");
+        println!("linux_guest: 0 passed, 1 failed");
+        return false;
+    };
     let mut cmd = Command::new(workspace_root().join("tests/nested/rig"));
-    cmd.env("RIG_KERNEL", kernel).env("RIG_MODULES", modules);
+    cmd.env("RIG_KERNEL", &assets.kernel).env("RIG_MODULES", modules);
     cmd.env(
         "RIG_ENV",
         format!(
@@ -207,17 +215,6 @@ fn run_in_rig(filter: Option<&str>) -> bool {
     let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
     let _ = std::fs::remove_dir_all(&payload);
     ok
-}
-
-/// The provisioned kernel and its modules dir inside a supermachine cache dir.
-fn rig_kernel(cache: &Path) -> (PathBuf, PathBuf) {
-    let assets = runner::kernel::provision().expect("provision the kernel on the host");
-    let _ = cache;
-    let modules = assets
-        .modules_dir
-        .clone()
-        .expect("the provisioned kernel has a modules dir");
-    (assets.kernel, modules)
 }
 
 fn main() {
@@ -239,14 +236,6 @@ fn main() {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_supermachine"));
         run_scenarios(&Env { bin }, filter)
     } else if which("qemu-system-x86_64") {
-        // Provision on the host first: the rig has no network.
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_supermachine"));
-        let prep = Command::new(&bin).arg("kernel").status();
-        if !matches!(prep, Ok(s) if s.success()) {
-            println!("linux_guest: `supermachine kernel` failed on the host");
-            println!("linux_guest: 0 passed, 1 failed");
-            std::process::exit(1);
-        }
         run_in_rig(filter)
     } else {
         println!(
