@@ -16,6 +16,18 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod esr;
+pub mod hv_error;
 pub mod psci;
 pub mod state;
 pub mod sysreg;
+
+#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+mod bindings;
+#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+mod gic;
+#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+mod hvf;
+#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+pub use hvf::{
+    GicLayout, HvfHypervisor, HvfIrqLine, HvfKicker, HvfVcpu, HvfVm, DEFAULT_GIC_LAYOUT,
+};
