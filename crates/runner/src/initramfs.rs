@@ -927,6 +927,19 @@ mod tests {
         expected.push(ORDER_FILE.to_string());
         if let Some(list) = cpio_list(&path) {
             assert_eq!(list, expected);
+            // cpio reads back the exact init bytes and the load order.
+            let extract = |name: &str| {
+                let out = Command::new("cpio")
+                    .args(["-i", "--quiet", "--to-stdout", name])
+                    .stdin(fs::File::open(&path).unwrap())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                out.stdout
+            };
+            assert!(extract("init") == GUEST_INIT, "init bytes differ");
+            let order: String = mods.iter().map(|m| format!("{}\n", m.name)).collect();
+            assert_eq!(String::from_utf8(extract(ORDER_FILE)).unwrap(), order);
         }
         // Only the archive is left in the cache (no temp files).
         let names: Vec<_> = fs::read_dir(&cache.0)
