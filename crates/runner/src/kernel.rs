@@ -639,6 +639,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn publish_dir_lost_race_keeps_winner() {
+        let root = TestDir::new("kernel-publish");
+        let winner = root.0.join("v");
+        fs::create_dir_all(&winner).unwrap();
+        fs::write(winner.join("vmlinuz-v"), b"theirs").unwrap();
+        let staged = root.0.join(".tmp-v");
+        fs::create_dir_all(&staged).unwrap();
+        fs::write(staged.join("vmlinuz-v"), b"ours").unwrap();
+        publish_dir(&staged, &winner).unwrap();
+        assert_eq!(fs::read(winner.join("vmlinuz-v")).unwrap(), b"theirs");
+    }
+
+    #[test]
+    fn remove_stale_temps_removes_only_old_temps() {
+        let root = TestDir::new("kernel-stale");
+        fs::create_dir_all(root.0.join(".tmp-fresh")).unwrap();
+        fs::create_dir_all(root.0.join("6.9")).unwrap();
+        fs::create_dir_all(root.0.join(".tmp-old/sub")).unwrap();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        fs::File::open(root.0.join(".tmp-old"))
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        remove_stale_temps(&root.0);
+        assert!(!root.0.join(".tmp-old").exists());
+        assert!(root.0.join(".tmp-fresh").is_dir());
+        assert!(root.0.join("6.9").is_dir());
+    }
+
+    #[test]
+    fn write_atomic_replaces_content() {
+        let root = TestDir::new("kernel-atomic");
+        let f = root.0.join("default");
+        write_atomic(&f, b"a").unwrap();
+        write_atomic(&f, b"bb").unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"bb");
+        assert_eq!(fs::read_dir(&root.0).unwrap().count(), 1);
+    }
+
+    #[test]
     fn provision_debian_fresh_cache_downloads_then_reuses() {
         if let Err(why) = apt_available() {
             eprintln!("skipping: {why}");
