@@ -153,7 +153,12 @@ mod pid1 {
 
         let status = match std::fs::read_to_string("/proc/cmdline") {
             Ok(cmdline) => match parse_cmdline(&cmdline) {
-                Ok(opts) if ok => opts.exit_status,
+                Ok(opts) if ok => {
+                    if opts.run {
+                        fail!("sm.run=1: running the image is not implemented yet");
+                    }
+                    opts.exit_status
+                }
                 Ok(_) => STATUS_INIT_FAILED,
                 Err(bad) => {
                     fail!("bad option `{}` on the kernel command line", bad.0);

@@ -153,6 +153,11 @@ impl KernelAssets {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
             });
         }
+        // Debian's /boot/vmlinuz-* is 0600 root: say so now, not at boot.
+        fs::File::open(path).map_err(|source| KernelError::KernelNotFound {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
