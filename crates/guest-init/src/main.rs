@@ -6,56 +6,36 @@
 //! `supermachine: guest-init ready (cpus=N)`, then reports an exit status to the
 //! VMM and powers the VM off.
 //!
-//! Options come from the kernel command line (`/proc/cmdline`):
-//! - `sm.exit=N`: the status to report (u32, default 0); tests use it to prove
-//!   the status path end to end.
-//! - `sm.run=1`: reserved for running the image's entrypoint (parsed, not acted
-//!   on yet).
+//! Options come from the kernel command line (`/proc/cmdline`, see
+//! [`config::parse_cmdline`]):
+//! - `sm.exit=N`: the status boot mode reports (u32, default 0); tests use it
+//!   to prove the status path end to end.
+//! - `sm.mode=container` (or `sm.run=1`): container mode ([`container`]): mount
+//!   the image disk `sm.root` (default `/dev/vda`, `sm.rootfstype` erofs) under
+//!   an overlayfs, run the image's process, report its status; stdio over the
+//!   agent protocol on vsock with `sm.agent=vsock`, else on the console.
+//!   `sm.hostname=NAME` sets the hostname. docs/agent-protocol.md has the
+//!   whole host contract.
 //!
 //! PID 1 must never exit (the kernel panics when it does): every failure is
 //! printed with the `supermachine: guest-init:` prefix, turns the reported
-//! status into [`STATUS_INIT_FAILED`], and the VM is still powered off. A panic
-//! does the same through the panic hook.
+//! status into [`STATUS_INIT_FAILED`] (125 in container mode, as docker), and
+//! the VM is still powered off. A panic does the same through the panic hook.
 //!
-//! Depends only on `libc`; keeps to a few small allocations and one thread.
+//! Depends only on `libc` and `agent-protocol`; one thread.
+
+#[cfg(target_os = "linux")]
+mod agent;
+mod config;
+#[cfg(target_os = "linux")]
+mod container;
+#[cfg(target_os = "linux")]
+mod sys;
+mod user;
 
 /// Status reported when a step of guest-init itself failed or it panicked.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const STATUS_INIT_FAILED: u32 = 1;
-
-/// What guest-init was asked to do on the kernel command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-struct Options {
-    /// `sm.exit=N`: the status to report to the host.
-    exit_status: u32,
-    /// `sm.run=1`: run the image (reserved).
-    run: bool,
-}
-
-/// An option on the command line that guest-init could not understand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-struct BadOption<'a>(&'a str);
-
-/// Parses guest-init's `sm.*` options out of a kernel command line. Unknown
-/// `sm.*` keys and everything else are ignored (the kernel and modules own them).
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-fn parse_cmdline(cmdline: &str) -> Result<Options, BadOption<'_>> {
-    let mut opts = Options::default();
-    for word in cmdline.split_ascii_whitespace() {
-        if let Some(v) = word.strip_prefix("sm.exit=") {
-            opts.exit_status = v.parse().map_err(|_| BadOption(word))?;
-        } else if let Some(v) = word.strip_prefix("sm.run=") {
-            opts.run = match v {
-                "1" => true,
-                "0" => false,
-                _ => return Err(BadOption(word)),
-            };
-        }
-    }
-    Ok(opts)
-}
 
 /// Counts CPUs in a kernel CPU list such as `0-3,6,8-9` (the format of
 /// `/sys/devices/system/cpu/online`, Documentation/admin-guide/cputopology.rst).
@@ -104,7 +84,8 @@ fn module_names(order: &str) -> impl Iterator<Item = Result<&str, &str>> {
 
 #[cfg(target_os = "linux")]
 mod pid1 {
-    use super::{count_cpu_list, module_names, parse_cmdline, STATUS_INIT_FAILED};
+    use super::{count_cpu_list, module_names, STATUS_INIT_FAILED};
+    use crate::config::{parse_cmdline, Mode, STATUS_CONTAINER_INIT_FAILED};
     use std::ffi::CStr;
     use std::io::Write;
     use std::os::fd::AsRawFd;
@@ -153,12 +134,14 @@ mod pid1 {
 
         let status = match std::fs::read_to_string("/proc/cmdline") {
             Ok(cmdline) => match parse_cmdline(&cmdline) {
-                Ok(opts) if ok => {
-                    if opts.run {
-                        fail!("sm.run=1: running the image is not implemented yet");
+                Ok(opts) if opts.mode == Mode::Container => {
+                    if ok {
+                        crate::container::run(&opts)
+                    } else {
+                        STATUS_CONTAINER_INIT_FAILED
                     }
-                    opts.exit_status
                 }
+                Ok(opts) if ok => opts.exit_status,
                 Ok(_) => STATUS_INIT_FAILED,
                 Err(bad) => {
                     fail!("bad option `{}` on the kernel command line", bad.0);
@@ -373,9 +356,73 @@ mod pid1 {
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    /// The VMM's exit-status register (aarch64): offset 4 of the power block the
+    /// runner maps at guest-physical 0x0902_0000 (`runner::aarch64::layout::POWER_BASE`).
+    /// arm64 has no port I/O, so it is reached through /dev/mem: the guest kernel has
+    /// CONFIG_DEVMEM=y, and STRICT_DEVMEM lets root map a page that is neither RAM nor
+    /// claimed by a driver (arm64 `devmem_is_allowed`), which this one is not: the
+    /// device tree does not describe it.
+    #[cfg(target_arch = "aarch64")]
+    const STATUS_MMIO_PAGE: libc::off_t = 0x0902_0000;
+    #[cfg(target_arch = "aarch64")]
+    const STATUS_MMIO_OFFSET: usize = 4;
+
+    #[cfg(target_arch = "aarch64")]
     fn report_status(status: u32) {
-        fail!("cannot report status {status}: no status register on this architecture yet");
+        // SAFETY: open(2) with a NUL-terminated path and plain flags.
+        let fd = unsafe {
+            libc::open(
+                c"/dev/mem".as_ptr(),
+                libc::O_RDWR | libc::O_SYNC | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            fail!("open /dev/mem: {}", std::io::Error::last_os_error());
+            return;
+        }
+        // 4 KiB: the register page is 64 KiB aligned, so this works for any guest
+        // page size the kernel may use (mmap rounds the length up to a page).
+        let len = 4096;
+        // SAFETY: a fresh shared mapping of /dev/mem at a page-aligned offset; no
+        // existing memory is affected.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                STATUS_MMIO_PAGE,
+            )
+        };
+        // SAFETY: fd is ours; the mapping stays valid after close.
+        unsafe { libc::close(fd) };
+        if page == libc::MAP_FAILED {
+            fail!(
+                "mmap /dev/mem at {STATUS_MMIO_PAGE:#x}: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: `page` maps `len` bytes, the register's 4 aligned bytes lie inside;
+        // it is device memory nothing else in this process references. A single STR
+        // with no writeback is used so the hypervisor gets a data abort with a valid
+        // instruction syndrome (Arm ARM D17.2.40, ISV) it can emulate.
+        unsafe {
+            let reg = page.cast::<u8>().add(STATUS_MMIO_OFFSET);
+            std::arch::asm!(
+                "str {v:w}, [{p}]",
+                v = in(reg) status,
+                p = in(reg) reg,
+                options(nostack, preserves_flags)
+            );
+            libc::munmap(page, len);
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    fn report_status(status: u32) {
+        fail!("cannot report status {status}: no status register on this architecture");
     }
 }
 
@@ -394,52 +441,6 @@ fn main() {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parse_cmdline_no_options_defaults() {
-        let opts = parse_cmdline("console=ttyS0 reboot=k panic=1 quiet").unwrap();
-        assert_eq!(opts, Options::default());
-    }
-
-    #[test]
-    fn parse_cmdline_exit_and_run_parsed() {
-        let opts = parse_cmdline("console=ttyS0 sm.exit=42 sm.run=1\n").unwrap();
-        assert_eq!(
-            opts,
-            Options {
-                exit_status: 42,
-                run: true
-            }
-        );
-    }
-
-    #[test]
-    fn parse_cmdline_full_u32_status_accepted() {
-        let opts = parse_cmdline("sm.exit=4294967295").unwrap();
-        assert_eq!(opts.exit_status, u32::MAX);
-    }
-
-    #[test]
-    fn parse_cmdline_last_exit_wins() {
-        assert_eq!(parse_cmdline("sm.exit=3 sm.exit=7").unwrap().exit_status, 7);
-    }
-
-    #[test]
-    fn parse_cmdline_bad_exit_rejected() {
-        assert_eq!(parse_cmdline("sm.exit=-1"), Err(BadOption("sm.exit=-1")));
-        assert_eq!(parse_cmdline("sm.exit=x"), Err(BadOption("sm.exit=x")));
-        assert_eq!(
-            parse_cmdline("sm.exit=4294967296"),
-            Err(BadOption("sm.exit=4294967296"))
-        );
-        assert_eq!(parse_cmdline("sm.run=yes"), Err(BadOption("sm.run=yes")));
-    }
-
-    #[test]
-    fn parse_cmdline_similar_keys_ignored() {
-        let opts = parse_cmdline("xsm.exit=9 sm.exitx=9 sm.exit").unwrap();
-        assert_eq!(opts.exit_status, 0);
-    }
 
     #[test]
     fn count_cpu_list_ranges_and_singles_counted() {

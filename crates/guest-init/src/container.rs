@@ -1,0 +1,846 @@
+//! Container mode: mount the image disk under an overlayfs, switch into it,
+//! run the image's process as PID 1's only child, forward its stdio and
+//! signals, reap zombies, and return the docker-style status.
+//! The host's side of the contract: docs/agent-protocol.md, "Container mode".
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_protocol::{
+    ExitStatus, FrameDecoder, Message, ProcessSpec, User, CONTROL_STREAM, MAIN_PROCESS_STREAM,
+    MAX_PAYLOAD, VERSION,
+};
+
+use crate::agent::{self, Channel, Incoming};
+use crate::config::{
+    container_env, decode_wait_status, spawn_failure_status, Agent, Options,
+    STATUS_CONTAINER_INIT_FAILED,
+};
+use crate::sys;
+use crate::user::{self, ExecUser};
+
+/// Spec file the host may put into the initramfs: agent frames, the first
+/// ProcessSpec of which is the process to run.
+const SPEC_FILE: &str = "/sm/spec";
+const LOWER: &str = "/run/sm/lower";
+const RW: &str = "/run/sm/rw";
+const ROOT: &str = "/run/sm/root";
+
+const DISK_TIMEOUT: Duration = Duration::from_secs(10);
+const VSOCK_DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
+const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// After the main process exits, how long the rest get to close the pipes
+/// once killed (they are SIGKILLed, so this only covers scheduling).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Largest stdin backlog buffered for a process that does not read it; past
+/// this the channel is not read until the process catches up.
+const STDIN_BACKLOG: usize = 4 << 20;
+const FORWARDED_SIGNALS: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+const AGENT_VERSION: &str = concat!("guest-init ", env!("CARGO_PKG_VERSION"));
+
+macro_rules! fail {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "supermachine: guest-init: ");
+        let _ = writeln!(err, $($arg)*);
+    }};
+}
+
+/// Runs the container described by the spec file or the host, returning the
+/// status to report (docker's: the exit code, 128+signal, or 125-127).
+pub fn run(opts: &Options) -> u32 {
+    // Signals are blocked before any child exists, so none is lost.
+    let mut signals = FORWARDED_SIGNALS.to_vec();
+    signals.push(libc::SIGCHLD);
+    let sigfd = match sys::signalfd(&signals) {
+        Ok(fd) => fd,
+        Err(e) => {
+            fail!("signalfd: {e}");
+            return STATUS_CONTAINER_INIT_FAILED;
+        }
+    };
+
+    let listener = match opts.agent {
+        Agent::Vsock => match agent::listen(VSOCK_DEVICE_TIMEOUT) {
+            Ok((l, _cid)) => Some(l),
+            Err(e) => {
+                fail!("vsock control channel unavailable, output goes to the console: {e}");
+                None
+            }
+        },
+        Agent::Console => None,
+    };
+
+    let file_spec = read_spec_file();
+    let setup = setup_rootfs(opts);
+
+    let mut chan = listener.and_then(|l| match agent::accept(&l, HOST_CONNECT_TIMEOUT) {
+        Ok(Some(sock)) => Some(Channel::new(sock)),
+        Ok(None) => {
+            fail!("the host did not connect to vsock port {} in {HOST_CONNECT_TIMEOUT:?}; output goes to the console", agent_protocol::CONTROL_PORT);
+            None
+        }
+        Err(e) => {
+            fail!("accepting the host's vsock connection: {e}");
+            None
+        }
+    });
+
+    let mut pre = PreStart::default();
+    if let Some(c) = chan.as_mut() {
+        if let Err(msg) = handshake(c, setup.is_ok(), &mut pre) {
+            fail!("{msg}");
+            let _ = c.send(CONTROL_STREAM, &Message::Error { message: msg });
+            return finish_channel(chan, STATUS_CONTAINER_INIT_FAILED);
+        }
+    }
+    if let Err(msg) = setup {
+        fail!("{msg}");
+        return finish_channel(chan, STATUS_CONTAINER_INIT_FAILED);
+    }
+
+    let (stream, spec) = match (pre.spec.take(), file_spec) {
+        (Some(s), _) => s,
+        (None, Ok(Some(spec))) => (pre.start_stream.unwrap_or(MAIN_PROCESS_STREAM), spec),
+        (None, Ok(None)) => {
+            let msg = format!(
+                "no process to run: {SPEC_FILE} is absent and the host sent no ProcessSpec"
+            );
+            return report_failure(&mut chan, CONTROL_STREAM, STATUS_CONTAINER_INIT_FAILED, msg);
+        }
+        (None, Err(msg)) => {
+            return report_failure(&mut chan, CONTROL_STREAM, STATUS_CONTAINER_INIT_FAILED, msg)
+        }
+    };
+
+    let status = match Process::spawn(
+        &spec,
+        opts,
+        chan.as_ref().is_some_and(Channel::alive),
+        pre.size,
+    ) {
+        Ok(mut p) => {
+            let status = p.supervise(sigfd.as_raw_fd(), &mut chan, stream, pre.stdin);
+            if let Some(c) = chan.as_mut() {
+                let _ = c.send(stream, &Message::Exited(status));
+            }
+            status.docker_code() as u32
+        }
+        Err((code, msg)) => {
+            let s = report_failure(&mut chan, stream, code, msg);
+            if let Some(c) = chan.as_mut() {
+                let _ = c.send(stream, &Message::Exited(ExitStatus::Code(code as i32)));
+            }
+            s
+        }
+    };
+    finish_channel(chan, status)
+}
+
+fn report_failure(chan: &mut Option<Channel>, stream: u32, code: u32, msg: String) -> u32 {
+    fail!("{msg}");
+    if let Some(c) = chan.as_mut() {
+        let _ = c.send(stream, &Message::Error { message: msg });
+    }
+    code
+}
+
+fn finish_channel(chan: Option<Channel>, status: u32) -> u32 {
+    if let Some(c) = chan {
+        c.close(CLOSE_LINGER);
+    }
+    status
+}
+
+/// Reads the optional spec file: `Ok(None)` when absent.
+fn read_spec_file() -> Result<Option<ProcessSpec>, String> {
+    let file = match std::fs::File::open(SPEC_FILE) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("opening {SPEC_FILE}: {e}")),
+    };
+    let mut bytes = Vec::new();
+    // One max-size frame plus a little; anything longer is not ours.
+    let limit = u64::from(MAX_PAYLOAD) + 4096;
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading {SPEC_FILE}: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{SPEC_FILE} is larger than {limit} bytes"));
+    }
+    let mut dec = FrameDecoder::new();
+    let mut input = bytes.as_slice();
+    while let Some(raw) = dec
+        .decode(&mut input)
+        .map_err(|e| format!("{SPEC_FILE}: {e}"))?
+    {
+        match raw.to_frame() {
+            Ok(f) => {
+                if let Message::ProcessSpec(spec) = f.message {
+                    return Ok(Some(spec));
+                }
+            }
+            Err(e) => return Err(format!("{SPEC_FILE}: {e}")),
+        }
+    }
+    Err(format!("{SPEC_FILE} holds no complete ProcessSpec frame"))
+}
+
+fn mkdir_p(path: &str) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("creating {path}: {e}"))
+}
+
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    sys::mount(src, target, Some(fstype), flags, data)
+        .map_err(|e| format!("mounting {fstype} {src} on {target}: {e}"))
+}
+
+/// Image disk (read-only) + tmpfs upper under an overlayfs, the pseudo
+/// filesystems inside it, then switch_root into it (the initramfs is rootfs,
+/// which pivot_root(2) cannot move: Documentation/filesystems/
+/// ramfs-rootfs-initramfs.rst), hostname and loopback.
+fn setup_rootfs(opts: &Options) -> Result<(), String> {
+    if !sys::wait_for_path(&opts.root, DISK_TIMEOUT) {
+        return Err(format!(
+            "image disk {} did not appear within {DISK_TIMEOUT:?} (is the virtio-blk device attached?)",
+            opts.root
+        ));
+    }
+    for d in [LOWER, RW, ROOT] {
+        mkdir_p(d)?;
+    }
+    mount(
+        &opts.root,
+        LOWER,
+        opts.rootfstype.name(),
+        libc::MS_RDONLY,
+        None,
+    )?;
+    mount(
+        "tmpfs",
+        RW,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mkdir_p(&format!("{RW}/upper"))?;
+    mkdir_p(&format!("{RW}/work"))?;
+    let data = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
+    mount("overlay", ROOT, "overlay", 0, Some(&data))?;
+
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let inner: [(&str, &str, &str, libc::c_ulong, Option<&str>); 6] = [
+        ("proc", "/proc", "proc", nosuid_nodev_noexec, None),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            nosuid_nodev_noexec | libc::MS_RDONLY,
+            None,
+        ),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            libc::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        (
+            "shm",
+            "/dev/shm",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=1777"),
+        ),
+    ];
+    for (src, target, fstype, flags, data) in inner {
+        let path = format!("{ROOT}{target}");
+        mkdir_p(&path)?;
+        mount(src, &path, fstype, flags, data)?;
+    }
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        // devtmpfs does not create these; an existing one is kept.
+        let _ = std::os::unix::fs::symlink(to, format!("{ROOT}/dev/{link}"));
+    }
+    // Like docker's bind-mounted /etc/hostname and /etc/hosts, written into
+    // the (tmpfs) upper layer. Images without /etc get none.
+    if std::path::Path::new(&format!("{ROOT}/etc")).is_dir() {
+        let h = &opts.hostname;
+        let _ = std::fs::write(format!("{ROOT}/etc/hostname"), format!("{h}\n"));
+        let _ = std::fs::write(
+            format!("{ROOT}/etc/hosts"),
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{h}\n"
+            ),
+        );
+    }
+
+    std::env::set_current_dir(ROOT).map_err(|e| format!("chdir {ROOT}: {e}"))?;
+    sys::mount(".", "/", None, libc::MS_MOVE, None)
+        .map_err(|e| format!("moving {ROOT} to /: {e}"))?;
+    sys::chroot(".").map_err(|e| format!("chroot into the container root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+
+    sys::sethostname(&opts.hostname).map_err(|e| format!("sethostname {}: {e}", opts.hostname))?;
+    if let Err(e) = sys::loopback_up() {
+        // Not fatal: only programs using 127.0.0.1 notice.
+        fail!("bringing up the loopback interface: {e}");
+    }
+    Ok(())
+}
+
+/// What the host sent before Start.
+#[derive(Debug, Default)]
+struct PreStart {
+    spec: Option<(u32, ProcessSpec)>,
+    start_stream: Option<u32>,
+    size: Option<(u16, u16)>,
+    stdin: Vec<u8>,
+}
+
+/// Hello -> Ready (or Error when the rootfs failed), then control messages
+/// until Start. Returns an error message for the host on protocol misuse.
+fn handshake(chan: &mut Channel, rootfs_ok: bool, pre: &mut PreStart) -> Result<(), String> {
+    let mut greeted = false;
+    let mut seq = 0u64;
+    loop {
+        let mut pfd = [libc::pollfd {
+            fd: chan.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        sys::poll(&mut pfd, HEARTBEAT_EVERY)
+            .map_err(|e| format!("poll on the control channel: {e}"))?;
+        if pfd[0].revents == 0 {
+            if greeted {
+                seq += 1;
+                let _ = chan.send(CONTROL_STREAM, &Message::Heartbeat { seq });
+            }
+            continue;
+        }
+        let frames = match chan.receive() {
+            Incoming::Frames(f) => f,
+            Incoming::Closed => {
+                return Err("the host closed the control channel before Start".into())
+            }
+            Incoming::Broken(e) => return Err(format!("control channel: {e}")),
+        };
+        for frame in frames {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = chan.send(
+                        CONTROL_STREAM,
+                        &Message::Error {
+                            message: e.to_string(),
+                        },
+                    );
+                    continue;
+                }
+            };
+            match frame.message {
+                Message::Hello { .. } => {
+                    greeted = true;
+                    if !rootfs_ok {
+                        // The caller sends the reason as an Error.
+                        return Err(
+                            "container root filesystem setup failed (see the console)".into()
+                        );
+                    }
+                    let _ = chan.send(
+                        CONTROL_STREAM,
+                        &Message::Ready {
+                            protocol_version: u16::from(VERSION),
+                            agent_version: AGENT_VERSION.into(),
+                        },
+                    );
+                }
+                Message::ProcessSpec(spec) => pre.spec = Some((frame.stream, spec)),
+                Message::Start => {
+                    if !greeted {
+                        return Err("Start before Hello".into());
+                    }
+                    if let Some((s, _)) = &pre.spec {
+                        if *s != frame.stream {
+                            return Err(format!(
+                                "Start on stream {} but the ProcessSpec came on stream {s}",
+                                frame.stream
+                            ));
+                        }
+                    }
+                    pre.start_stream = Some(frame.stream);
+                    return Ok(());
+                }
+                Message::Resize { rows, cols } => pre.size = Some((rows, cols)),
+                Message::Stdin(d) if pre.stdin.len() + d.len() <= STDIN_BACKLOG => {
+                    pre.stdin.extend_from_slice(&d)
+                }
+                other => control_message(chan, other),
+            }
+        }
+    }
+}
+
+/// Messages valid at any time on the control stream.
+fn control_message(chan: &mut Channel, message: Message) {
+    match message {
+        Message::Heartbeat { seq } => {
+            let _ = chan.send(CONTROL_STREAM, &Message::Heartbeat { seq });
+        }
+        Message::TimeSync { unix_nanos } => {
+            if let Err(e) = sys::set_realtime(unix_nanos) {
+                let _ = chan.send(
+                    CONTROL_STREAM,
+                    &Message::Error {
+                        message: format!("TimeSync: {e}"),
+                    },
+                );
+            }
+        }
+        Message::Entropy(bytes) => {
+            if let Err(e) = sys::add_entropy(&bytes) {
+                let _ = chan.send(
+                    CONTROL_STREAM,
+                    &Message::Error {
+                        message: format!("Entropy: {e}"),
+                    },
+                );
+            }
+        }
+        Message::Error { message } => fail!("host reported: {message}"),
+        other => {
+            let _ = chan.send(
+                CONTROL_STREAM,
+                &Message::Error {
+                    message: format!("unexpected {:?} message at this point", other.kind()),
+                },
+            );
+        }
+    }
+}
+
+/// The running main process and the parent ends of its stdio.
+struct Process {
+    pid: libc::pid_t,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
+    /// The pty master when the process has a TTY (also in `stdout`/`stdin`
+    /// as duplicates).
+    pty: Option<RawFd>,
+}
+
+fn read_optional(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+impl Process {
+    /// Resolves user, env and cwd inside the (already entered) container root
+    /// and starts the process. Errors carry docker's status (125/126/127).
+    fn spawn(
+        spec: &ProcessSpec,
+        opts: &Options,
+        channel: bool,
+        size: Option<(u16, u16)>,
+    ) -> Result<Self, (u32, String)> {
+        let fail = |m: String| (STATUS_CONTAINER_INIT_FAILED, m);
+        let Some(program) = spec.argv.first().filter(|p| !p.is_empty()) else {
+            return Err(fail(
+                "no command specified (the image has no Entrypoint or Cmd and none was given)"
+                    .into(),
+            ));
+        };
+        let passwd = read_optional("/etc/passwd");
+        let who: ExecUser = match &spec.user {
+            User::Name(name) => user::resolve(name, &passwd, &read_optional("/etc/group"))
+                .map_err(|e| fail(e.to_string()))?,
+            User::Ids { uid, gid, groups } => {
+                let home = user::resolve(&uid.to_string(), &passwd, "")
+                    .map(|u| u.home)
+                    .unwrap_or_else(|_| "/".into());
+                ExecUser {
+                    uid: *uid,
+                    gid: *gid,
+                    groups: groups.clone(),
+                    home,
+                }
+            }
+        };
+        let cwd = if spec.cwd.is_empty() {
+            "/"
+        } else {
+            spec.cwd.as_str()
+        };
+        if !cwd.starts_with('/') {
+            return Err(fail(format!(
+                "working directory {cwd:?} is invalid: it must be an absolute path"
+            )));
+        }
+        // docker creates a missing WorkingDir.
+        mkdir_p(cwd).map_err(fail)?;
+        let env = container_env(&spec.env, &opts.hostname, &who.home, spec.tty);
+
+        let mut cmd = Command::new(program);
+        cmd.args(&spec.argv[1..]).env_clear().current_dir(cwd);
+        for e in &env {
+            if let Some((k, v)) = e.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+
+        let io = |e: io::Error| fail(format!("setting up the process's stdio: {e}"));
+        let mut proc = Process {
+            pid: 0,
+            stdout: None,
+            stderr: None,
+            stdin: None,
+            pty: None,
+        };
+        let tty = spec.tty && channel;
+        if tty {
+            let (rows, cols) = size.unwrap_or((24, 80));
+            let (master, slave) = sys::openpty(rows, cols).map_err(io)?;
+            sys::set_nonblocking(master.as_raw_fd()).map_err(io)?;
+            cmd.stdin(Stdio::from(slave.try_clone().map_err(io)?))
+                .stdout(Stdio::from(slave.try_clone().map_err(io)?))
+                .stderr(Stdio::from(slave));
+            proc.pty = Some(master.as_raw_fd());
+            proc.stdin = Some(master.try_clone().map_err(io)?);
+            proc.stdout = Some(master);
+        } else if channel {
+            let (out_r, out_w) = sys::pipe().map_err(io)?;
+            let (err_r, err_w) = sys::pipe().map_err(io)?;
+            sys::set_nonblocking(out_r.as_raw_fd()).map_err(io)?;
+            sys::set_nonblocking(err_r.as_raw_fd()).map_err(io)?;
+            cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
+            proc.stdout = Some(out_r);
+            proc.stderr = Some(err_r);
+            if spec.stdin {
+                let (in_r, in_w) = sys::pipe().map_err(io)?;
+                sys::set_nonblocking(in_w.as_raw_fd()).map_err(io)?;
+                cmd.stdin(Stdio::from(in_r));
+                proc.stdin = Some(in_w);
+            } else {
+                cmd.stdin(Stdio::null());
+            }
+        } else {
+            // Console fallback: the process writes to the serial console
+            // directly (stdout and stderr mixed).
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+            cmd.stdin(if spec.stdin {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        }
+
+        let (uid, gid, groups) = (who.uid, who.gid, who.groups.clone());
+        // SAFETY: the closure runs in the forked child before exec and calls
+        // only async-signal-safe functions (signal(7)): sigprocmask, setsid,
+        // ioctl, setgroups, setgid, setuid. It allocates nothing: `groups` was
+        // built before the fork and is only read.
+        unsafe {
+            cmd.pre_exec(move || {
+                // std resets the mask too; being explicit costs one syscall.
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(gid) < 0
+                    || libc::setuid(uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        match cmd.spawn() {
+            Ok(child) => {
+                proc.pid = child.id() as libc::pid_t;
+                // The child is reaped through waitpid(-1); `Child` is dropped
+                // without waiting, which std allows.
+                drop(child);
+                Ok(proc)
+            }
+            Err(e) => Err((
+                spawn_failure_status(e.kind()),
+                format!("cannot run {program:?}: {e}"),
+            )),
+        }
+    }
+
+    /// PID 1's loop until the main process is gone and its output drained.
+    fn supervise(
+        &mut self,
+        sigfd: RawFd,
+        chan: &mut Option<Channel>,
+        stream: u32,
+        mut stdin_pending: Vec<u8>,
+    ) -> ExitStatus {
+        let mut status: Option<ExitStatus> = None;
+        let mut drain_deadline: Option<Instant> = None;
+        let mut next_beat = Instant::now() + HEARTBEAT_EVERY;
+        let mut seq = 0u64;
+        let mut stdin_eof = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if status.is_some() && self.stdout.is_none() && self.stderr.is_none() {
+                break;
+            }
+            if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let chan_fd = chan.as_ref().filter(|c| c.alive()).map(Channel::fd);
+            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(5);
+            let mut push = |fd: Option<RawFd>, events: libc::c_short| {
+                let i = fds.len();
+                fds.push(libc::pollfd {
+                    fd: fd.unwrap_or(-1),
+                    events,
+                    revents: 0,
+                });
+                i
+            };
+            let i_sig = push(Some(sigfd), libc::POLLIN);
+            let i_out = push(self.stdout.as_ref().map(AsRawFd::as_raw_fd), libc::POLLIN);
+            let i_err = push(self.stderr.as_ref().map(AsRawFd::as_raw_fd), libc::POLLIN);
+            let chan_events = if stdin_pending.len() < STDIN_BACKLOG {
+                libc::POLLIN
+            } else {
+                0
+            };
+            let i_chan = push(chan_fd, chan_events);
+            let stdin_fd = self
+                .stdin
+                .as_ref()
+                .map(AsRawFd::as_raw_fd)
+                .filter(|_| !stdin_pending.is_empty());
+            let i_in = push(stdin_fd, libc::POLLOUT);
+            let now = Instant::now();
+            let mut wait = next_beat.saturating_duration_since(now);
+            if let Some(d) = drain_deadline {
+                wait = wait.min(d.saturating_duration_since(now));
+            }
+            if let Err(e) = sys::poll(&mut fds, wait) {
+                fail!("poll: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+
+            if fds[i_sig].revents != 0 {
+                while let Some(signo) = sys::read_signal(sigfd) {
+                    if signo == libc::SIGCHLD as u32 {
+                        while let Some((pid, raw)) = sys::reap_one() {
+                            if pid == self.pid && status.is_none() {
+                                status = decode_wait_status(raw);
+                                if status.is_some() {
+                                    // The container ends with its main process, as
+                                    // with docker: kill everything else (kill(2):
+                                    // -1 spares the caller, PID 1).
+                                    let _ = sys::kill(-1, libc::SIGKILL);
+                                    drain_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+                                }
+                            }
+                        }
+                    } else if status.is_none() {
+                        let _ = sys::kill(self.pid, signo as libc::c_int);
+                    }
+                }
+            }
+            for (i, is_err) in [(i_out, false), (i_err, true)] {
+                if fds[i].revents == 0 {
+                    continue;
+                }
+                let slot = if is_err {
+                    &mut self.stderr
+                } else {
+                    &mut self.stdout
+                };
+                let Some(fd) = slot.as_ref().map(AsRawFd::as_raw_fd) else {
+                    continue;
+                };
+                match sys::read(fd, &mut buf) {
+                    Ok(0) => *slot = None,
+                    Ok(n) => forward_output(chan, stream, is_err, &buf[..n]),
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted => {}
+                    // EIO: the pty's last slave closed.
+                    Err(_) => *slot = None,
+                }
+                if slot.is_none() && !is_err && self.pty.is_some() {
+                    self.pty = None;
+                    self.stdin = None;
+                }
+            }
+            if fds[i_chan].revents != 0 {
+                if let Some(c) = chan.as_mut() {
+                    match c.receive() {
+                        Incoming::Frames(frames) => {
+                            for f in frames {
+                                match f {
+                                    Ok(f) => self.process_message(
+                                        c,
+                                        stream,
+                                        f.stream,
+                                        f.message,
+                                        &mut stdin_pending,
+                                        &mut stdin_eof,
+                                    ),
+                                    Err(e) => {
+                                        let _ = c.send(
+                                            CONTROL_STREAM,
+                                            &Message::Error {
+                                                message: e.to_string(),
+                                            },
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                        Incoming::Closed => {
+                            fail!("the host closed the control channel; output goes to the console")
+                        }
+                        Incoming::Broken(e) => {
+                            fail!("control channel broken ({e}); output goes to the console")
+                        }
+                    }
+                }
+            }
+            if fds[i_in].revents != 0 {
+                if let Some(fd) = self.stdin.as_ref().map(AsRawFd::as_raw_fd) {
+                    match sys::write(fd, &stdin_pending) {
+                        Ok(n) => {
+                            stdin_pending.drain(..n);
+                        }
+                        Err(e)
+                            if e.kind() == io::ErrorKind::WouldBlock
+                                || e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            stdin_pending.clear();
+                            if self.pty.is_none() {
+                                self.stdin = None;
+                            }
+                        }
+                    }
+                }
+            }
+            if stdin_eof && stdin_pending.is_empty() && self.pty.is_none() {
+                self.stdin = None;
+            }
+            if Instant::now() >= next_beat {
+                next_beat = Instant::now() + HEARTBEAT_EVERY;
+                seq += 1;
+                if let Some(c) = chan.as_mut().filter(|c| c.alive()) {
+                    let _ = c.send(CONTROL_STREAM, &Message::Heartbeat { seq });
+                }
+            }
+        }
+        // Reap what the SIGKILL left behind, without blocking.
+        while sys::reap_one().is_some() {}
+        // A status is always set unless the drain deadline hit before SIGCHLD
+        // arrived, which cannot happen: the deadline starts at the status.
+        status.unwrap_or(ExitStatus::Code(STATUS_CONTAINER_INIT_FAILED as i32))
+    }
+
+    fn process_message(
+        &mut self,
+        chan: &mut Channel,
+        main_stream: u32,
+        stream: u32,
+        message: Message,
+        stdin_pending: &mut Vec<u8>,
+        stdin_eof: &mut bool,
+    ) {
+        let for_main = stream == main_stream;
+        match message {
+            Message::Stdin(d) if for_main => {
+                if self.stdin.is_some() && !*stdin_eof {
+                    stdin_pending.extend_from_slice(&d);
+                }
+            }
+            Message::StdinEof if for_main => *stdin_eof = true,
+            Message::Signal { signo } if for_main => {
+                if (1..=64).contains(&signo) {
+                    let _ = sys::kill(self.pid, signo);
+                } else {
+                    let _ = chan.send(
+                        stream,
+                        &Message::Error {
+                            message: format!("invalid signal number {signo}"),
+                        },
+                    );
+                }
+            }
+            Message::Resize { rows, cols } if for_main => {
+                if let Some(fd) = self.pty {
+                    let _ = sys::set_winsize(fd, rows, cols);
+                    // The kernel sends SIGWINCH to the foreground group.
+                }
+            }
+            other if stream == CONTROL_STREAM => control_message(chan, other),
+            other => {
+                let _ = chan.send(
+                    stream,
+                    &Message::Error {
+                        message: format!("unexpected {:?} on stream {stream}", other.kind()),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Sends output to the host, or to the console when the channel is gone.
+fn forward_output(chan: &mut Option<Channel>, stream: u32, stderr: bool, data: &[u8]) {
+    if let Some(c) = chan.as_mut().filter(|c| c.alive()) {
+        if c.send_output(stream, stderr, data).is_ok() {
+            return;
+        }
+    }
+    sys::write_all_lossy(if stderr { 2 } else { 1 }, data);
+}
