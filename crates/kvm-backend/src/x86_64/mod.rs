@@ -1,0 +1,23 @@
+//! KVM on x86-64: the implementation behind the crate root's re-exports.
+
+pub mod convert;
+mod cpuid;
+mod kick;
+mod system;
+mod vcpu;
+mod vm;
+mod vm_state;
+
+pub use kick::{kick_signal, KvmKicker};
+pub use system::KvmHypervisor;
+pub use vcpu::KvmVcpu;
+pub use vm::{KvmIrqLine, KvmVm};
+/// The eventfd type [`KvmVm::register_ioevent`] takes (re-exported so callers
+/// need no direct `vmm-sys-util` dependency).
+pub use vmm_sys_util::eventfd::EventFd;
+
+/// Converts a `kvm-ioctls` error into the `std::io::Error` the seam's error
+/// types carry, keeping the OS error code.
+pub(crate) fn os_error(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}

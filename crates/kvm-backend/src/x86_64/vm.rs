@@ -1,0 +1,423 @@
+//! A KVM VM: memory slots, the in-kernel irqchip and PIT, interrupt lines,
+//! ioeventfds, vCPU creation and VM-wide state.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use hypervisor::{Arch, IoEventAddress, IrqLine, MemoryRegion, Vm, VmError, VmState};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::os_error;
+use super::system::HostInfo;
+use super::vcpu::KvmVcpu;
+use super::vm_state;
+
+/// Three pages KVM needs for the real-mode TSS on Intel (KVM_SET_TSS_ADDR), in
+/// the hole below the 4 GiB boundary that firmware and ACPI keep free of RAM
+/// and devices (the IOAPIC is at 0xfec0_0000, the LAPIC at 0xfee0_0000).
+pub const TSS_ADDRESS: u64 = 0xfffb_c000;
+/// One page for the real-mode identity page table (KVM_SET_IDENTITY_MAP_ADDR),
+/// right after the TSS.
+pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_f000;
+/// Inputs of the IOAPIC, the interrupt lines KVM routes by default.
+const IOAPIC_PINS: u32 = 24;
+
+/// What a VM and its vCPUs share.
+#[derive(Debug)]
+pub(crate) struct VmShared {
+    pub(crate) fd: VmFd,
+    pub(crate) host: Arc<HostInfo>,
+    /// Topology size (VmConfig.vcpus).
+    pub(crate) vcpus: u32,
+    pub(crate) irqchip: AtomicBool,
+    /// Size in bytes of KVM_GET_XSAVE2's area; 0 when only KVM_GET_XSAVE exists.
+    pub(crate) xsave2_size: usize,
+    /// The MSR index list filtered to what reads back, found on first save.
+    pub(crate) readable_msrs: OnceLock<Vec<u32>>,
+}
+
+/// A KVM VM. `Send + Sync`: the runner shares it between vCPU threads.
+#[derive(Debug)]
+pub struct KvmVm {
+    shared: Arc<VmShared>,
+}
+
+impl KvmVm {
+    pub(crate) fn new(fd: VmFd, host: Arc<HostInfo>, vcpus: u32) -> Self {
+        let xsave2_size = usize::try_from(fd.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        Self {
+            shared: Arc::new(VmShared {
+                fd,
+                host,
+                vcpus,
+                irqchip: AtomicBool::new(false),
+                xsave2_size,
+                readable_msrs: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Registers `eventfd` to be signalled, without a vCPU exit, when the guest
+    /// writes to `addr`. With `datamatch`, only 32-bit writes of that value
+    /// signal (virtio-mmio's QueueNotify is a 32-bit register, virtio 1.2
+    /// §4.2.2); without it, a write of any size does.
+    pub fn register_ioevent(
+        &self,
+        eventfd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u64>,
+    ) -> Result<(), VmError> {
+        let kvm_addr = ioevent_address(addr);
+        let result = match datamatch {
+            None => self
+                .shared
+                .fd
+                .register_ioevent(eventfd, &kvm_addr, NoDatamatch),
+            Some(value) => {
+                let value = datamatch_u32(value)?;
+                self.shared.fd.register_ioevent(eventfd, &kvm_addr, value)
+            }
+        };
+        result.map_err(|e| ioevent_error(addr, os_error(e)))
+    }
+
+    /// Undoes [`KvmVm::register_ioevent`] with the same arguments.
+    pub fn unregister_ioevent(
+        &self,
+        eventfd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u64>,
+    ) -> Result<(), VmError> {
+        let kvm_addr = ioevent_address(addr);
+        let result = match datamatch {
+            None => self
+                .shared
+                .fd
+                .unregister_ioevent(eventfd, &kvm_addr, NoDatamatch),
+            Some(value) => {
+                let value = datamatch_u32(value)?;
+                self.shared.fd.unregister_ioevent(eventfd, &kvm_addr, value)
+            }
+        };
+        result.map_err(|e| ioevent_error(addr, os_error(e)))
+    }
+
+    /// Number of vCPUs the VM was configured with.
+    pub fn vcpu_count(&self) -> u32 {
+        self.shared.vcpus
+    }
+
+    fn has_irqchip(&self) -> bool {
+        self.shared.irqchip.load(Ordering::SeqCst)
+    }
+
+    fn get_irqchip(&self, chip_id: u32) -> Result<kvm_irqchip, VmError> {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.shared
+            .fd
+            .get_irqchip(&mut chip)
+            .map_err(|e| state_error("save irqchip", e))?;
+        Ok(chip)
+    }
+}
+
+fn ioevent_address(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        IoEventAddress::Pio(a) => kvm_ioctls::IoEventAddress::Pio(a),
+        IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
+    }
+}
+
+fn datamatch_u32(value: u64) -> Result<u32, VmError> {
+    u32::try_from(value).map_err(|_| {
+        VmError::Unsupported(format!(
+            "ioeventfd datamatch {value:#x} does not fit the 32-bit notify register"
+        ))
+    })
+}
+
+fn ioevent_error(addr: IoEventAddress, source: io::Error) -> VmError {
+    VmError::State {
+        op: match addr {
+            IoEventAddress::Pio(_) => "register port ioeventfd",
+            IoEventAddress::Mmio(_) => "register MMIO ioeventfd",
+        },
+        source,
+    }
+}
+
+fn state_error(op: &'static str, e: kvm_ioctls::Error) -> VmError {
+    VmError::State {
+        op,
+        source: os_error(e),
+    }
+}
+
+fn irqchip_error(e: kvm_ioctls::Error) -> VmError {
+    VmError::CreateIrqchip(os_error(e))
+}
+
+impl Vm for KvmVm {
+    type Vcpu = KvmVcpu;
+    type IrqLine = KvmIrqLine;
+
+    fn arch(&self) -> Arch {
+        Arch::X86_64
+    }
+
+    unsafe fn map_memory(&self, region: &MemoryRegion) -> Result<(), VmError> {
+        let mut flags = 0;
+        if region.read_only {
+            if !self.shared.fd.check_extension(Cap::ReadonlyMem) {
+                return Err(VmError::Unsupported(
+                    "read-only memory slots (KVM_CAP_READONLY_MEM)".into(),
+                ));
+            }
+            flags |= KVM_MEM_READONLY;
+        }
+        let kvm_region = kvm_userspace_memory_region {
+            slot: region.slot,
+            flags,
+            guest_phys_addr: region.guest_addr,
+            memory_size: region.size,
+            userspace_addr: region.host_addr as u64,
+        };
+        // SAFETY: the caller guarantees (this fn's contract) that the host range
+        // is mapped and stays so until unmapped or the VM is dropped.
+        unsafe { self.shared.fd.set_user_memory_region(kvm_region) }.map_err(|e| {
+            VmError::MapMemory {
+                guest_addr: region.guest_addr,
+                size: region.size,
+                source: os_error(e),
+            }
+        })
+    }
+
+    fn unmap_memory(&self, region: &MemoryRegion) -> Result<(), VmError> {
+        // A zero size deletes the slot (KVM API doc §4.35).
+        let kvm_region = kvm_userspace_memory_region {
+            slot: region.slot,
+            flags: 0,
+            guest_phys_addr: region.guest_addr,
+            memory_size: 0,
+            userspace_addr: region.host_addr as u64,
+        };
+        // SAFETY: deleting a slot makes KVM stop using the host range; it never
+        // gives KVM access to new memory.
+        unsafe { self.shared.fd.set_user_memory_region(kvm_region) }.map_err(|e| {
+            VmError::MapMemory {
+                guest_addr: region.guest_addr,
+                size: region.size,
+                source: os_error(e),
+            }
+        })
+    }
+
+    fn create_irqchip(&self) -> Result<(), VmError> {
+        // Both addresses must be set before the first vCPU exists (KVM API doc
+        // §4.40/§4.57); KVM needs them for real mode on Intel without unrestricted
+        // guest, and they are harmless elsewhere.
+        self.shared
+            .fd
+            .set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(irqchip_error)?;
+        self.shared
+            .fd
+            .set_tss_address(TSS_ADDRESS as usize)
+            .map_err(irqchip_error)?;
+        self.shared.fd.create_irq_chip().map_err(irqchip_error)?;
+        // A dummy speaker port (0x61) keeps guests that probe it happy.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.shared.fd.create_pit2(pit).map_err(irqchip_error)?;
+        self.shared.irqchip.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<KvmIrqLine, VmError> {
+        let invalid = |msg: &str| VmError::Irq {
+            gsi,
+            source: io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()),
+        };
+        if !self.has_irqchip() {
+            return Err(invalid(
+                "create the irqchip before asking for interrupt lines",
+            ));
+        }
+        if gsi >= IOAPIC_PINS {
+            return Err(invalid("the IOAPIC has inputs 0 to 23 only"));
+        }
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| VmError::Irq { gsi, source: e })?;
+        self.shared
+            .fd
+            .register_irqfd(&eventfd, gsi)
+            .map_err(|e| VmError::Irq {
+                gsi,
+                source: os_error(e),
+            })?;
+        Ok(KvmIrqLine {
+            vm: Arc::clone(&self.shared),
+            gsi,
+            eventfd,
+        })
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
+        if id >= self.shared.vcpus {
+            return Err(VmError::CreateVcpu {
+                id,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the VM was configured with {} vCPUs", self.shared.vcpus),
+                ),
+            });
+        }
+        KvmVcpu::new(Arc::clone(&self.shared), id)
+    }
+
+    fn save_state(&self) -> Result<VmState, VmError> {
+        let clock = self
+            .shared
+            .fd
+            .get_clock()
+            .map_err(|e| state_error("save clock", e))?;
+        let mut state = hypervisor::x86_64::VmState {
+            clock_ns: clock.clock,
+            ..Default::default()
+        };
+        // Without an irqchip there is no PIC/IOAPIC/PIT: the blobs stay empty.
+        if self.has_irqchip() {
+            let master = self.get_irqchip(KVM_IRQCHIP_PIC_MASTER)?;
+            let slave = self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
+            let ioapic = self.get_irqchip(KVM_IRQCHIP_IOAPIC)?;
+            let pit = self
+                .shared
+                .fd
+                .get_pit2()
+                .map_err(|e| state_error("save PIT", e))?;
+            // SAFETY: chip_id selected which union member KVM filled in: PIC
+            // for the two PIC chips, IOAPIC for the IOAPIC; all members are plain
+            // integer structs valid for any bit pattern.
+            unsafe {
+                state.pic_master = vm_state::pic_to_bytes(&master.chip.pic);
+                state.pic_slave = vm_state::pic_to_bytes(&slave.chip.pic);
+                state.ioapic = vm_state::ioapic_to_bytes(&ioapic.chip.ioapic);
+            }
+            state.pit = vm_state::pit_to_bytes(&pit);
+        }
+        Ok(VmState::X86_64(Box::new(state)))
+    }
+
+    fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let VmState::X86_64(s) = state else {
+            return Err(VmError::StateMismatch(
+                "an aarch64 VM state cannot be restored into an x86-64 KVM VM".into(),
+            ));
+        };
+        let parts = [&s.pic_master, &s.pic_slave, &s.ioapic, &s.pit];
+        let present = parts.iter().filter(|p| !p.is_empty()).count();
+        if present != 0 && present != parts.len() {
+            return Err(VmError::StateMismatch(
+                "the VM state has only some of PIC, IOAPIC and PIT".into(),
+            ));
+        }
+        if present != 0 {
+            if !self.has_irqchip() {
+                return Err(VmError::StateMismatch(
+                    "the state has interrupt controllers but this VM has no irqchip".into(),
+                ));
+            }
+            let mismatch = VmError::StateMismatch;
+            let mut master = kvm_irqchip {
+                chip_id: KVM_IRQCHIP_PIC_MASTER,
+                ..Default::default()
+            };
+            master.chip.pic = vm_state::pic_from_bytes(&s.pic_master).map_err(mismatch)?;
+            let mut slave = kvm_irqchip {
+                chip_id: KVM_IRQCHIP_PIC_SLAVE,
+                ..Default::default()
+            };
+            slave.chip.pic = vm_state::pic_from_bytes(&s.pic_slave).map_err(mismatch)?;
+            let mut ioapic = kvm_irqchip {
+                chip_id: KVM_IRQCHIP_IOAPIC,
+                ..Default::default()
+            };
+            ioapic.chip.ioapic = vm_state::ioapic_from_bytes(&s.ioapic).map_err(mismatch)?;
+            let pit = vm_state::pit_from_bytes(&s.pit).map_err(mismatch)?;
+            for chip in [&master, &slave, &ioapic] {
+                self.shared
+                    .fd
+                    .set_irqchip(chip)
+                    .map_err(|e| state_error("restore irqchip", e))?;
+            }
+            self.shared
+                .fd
+                .set_pit2(&pit)
+                .map_err(|e| state_error("restore PIT", e))?;
+        }
+        let clock = kvm_clock_data {
+            clock: s.clock_ns,
+            ..Default::default()
+        };
+        self.shared
+            .fd
+            .set_clock(&clock)
+            .map_err(|e| state_error("restore clock", e))
+    }
+}
+
+/// An input of the in-kernel IOAPIC/PIC. `trigger` signals an eventfd KVM
+/// listens on (irqfd: no system call into KVM on the device thread's hot path
+/// beyond one `write`); `set_level` uses KVM_IRQ_LINE. Dropping it unregisters
+/// the irqfd.
+#[derive(Debug)]
+pub struct KvmIrqLine {
+    vm: Arc<VmShared>,
+    gsi: u32,
+    eventfd: EventFd,
+}
+
+impl KvmIrqLine {
+    /// The interrupt number.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+}
+
+impl IrqLine for KvmIrqLine {
+    fn trigger(&self) -> Result<(), VmError> {
+        self.eventfd.write(1).map_err(|e| VmError::Irq {
+            gsi: self.gsi,
+            source: e,
+        })
+    }
+
+    fn set_level(&self, asserted: bool) -> Result<(), VmError> {
+        self.vm
+            .fd
+            .set_irq_line(self.gsi, asserted)
+            .map_err(|e| VmError::Irq {
+                gsi: self.gsi,
+                source: os_error(e),
+            })
+    }
+}
+
+impl Drop for KvmIrqLine {
+    fn drop(&mut self) {
+        // Nothing useful can be done if this fails: the VM is likely going away.
+        let _ = self.vm.fd.unregister_irqfd(&self.eventfd, self.gsi);
+    }
+}
