@@ -409,4 +409,52 @@ mod tests {
             Message::Heartbeat { seq: 4 }
         );
     }
+    #[test]
+    fn decode_mutated_streams_in_random_chunks_never_panic() {
+        // Deterministic xorshift: valid frames with random bytes flipped, fed
+        // in random chunk sizes (the fuzz target does this at scale).
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut base = Vec::new();
+        encode_frame(1, &Message::Stdout(b"out".to_vec()), &mut base).unwrap();
+        encode_frame(0, &Message::Heartbeat { seq: 9 }, &mut base).unwrap();
+        encode_frame(
+            1,
+            &Message::ProcessSpec(crate::ProcessSpec {
+                argv: vec!["sh".into()],
+                ..Default::default()
+            }),
+            &mut base,
+        )
+        .unwrap();
+        for _ in 0..2000 {
+            let mut wire = base.clone();
+            for _ in 0..(next() % 4) {
+                let i = (next() as usize) % wire.len();
+                wire[i] = next() as u8;
+            }
+            let mut dec = FrameDecoder::new();
+            let mut rest = wire.as_slice();
+            'feed: while !rest.is_empty() {
+                let n = ((next() as usize) % 17 + 1).min(rest.len());
+                let (mut piece, tail) = rest.split_at(n);
+                rest = tail;
+                loop {
+                    match dec.decode(&mut piece) {
+                        Ok(Some(raw)) => {
+                            assert!(raw.payload.len() <= MAX_PAYLOAD as usize);
+                            let _ = raw.to_frame();
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
+        }
+    }
 }

@@ -580,6 +580,16 @@ mod tests {
     }
 
     #[test]
+    fn message_docs_example_bytes_match() {
+        let mut wire = Vec::new();
+        encode_frame(1, &Message::Exited(ExitStatus::Signaled(15)), &mut wire).unwrap();
+        assert_eq!(
+            wire,
+            [0x53, 0x01, 0x08, 0x01, 1, 0, 0, 0, 5, 0, 0, 0, 1, 0x0f, 0, 0, 0]
+        );
+    }
+
+    #[test]
     fn exit_status_docker_code_maps_signals_to_128_plus() {
         assert_eq!(ExitStatus::Code(0).docker_code(), 0);
         assert_eq!(ExitStatus::Code(42).docker_code(), 42);

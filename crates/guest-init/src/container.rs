@@ -102,7 +102,7 @@ pub fn run(opts: &Options) -> u32 {
 
     let mut pre = PreStart::default();
     if let Some(c) = chan.as_mut() {
-        if let Err(msg) = handshake(c, setup.is_ok(), &mut pre) {
+        if let Err(msg) = handshake(c, setup.as_ref().err(), &mut pre) {
             fail!("{msg}");
             let _ = c.send(CONTROL_STREAM, &Message::Error { message: msg });
             return finish_channel(chan, STATUS_CONTAINER_INIT_FAILED);
@@ -339,7 +339,11 @@ struct PreStart {
 
 /// Hello -> Ready (or Error when the rootfs failed), then control messages
 /// until Start. Returns an error message for the host on protocol misuse.
-fn handshake(chan: &mut Channel, rootfs_ok: bool, pre: &mut PreStart) -> Result<(), String> {
+fn handshake(
+    chan: &mut Channel,
+    setup_error: Option<&String>,
+    pre: &mut PreStart,
+) -> Result<(), String> {
     let mut greeted = false;
     let mut seq = 0u64;
     loop {
@@ -380,11 +384,9 @@ fn handshake(chan: &mut Channel, rootfs_ok: bool, pre: &mut PreStart) -> Result<
             match frame.message {
                 Message::Hello { .. } => {
                     greeted = true;
-                    if !rootfs_ok {
-                        // The caller sends the reason as an Error.
-                        return Err(
-                            "container root filesystem setup failed (see the console)".into()
-                        );
+                    if let Some(e) = setup_error {
+                        // The caller sends this to the host as an Error.
+                        return Err(e.clone());
                     }
                     let _ = chan.send(
                         CONTROL_STREAM,
