@@ -507,3 +507,54 @@ fn cpuid_topology_is_per_vcpu() {
         );
     }
 }
+
+#[test]
+fn vcpu_and_vm_state_restore_into_fresh_vm_resumes_guest() {
+    // mov ax, 0x1234 ; mov dx, 0x10 ; out dx, al ; mov bx, 0x5678 ; out dx, al ; jmp $
+    let code = [
+        0xb8, 0x34, 0x12, 0xba, 0x10, 0x00, 0xee, 0xbb, 0x78, 0x56, 0xee, 0xeb, 0xfe,
+    ];
+    let Some(mut a) = setup(&code, 1, true) else {
+        return;
+    };
+    assert!(matches!(
+        run(&mut a.vcpus[0]),
+        VcpuExit::IoOut { port: 0x10, .. }
+    ));
+    let vcpu_state = a.vcpus[0].save_state().unwrap();
+    let vm_state = a.vm.save_state().unwrap();
+    drop(a);
+
+    // A new VM with the same RAM contents (only code here) continues where the
+    // first one stopped: the next exit is the second OUT, with RBX set after it.
+    let Some(mut b) = setup(&code, 1, true) else {
+        return;
+    };
+    b.vm.restore_state(&vm_state).unwrap();
+    b.vcpus[0].restore_state(&vcpu_state).unwrap();
+    match run(&mut b.vcpus[0]) {
+        VcpuExit::IoOut { port, data } => {
+            assert_eq!(port, 0x10);
+            assert_eq!(data.as_slice(), &[0x34]);
+        }
+        other => panic!("expected IoOut, got {other:?}"),
+    }
+    let VcpuState::X86_64(s) = b.vcpus[0].save_state().unwrap() else {
+        panic!()
+    };
+    assert_eq!(s.regs.rbx & 0xffff, 0x5678);
+}
+
+#[test]
+fn restore_of_aarch64_state_is_refused() {
+    let Some(mut t) = setup(&[0xf4], 1, false) else {
+        return;
+    };
+    let state = VcpuState::Aarch64(Box::default());
+    assert!(matches!(
+        t.vcpus[0].restore_state(&state),
+        Err(VcpuError::StateMismatch(_))
+    ));
+    let vm_state = VmState::Aarch64(Box::default());
+    assert!(t.vm.restore_state(&vm_state).is_err());
+}
