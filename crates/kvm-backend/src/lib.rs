@@ -19,4 +19,5 @@ mod x86_64;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use x86_64::{
     convert, kick_signal, EventFd, KvmHypervisor, KvmIrqLine, KvmKicker, KvmVcpu, KvmVm,
+    IDENTITY_MAP_ADDRESS, TSS_ADDRESS,
 };
