@@ -14,10 +14,9 @@ use hypervisor::{
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::console::ConsoleOut;
+use crate::arch;
 use crate::resources::{ResourceError, VmResources};
 use crate::timings::Timings;
-use crate::x86_64::{acpi, boot, layout};
 
 /// Errors building or running a VM.
 #[derive(Debug, Error)]
@@ -43,12 +42,10 @@ pub enum RunError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
-    /// Loading the kernel or initramfs failed.
+    /// Setting up the architecture's platform (kernel and initramfs loading,
+    /// firmware tables or device tree) failed.
     #[error(transparent)]
-    Boot(#[from] boot::BootError),
-    /// Writing the ACPI tables failed.
-    #[error(transparent)]
-    Acpi(#[from] acpi::AcpiError),
+    Platform(#[from] arch::PlatformError),
     /// Wiring a device failed.
     #[error("cannot attach {what}: {source}")]
     Device {
@@ -124,10 +121,39 @@ impl RunOutcome {
     }
 }
 
+/// What an architecture's platform setup hands to the generic run loop: the device
+/// buses, the power block (whose exit status becomes the run's status) and the boot
+/// CPU's entry state.
+pub struct Platform {
+    /// x86 port-I/O bus (empty on aarch64).
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// The power block; its exit-status register is read when the run ends.
+    pub power: Arc<Mutex<devices::power::PowerDevice>>,
+    /// The boot CPU's entry state.
+    pub boot: BootState,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform")
+            .field("boot", &self.boot)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Adapts a backend interrupt line to the devices' [`Interrupt`] trait.
-struct LineInterrupt<L: IrqLine> {
+pub(crate) struct LineInterrupt<L: IrqLine> {
     gsi: u32,
     line: L,
+}
+
+impl<L: IrqLine> LineInterrupt<L> {
+    /// Wraps `line`, which is wired to interrupt controller input `gsi`.
+    pub(crate) fn new(gsi: u32, line: L) -> Self {
+        Self { gsi, line }
+    }
 }
 
 impl<L: IrqLine> Interrupt for LineInterrupt<L> {
@@ -231,7 +257,7 @@ pub fn run<H: Hypervisor>(
     refuse_on_pvm(hv.capabilities().pvm_host, &res.kernel)?;
 
     // Guest RAM: anonymous private mappings, handed to the hypervisor.
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(res.memory)
+    let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(res.memory)
         .into_iter()
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
@@ -260,60 +286,12 @@ pub fn run<H: Hypervisor>(
 
     vm.create_irqchip()?;
 
-    // Legacy devices on the port-I/O bus.
-    let mut pio = Bus::new();
-    let serial_irq = Arc::new(LineInterrupt {
-        gsi: devices::serial::COM1_GSI,
-        line: vm.irq_line(devices::serial::COM1_GSI)?,
-    });
-    let serial =
-        devices::serial::Serial::new(serial_irq, ConsoleOut::new(console, timings.clone()));
-    pio.insert(
-        devices::serial::COM1_PORT_BASE,
-        devices::serial::COM1_PORT_LEN,
-        Arc::new(Mutex::new(serial)),
-    )
-    .map_err(|source| RunError::Device {
-        what: "serial console",
-        source,
-    })?;
-    let power = Arc::new(Mutex::new(devices::power::PowerDevice::new()));
-    pio.insert(
-        devices::power::POWER_PORT_BASE,
-        devices::power::POWER_PORT_LEN,
-        power.clone(),
-    )
-    .map_err(|source| RunError::Device {
-        what: "ACPI power device",
-        source,
-    })?;
-    pio.insert(
-        devices::i8042::I8042_PORT_BASE,
-        devices::i8042::I8042_PORT_LEN,
-        Arc::new(Mutex::new(devices::i8042::I8042::new())),
-    )
-    .map_err(|source| RunError::Device {
-        what: "i8042",
-        source,
-    })?;
-    let mmio = Bus::new();
-
-    let rsdp = acpi::write_acpi_tables(
-        &mem,
-        &acpi::AcpiConfig {
-            vcpus: res.vcpus,
-            virtio_mmio: Vec::new(),
-        },
-    )?;
-
-    let kernel = boot::load_kernel(&mem, &res.kernel)?;
-    timings.phase("kernel_loaded");
-    let initrd = match &res.initrd {
-        Some(p) => Some(boot::load_initrd(&mem, p, initrd_limit(&kernel))?),
-        None => None,
-    };
-    let boot_state = boot::configure_boot(&mem, &kernel, &res.cmdline, initrd, Some(rsdp.0))?;
-    timings.phase("boot_configured");
+    let Platform {
+        pio,
+        mmio,
+        power,
+        boot,
+    } = arch::setup_platform(&vm, &mem, res, console, &timings)?;
 
     let stop = Stop {
         flag: AtomicBool::new(false),
@@ -329,7 +307,7 @@ pub fn run<H: Hypervisor>(
         stop: &stop,
         ready: &ready,
         timings: &timings,
-        boot: BootState::X86_64(boot_state),
+        boot,
     };
     std::thread::scope(|s| {
         for id in 0..res.vcpus {
@@ -362,12 +340,6 @@ pub fn run<H: Hypervisor>(
     drop(vm);
     drop(mem);
     outcome
-}
-
-/// Highest address the initramfs may end at: the kernel's `initrd_addr_max`.
-fn initrd_limit(k: &boot::LoadedKernel) -> u64 {
-    k.initrd_addr_max()
-        .map_or(layout::MMIO_GAP_START, |m| m + 1)
 }
 
 struct VcpuCtx<'a, V: Vm> {

@@ -113,6 +113,9 @@ pub struct Uart {
     pub spi: u32,
     /// Input clock in Hz (1.8432 MHz for a 16550's classic divisors).
     pub clock_hz: u32,
+    /// The interrupt is edge-rising rather than level-high (a device model that pulses
+    /// its line needs edge, or the GIC may drop a pulse not yet taken).
+    pub edge_triggered: bool,
 }
 
 /// One virtio-mmio transport (`virtio,mmio`, virtio-mmio.yaml).
@@ -344,7 +347,12 @@ fn write_uart(fdt: &mut FdtWriter, uart: &Uart) -> Result<(), FdtError> {
         }
     }
     fdt.property_array_u64("reg", &[uart.base, uart.size])?;
-    fdt.property_array_u32("interrupts", &[GIC_SPI, uart.spi, IRQ_TYPE_LEVEL_HIGH])?;
+    let flags = if uart.edge_triggered {
+        IRQ_TYPE_EDGE_RISING
+    } else {
+        IRQ_TYPE_LEVEL_HIGH
+    };
+    fdt.property_array_u32("interrupts", &[GIC_SPI, uart.spi, flags])?;
     fdt.end_node(node)?;
     Ok(())
 }
@@ -373,6 +381,7 @@ mod tests {
                 size: 0x1000,
                 spi: 1,
                 clock_hz: 1_843_200,
+                edge_triggered: false,
             }),
             virtio: vec![
                 VirtioMmio {
@@ -529,6 +538,20 @@ mod tests {
     }
 
     #[test]
+    fn build_edge_triggered_uart_gets_edge_rising_flags() {
+        let mut cfg = sample();
+        if let Some(u) = cfg.uart.as_mut() {
+            u.edge_triggered = true;
+        }
+        let blob = build(&cfg).unwrap();
+        let fdt = Fdt::new(&blob).unwrap();
+        assert_eq!(
+            be32s(prop(&fdt, "/serial@9000000", "interrupts")),
+            [0, 1, 1]
+        );
+    }
+
+    #[test]
     fn build_pl011_gets_clock_node() {
         let mut cfg = sample();
         cfg.uart = Some(Uart {
@@ -537,6 +560,7 @@ mod tests {
             size: 0x1000,
             spi: 1,
             clock_hz: 24_000_000,
+            edge_triggered: false,
         });
         let blob = build(&cfg).unwrap();
         let fdt = Fdt::new(&blob).unwrap();

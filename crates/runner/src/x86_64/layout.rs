@@ -92,10 +92,10 @@ mod tests {
 
     #[test]
     fn layout_fixed_areas_do_not_overlap() {
-        assert!(BOOT_IDT + 8 <= PVH_INFO);
-        assert!(PVH_MODLIST + 32 <= PVH_MEMMAP);
-        assert!(ZERO_PAGE + 4096 <= BOOT_STACK + 16);
-        assert!(PD + 4 * 4096 <= CMDLINE);
-        assert!(CMDLINE + CMDLINE_MAX as u64 <= EBDA_START);
+        const { assert!(BOOT_IDT + 8 <= PVH_INFO) };
+        const { assert!(PVH_MODLIST + 32 <= PVH_MEMMAP) };
+        const { assert!(ZERO_PAGE + 4096 <= BOOT_STACK + 16) };
+        const { assert!(PD + 4 * 4096 <= CMDLINE) };
+        const { assert!(CMDLINE + CMDLINE_MAX as u64 <= EBDA_START) };
     }
 }

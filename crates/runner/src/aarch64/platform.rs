@@ -1,0 +1,121 @@
+//! The aarch64 platform (aarch64 builds only: linux-loader's PE loader exists only
+//! there): the console UART and the power block on the MMIO bus, kernel, initramfs
+//! and device tree in RAM, the boot CPU's entry state.
+
+use std::fs::File;
+use std::io::{Cursor, Write};
+use std::sync::{Arc, Mutex};
+
+use devices::Bus;
+use hypervisor::{BootState, Vm};
+use linux_loader::loader::pe::PE;
+use linux_loader::loader::KernelLoader;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::boot::{self, BootError};
+use super::layout;
+use crate::console::ConsoleOut;
+use crate::resources::VmResources;
+use crate::timings::Timings;
+use crate::vmm::{LineInterrupt, Platform, RunError};
+
+/// Builds the aarch64 platform in `mem` for `vm` (whose GIC exists): the 16550A at
+/// [`layout::UART_BASE`] (to `console`), the power block at [`layout::POWER_BASE`],
+/// the kernel Image, initramfs and device tree, and the boot CPU's entry state.
+/// Power-off and reset are PSCI calls the backend reports as `Shutdown`/`Reset`.
+pub fn setup_platform<V: Vm>(
+    vm: &V,
+    mem: &GuestMemoryMmap,
+    res: &VmResources,
+    console: Box<dyn Write + Send>,
+    timings: &Arc<Timings>,
+) -> Result<Platform, RunError> {
+    boot::check_vcpus(res.vcpus)?;
+    let mut mmio = Bus::new();
+    let serial_irq = Arc::new(LineInterrupt::new(
+        layout::UART_SPI,
+        vm.irq_line(layout::UART_SPI)?,
+    ));
+    let serial =
+        devices::serial::Serial::new(serial_irq, ConsoleOut::new(console, timings.clone()));
+    mmio.insert(
+        layout::UART_BASE,
+        layout::UART_REG_LEN,
+        Arc::new(Mutex::new(serial)),
+    )
+    .map_err(|source| RunError::Device {
+        what: "serial console",
+        source,
+    })?;
+    let power = Arc::new(Mutex::new(devices::power::PowerDevice::new()));
+    mmio.insert(
+        layout::POWER_BASE,
+        devices::power::POWER_PORT_LEN,
+        power.clone(),
+    )
+    .map_err(|source| RunError::Device {
+        what: "power block",
+        source,
+    })?;
+
+    let (image, header) = boot::read_kernel(&res.kernel)?;
+    let initrd_len = match &res.initrd {
+        Some(p) => Some(
+            std::fs::metadata(p)
+                .map_err(|source| BootError::ReadInitrd {
+                    path: p.clone(),
+                    source,
+                })?
+                .len(),
+        ),
+        None => None,
+    };
+    let place = boot::plan(res.memory, &header, image.len() as u64, initrd_len)?;
+
+    // The PE loader copies the Image to base + text_offset after checking the magic
+    // and the base's 2 MiB alignment.
+    let loaded = PE::load(
+        mem,
+        Some(GuestAddress(place.kernel_base)),
+        &mut Cursor::new(image.as_slice()),
+        None,
+    )
+    .map_err(BootError::Load)?;
+    debug_assert_eq!(loaded.kernel_load.0, place.kernel_entry);
+    timings.phase("kernel_loaded");
+
+    if let (Some(path), Some((start, end))) = (&res.initrd, place.initrd) {
+        let read_err = |source| BootError::ReadInitrd {
+            path: path.clone(),
+            source,
+        };
+        let mut f = File::open(path).map_err(read_err)?;
+        mem.read_exact_volatile_from(GuestAddress(start), &mut f, (end - start) as usize)
+            .map_err(|source| BootError::WriteMemory {
+                what: "the initramfs",
+                source,
+            })?;
+    }
+
+    let cfg = boot::fdt_config(
+        res.vcpus,
+        res.memory,
+        &res.cmdline,
+        place.initrd,
+        Vec::new(),
+    );
+    let dtb = boot::build_fdt(&cfg)?;
+    mem.write_slice(&dtb, GuestAddress(place.fdt))
+        .map_err(|source| BootError::WriteMemory {
+            what: "the device tree",
+            source,
+        })?;
+    timings.phase("boot_configured");
+
+    Ok(Platform {
+        pio: Bus::new(),
+        mmio,
+        power,
+        boot: BootState::Aarch64(boot::boot_state(&place)),
+    })
+}
