@@ -10,6 +10,7 @@
 
 pub mod erofs;
 pub mod flatten;
+pub mod manifest;
 pub mod reference;
 pub mod registry;
 pub mod source;
