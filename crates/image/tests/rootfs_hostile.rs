@@ -1,0 +1,123 @@
+//! Hostile layers: each gives a clear error, leaves no output and no temporary
+//! file behind, and writes nothing outside the output directory.
+
+use std::io::Write;
+use std::path::Path;
+
+use image::erofs::{build_rootfs, RootfsError};
+use image::flatten::{Compression, FlattenError, Layer};
+
+/// A tar with one entry whose raw name and link name are written as given
+/// (the tar crate's own setters refuse `..`, hostile producers do not).
+fn raw_tar(kind: tar::EntryType, name: &str, link: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(data.len() as u64);
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, data).unwrap();
+    b.into_inner().unwrap()
+}
+
+fn build(dir: &Path, blob: &[u8], compression: Compression) -> Result<(), RootfsError> {
+    let layer = dir.join("layer");
+    std::fs::write(&layer, blob).unwrap();
+    build_rootfs(
+        &[Layer {
+            path: layer,
+            compression,
+        }],
+        &dir.join("out/rootfs.erofs"),
+    )
+    .map(|_| ())
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    dir
+}
+
+fn assert_nothing_left(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir.join("out")).unwrap().collect();
+    assert!(left.is_empty(), "output dir not empty: {left:?}");
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["layer", "out"]);
+}
+
+fn flatten_error(e: RootfsError) -> FlattenError {
+    match e {
+        RootfsError::Layer(l) => l.source,
+        other => panic!("expected a layer error, got {other}"),
+    }
+}
+
+#[test]
+fn rootfs_dotdot_entry_is_refused() {
+    let dir = setup();
+    let tar = raw_tar(tar::EntryType::Regular, "../../escape", "", b"x");
+    let err = flatten_error(build(dir.path(), &tar, Compression::None).unwrap_err());
+    assert!(matches!(err, FlattenError::PathEscapesRoot { .. }), "{err}");
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn rootfs_hardlink_outside_root_is_refused() {
+    let dir = setup();
+    let tar = raw_tar(tar::EntryType::Link, "x", "../../../etc/passwd", b"");
+    let err = flatten_error(build(dir.path(), &tar, Compression::None).unwrap_err());
+    assert!(
+        matches!(err, FlattenError::HardlinkTargetMissing { .. }),
+        "{err}"
+    );
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn rootfs_truncated_gzip_layer_is_refused() {
+    let dir = setup();
+    let tar = raw_tar(tar::EntryType::Regular, "f", "", &vec![0x5a; 100_000]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let mut blob = gz.finish().unwrap();
+    blob.truncate(blob.len() / 2);
+    let err = build(dir.path(), &blob, Compression::Gzip).unwrap_err();
+    let err = flatten_error(err);
+    assert!(
+        matches!(err, FlattenError::Data { .. } | FlattenError::Tar(_)),
+        "{err}"
+    );
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn rootfs_absurd_size_is_truncation_error() {
+    let dir = setup();
+    // Announces 8 GiB - 1 of data, carries 512 bytes.
+    let mut tar = raw_tar(tar::EntryType::Regular, "huge", "", &[1u8; 512]);
+    let mut h = tar::Header::from_byte_slice(&tar[..512]).clone();
+    h.set_size(0o77777777777);
+    h.set_cksum();
+    tar[..512].copy_from_slice(h.as_bytes());
+    let err = flatten_error(build(dir.path(), &tar, Compression::None).unwrap_err());
+    assert!(matches!(err, FlattenError::Data { .. }), "{err}");
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn rootfs_garbage_zstd_is_refused() {
+    let dir = setup();
+    let err = build(dir.path(), b"definitely not zstd", Compression::Zstd).unwrap_err();
+    assert!(matches!(err, RootfsError::Layer(_)), "{err}");
+    assert_nothing_left(dir.path());
+}
