@@ -5,6 +5,8 @@
 //! targets, device numbers). Xattrs have no erofs-utils 1.5 reader, so a small
 //! reader below walks the image by the on-disk format to find `user.test`.
 //! Skipped with a printed reason when erofs-utils is not installed.
+// Test helpers outside #[test] fns unwrap too: a failure is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -1,5 +1,7 @@
 //! Hostile layers: each gives a clear error, leaves no output and no temporary
 //! file behind, and writes nothing outside the output directory.
+// Test helpers outside #[test] fns unwrap too: a failure is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::path::Path;
