@@ -15,6 +15,7 @@ pub mod i8042;
 pub mod interrupt;
 pub mod power;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, BusEvent, WriteOutcome};
 pub use interrupt::{Interrupt, InterruptError};
