@@ -778,9 +778,17 @@ impl Vsock {
         let result = conn.stream.read(&mut self.bounce[..max]);
         match result {
             Ok(0) => {
+                // The host sends no more: SHUTDOWN(SEND), in this buffer.
                 conn.host_eof = true;
                 conn.control.shutdown_send = true;
-                Ok(Some(rx))
+                match conn.take_control() {
+                    Some((op, flags)) => {
+                        let hdr = conn.header(cid, op, flags, 0);
+                        Self::put_rx(ctx, &rx, &hdr, &[])?;
+                        Ok(None)
+                    }
+                    None => Ok(Some(rx)),
+                }
             }
             Ok(n) => {
                 let len = u32::try_from(n).unwrap_or(0);
