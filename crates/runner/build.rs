@@ -2,9 +2,11 @@
 //! hands its path to the crate as `SUPERMACHINE_GUEST_INIT`, so the initramfs
 //! builder can embed it with `include_bytes!`.
 //!
-//! Only x86_64 Linux hosts build it for now (guest = host arch). Elsewhere the
-//! variable points at an empty file and the runner reports at run time that no
-//! guest-init is embedded.
+//! The guest runs the host's architecture: x86_64 Linux hosts build it for
+//! `x86_64-unknown-linux-musl`, aarch64 hosts (macOS with Hypervisor.framework, or
+//! Linux) for `aarch64-unknown-linux-musl`, linked with the toolchain's `rust-lld`
+//! so no C cross-toolchain is needed. Elsewhere the variable points at an empty file
+//! and the runner reports at run time that no guest-init is embedded.
 
 #![allow(clippy::expect_used)] // A build script reports failure by panicking.
 
@@ -12,7 +14,14 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
+/// The guest-init target for a host (`target_os`, `target_arch`), if there is one.
+fn guest_target(os: &str, arch: &str) -> Option<&'static str> {
+    match (os, arch) {
+        ("linux", "x86_64") => Some("x86_64-unknown-linux-musl"),
+        ("linux" | "macos", "aarch64") => Some("aarch64-unknown-linux-musl"),
+        _ => None,
+    }
+}
 
 fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -26,9 +35,8 @@ fn main() {
 
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let target_arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-    if target_os != "linux" || target_arch != "x86_64" {
-        // No guest-init for this host yet (aarch64 comes later): an empty file
-        // keeps `include_bytes!` compiling.
+    let Some(guest_target) = guest_target(&target_os, &target_arch) else {
+        // No guest-init for this host: an empty file keeps `include_bytes!` compiling.
         let empty = out_dir.join("guest-init.empty");
         std::fs::write(&empty, b"").expect("writing an empty file into OUT_DIR");
         println!(
@@ -36,7 +44,7 @@ fn main() {
             empty.display()
         );
         return;
-    }
+    };
 
     let guest_init = workspace.join("crates/guest-init");
     println!(
@@ -57,10 +65,10 @@ fn main() {
     );
 
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    if !musl_target_installed(&rustc) {
+    if !musl_target_installed(&rustc, guest_target) {
         panic!(
-            "the guest-init binary needs the {GUEST_TARGET} Rust target: run \
-             `rustup target add {GUEST_TARGET}` and build again"
+            "the guest-init binary needs the {guest_target} Rust target: run \
+             `rustup target add {guest_target}` and build again"
         );
     }
 
@@ -73,7 +81,7 @@ fn main() {
         .arg("-p")
         .arg("guest-init")
         .arg("--target")
-        .arg(GUEST_TARGET)
+        .arg(guest_target)
         .arg("--manifest-path")
         .arg(workspace.join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", &target_dir);
@@ -86,21 +94,29 @@ fn main() {
         "CARGO_BUILD_TARGET",
         "RUSTC_WORKSPACE_WRAPPER",
         "CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS",
+        "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS",
     ] {
         cmd.env_remove(var);
+    }
+    // The host's `cc` cannot link aarch64 objects (or, on macOS, ELF at all); the
+    // toolchain's lld with musl's self-contained startup files can. A linker the user
+    // chose is kept.
+    const AARCH64_LINKER: &str = "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER";
+    if guest_target.starts_with("aarch64") && env::var_os(AARCH64_LINKER).is_none() {
+        cmd.env(AARCH64_LINKER, "rust-lld");
     }
     let status = cmd
         .status()
         .unwrap_or_else(|e| panic!("running cargo to build guest-init: {e}"));
     if !status.success() {
         panic!(
-            "building guest-init for {GUEST_TARGET} failed ({status}); if the error above \
-             says the target is missing, run `rustup target add {GUEST_TARGET}`"
+            "building guest-init for {guest_target} failed ({status}); if the error above \
+             says the target is missing, run `rustup target add {guest_target}`"
         );
     }
 
     let binary = target_dir
-        .join(GUEST_TARGET)
+        .join(guest_target)
         .join("release")
         .join("guest-init");
     if !binary.is_file() {
@@ -117,9 +133,9 @@ fn main() {
 
 /// True when the Rust standard library for the musl target is installed
 /// (rustup prints the libdir even when the target is absent, so check it exists).
-fn musl_target_installed(rustc: &std::ffi::OsStr) -> bool {
+fn musl_target_installed(rustc: &std::ffi::OsStr, target: &str) -> bool {
     let out = Command::new(rustc)
-        .args(["--print", "target-libdir", "--target", GUEST_TARGET])
+        .args(["--print", "target-libdir", "--target", target])
         .output();
     match out {
         Ok(out) if out.status.success() => {
