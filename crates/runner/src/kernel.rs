@@ -69,7 +69,10 @@ pub enum KernelError {
     /// obtained.
     #[error(
         "no guest kernel: this host has no apt-get to fetch Debian's cloud kernel; \
-         pass --kernel <path to a vmlinuz/bzImage> or set {KERNEL_ENV}"
+         pass --kernel <path> or set {KERNEL_ENV}, e.g. to boot/vmlinuz-* of the \
+         linux-image-<version> package that Debian's {} depends on (a .deb unpacks \
+         with `ar x` and `tar xf data.tar.xz`)",
+        meta_package().unwrap_or("linux-image-cloud-<arch>")
     )]
     NoPackageManager,
     /// No Debian kernel package exists for this host architecture.
@@ -718,5 +721,12 @@ pub(crate) mod tests {
         assert_eq!(provision_debian(&cache.0).unwrap(), a);
         // And a user path to the cached kernel finds the same things beside it.
         assert_eq!(KernelAssets::from_path(&a.kernel).unwrap(), a);
+    }
+
+    #[test]
+    fn no_package_manager_error_names_this_arch_kernel_and_flag() {
+        let msg = KernelError::NoPackageManager.to_string();
+        assert!(msg.contains("--kernel"), "{msg}");
+        assert!(msg.contains(meta_package().unwrap()), "{msg}");
     }
 }
