@@ -1,6 +1,8 @@
 //! The `supermachine boot` command as a user meets it, directly on this host's
 //! `/dev/kvm` with tiny PVH guests: guest output and exit status, and one-line errors
 //! with exit code 125 (never a panic) for bad input.
+// The tiny guests are x86 PVH ELFs and the errors checked are KVM's.
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
