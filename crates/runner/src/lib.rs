@@ -9,6 +9,8 @@
 pub mod aarch64;
 pub mod backend;
 pub mod console;
+#[cfg(target_os = "linux")]
+pub mod event_loop;
 pub mod initramfs;
 pub mod kernel;
 pub mod pvm;

@@ -1,0 +1,535 @@
+//! The device event loop: one thread that waits on the host side of the virtio
+//! devices and routes what happens to them (Linux, epoll).
+//!
+//! It watches three kinds of fd:
+//! - each device's own host fds ([`MmioTransport::host_fds`]: vsock sockets, a
+//!   net backend), edge-triggered for readable and writable, each tagged with
+//!   the device's token; an event locks the transport and calls
+//!   [`MmioTransport::process_event`] with that token;
+//! - queue-notify ioeventfds ([`EventLoop::add_ioevent`]) the VMM registered with
+//!   the backend at `QueueNotify`; an event calls [`MmioTransport::notify`], so
+//!   the vCPU does not exit to userspace for a notification;
+//! - the loop's own eventfd: devices call it through the [`HostWaker`] they got
+//!   when their fd set changes or they have deferred work, and
+//!   [`EventLoopHandle::stop`] uses it to end the loop.
+//!
+//! After a wake the loop re-reads every device's fd set, brings epoll in line,
+//! and calls `process_event(TOKEN_WAKE)`. A device closing a socket needs no
+//! care: epoll forgets a closed fd by itself, and the next re-sync forgets it in
+//! our table too (the fd number may meanwhile belong to a new socket of the same
+//! device, which is then added again under its new token).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use devices::virtio::{HostFd, HostWaker, MmioTransport, TOKEN_WAKE};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Most events taken from epoll per wait.
+const EVENTS_PER_WAIT: usize = 64;
+/// epoll data of the loop's own eventfd; sources are numbered from 1.
+const CONTROL_DATA: u64 = 0;
+
+/// Errors of the device event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// epoll_create1 failed.
+    #[error("cannot create the device event loop's epoll instance")]
+    CreateEpoll(#[source] io::Error),
+    /// eventfd failed.
+    #[error("cannot create the device event loop's eventfd")]
+    CreateEventFd(#[source] io::Error),
+    /// epoll_ctl refused an fd.
+    #[error("cannot watch fd {fd} in the device event loop")]
+    Watch {
+        /// The fd.
+        fd: RawFd,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// epoll_wait failed.
+    #[error("waiting for device events failed")]
+    Wait(#[source] io::Error),
+    /// The thread could not be started.
+    #[error("cannot start the device event loop thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// The loop's eventfd, shared with devices (as their [`HostWaker`]) and handles.
+#[derive(Debug)]
+struct Control {
+    fd: EventFd,
+    stop: AtomicBool,
+}
+
+impl HostWaker for Control {
+    fn wake(&self) {
+        // EAGAIN means the counter is saturated: a wake is pending anyway.
+        let _ = self.fd.write(1);
+    }
+}
+
+/// Stops or wakes a running [`EventLoop`] from any thread.
+#[derive(Clone, Debug)]
+pub struct EventLoopHandle {
+    control: Arc<Control>,
+}
+
+impl EventLoopHandle {
+    /// Ends the loop after the events it is handling.
+    pub fn stop(&self) {
+        self.control.stop.store(true, Ordering::SeqCst);
+        self.control.wake();
+    }
+
+    /// Makes the loop re-read every device's fd set and kick the devices.
+    pub fn wake(&self) {
+        self.control.wake();
+    }
+}
+
+enum Source {
+    Transport {
+        transport: Arc<Mutex<MmioTransport>>,
+        /// What epoll holds for this device: fd -> token.
+        watched: HashMap<RawFd, u32>,
+    },
+    Ioevent {
+        fd: EventFd,
+        transport: Arc<Mutex<MmioTransport>>,
+        queue: u32,
+    },
+}
+
+/// The device event loop; build it, add transports and ioeventfds, then
+/// [`EventLoop::spawn`] it.
+pub struct EventLoop {
+    epoll: Epoll,
+    control: Arc<Control>,
+    sources: Vec<Source>,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("sources", &self.sources.len())
+            .finish()
+    }
+}
+
+fn lock(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+    // A device that panicked under the lock left its state as it was; the
+    // transport's own invariants do not depend on the panicking call finishing.
+    t.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EventLoop {
+    /// An empty loop.
+    pub fn new() -> Result<Self, EventLoopError> {
+        let epoll = Epoll::new().map_err(EventLoopError::CreateEpoll)?;
+        let fd = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::CreateEventFd)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, CONTROL_DATA),
+            )
+            .map_err(|source| EventLoopError::Watch {
+                fd: fd.as_raw_fd(),
+                source,
+            })?;
+        Ok(Self {
+            epoll,
+            control: Arc::new(Control {
+                fd,
+                stop: AtomicBool::new(false),
+            }),
+            sources: Vec::new(),
+        })
+    }
+
+    /// A handle to stop or wake the loop.
+    pub fn handle(&self) -> EventLoopHandle {
+        EventLoopHandle {
+            control: self.control.clone(),
+        }
+    }
+
+    /// Watches `transport`'s host fds and gives its device the loop's waker.
+    pub fn add_transport(
+        &mut self,
+        transport: Arc<Mutex<MmioTransport>>,
+    ) -> Result<(), EventLoopError> {
+        lock(&transport).set_host_waker(self.control.clone());
+        self.sources.push(Source::Transport {
+            transport,
+            watched: HashMap::new(),
+        });
+        self.sync(self.sources.len() - 1)
+    }
+
+    /// Watches `fd`, an ioeventfd the VMM registered for `QueueNotify` of
+    /// `transport` with datamatch `queue`: each event notifies that queue.
+    pub fn add_ioevent(
+        &mut self,
+        fd: EventFd,
+        transport: Arc<Mutex<MmioTransport>>,
+        queue: u32,
+    ) -> Result<(), EventLoopError> {
+        let data = source_data(self.sources.len(), 0);
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, data),
+            )
+            .map_err(|source| EventLoopError::Watch {
+                fd: fd.as_raw_fd(),
+                source,
+            })?;
+        self.sources.push(Source::Ioevent {
+            fd,
+            transport,
+            queue,
+        });
+        Ok(())
+    }
+
+    /// Runs the loop on a thread named `sm-devices`.
+    pub fn spawn(self) -> Result<JoinHandle<Result<(), EventLoopError>>, EventLoopError> {
+        std::thread::Builder::new()
+            .name("sm-devices".into())
+            .spawn(move || self.run())
+            .map_err(EventLoopError::Spawn)
+    }
+
+    /// Runs the loop on this thread until [`EventLoopHandle::stop`].
+    pub fn run(mut self) -> Result<(), EventLoopError> {
+        let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(EventLoopError::Wait(e)),
+            };
+            let mut woken = false;
+            for ev in events.iter().take(n) {
+                let data = ev.data();
+                if data == CONTROL_DATA {
+                    // Drains the counter; EAGAIN if another event got it first.
+                    let _ = self.control.fd.read();
+                    woken = true;
+                    continue;
+                }
+                self.dispatch(data);
+            }
+            if self.control.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if woken {
+                for index in 0..self.sources.len() {
+                    self.sync(index)?;
+                    if let Some(Source::Transport { transport, .. }) = self.sources.get(index) {
+                        lock(transport).process_event(TOKEN_WAKE);
+                    }
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, data: u64) {
+        let Some(index) = (data >> 32).checked_sub(1) else {
+            return;
+        };
+        let token = data as u32;
+        let Some(source) = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.sources.get(i))
+        else {
+            return;
+        };
+        match source {
+            Source::Transport { transport, .. } => lock(transport).process_event(token),
+            Source::Ioevent {
+                fd,
+                transport,
+                queue,
+            } => {
+                // Several notifications coalesce into one read and one notify.
+                if fd.read().is_ok() {
+                    lock(transport).notify(*queue);
+                }
+            }
+        }
+    }
+
+    /// Brings epoll in line with the fd set of source `index` (transports only).
+    fn sync(&mut self, index: usize) -> Result<(), EventLoopError> {
+        let Some(Source::Transport { transport, watched }) = self.sources.get_mut(index) else {
+            return Ok(());
+        };
+        let mut fds: Vec<HostFd> = Vec::new();
+        lock(transport).host_fds(&mut fds);
+        let now: HashMap<RawFd, u32> = fds.iter().map(|h| (h.fd, h.token)).collect();
+        for (fd, _) in watched.iter().filter(|(fd, _)| !now.contains_key(fd)) {
+            // Usually already gone: epoll drops closed fds itself.
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+        }
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        for (&fd, &token) in &now {
+            if watched.get(&fd) == Some(&token) {
+                continue;
+            }
+            let ev = EpollEvent::new(events, source_data(index, token));
+            let result = match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.epoll.ctl(ControlOperation::Modify, fd, ev)
+                }
+                other => other,
+            };
+            if let Err(source) = result {
+                // The device closed it between host_fds and here (EBADF): the
+                // next wake re-syncs. Anything else is a real failure.
+                if source.raw_os_error() != Some(libc::EBADF) {
+                    return Err(EventLoopError::Watch { fd, source });
+                }
+            }
+        }
+        *watched = now;
+        Ok(())
+    }
+}
+
+/// epoll data: source index + 1 in the high half, the device's token in the low.
+fn source_data(index: usize, token: u32) -> u64 {
+    ((index as u64 + 1) << 32) | u64::from(token)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::any::Any;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use devices::virtio::mmio::reg;
+    use devices::virtio::{
+        status, DeviceContext, IrqMode, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
+    };
+    use devices::{BusDevice, Interrupt, InterruptError};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct NullIrq;
+
+    impl Interrupt for NullIrq {
+        fn trigger(&self) -> Result<(), InterruptError> {
+            Ok(())
+        }
+
+        fn set_level(&self, _: bool) -> Result<(), InterruptError> {
+            Ok(())
+        }
+    }
+
+    /// A device with host sockets; reports what reaches it on a channel.
+    struct SocketDevice {
+        streams: Vec<(UnixStream, u32)>,
+        seen: mpsc::Sender<String>,
+        waker: Option<Arc<dyn HostWaker>>,
+    }
+
+    impl SocketDevice {
+        fn add(&mut self, stream: UnixStream, token: u32) {
+            stream.set_nonblocking(true).unwrap();
+            self.streams.push((stream, token));
+            if let Some(w) = &self.waker {
+                w.wake();
+            }
+        }
+    }
+
+    impl VirtioDevice for SocketDevice {
+        fn device_type(&self) -> u32 {
+            0x55
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn device_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(&mut self, _: &mut DeviceContext<'_>) -> Result<(), VirtioError> {
+            Ok(())
+        }
+        fn process_queue(
+            &mut self,
+            _: &mut DeviceContext<'_>,
+            index: u16,
+        ) -> Result<(), VirtioError> {
+            let _ = self.seen.send(format!("queue {index}"));
+            Ok(())
+        }
+        fn process_event(
+            &mut self,
+            _: &mut DeviceContext<'_>,
+            token: u32,
+        ) -> Result<(), VirtioError> {
+            for (s, t) in &mut self.streams {
+                if *t == token {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        let _ = self.seen.send(format!("{token}: {text}"));
+                    }
+                }
+            }
+            if token == TOKEN_WAKE {
+                let _ = self.seen.send("wake".into());
+            }
+            Ok(())
+        }
+        fn host_fds(&self, out: &mut Vec<HostFd>) {
+            out.extend(self.streams.iter().map(|(s, token)| HostFd {
+                fd: s.as_raw_fd(),
+                token: *token,
+            }));
+        }
+        fn set_host_waker(&mut self, waker: Arc<dyn HostWaker>) {
+            self.waker = Some(waker);
+        }
+        fn reset(&mut self) {}
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    fn write_reg(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    /// A live transport (DRIVER_OK, queue 0 ready) around a [`SocketDevice`].
+    fn transport(stream: UnixStream) -> (Arc<Mutex<MmioTransport>>, mpsc::Receiver<String>) {
+        let (seen, rx) = mpsc::channel();
+        let mut dev = SocketDevice {
+            streams: Vec::new(),
+            seen,
+            waker: None,
+        };
+        dev.add(stream, 7);
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let mut t =
+            MmioTransport::new(Box::new(dev), mem, Arc::new(NullIrq), IrqMode::Edge).unwrap();
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        write_reg(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        write_reg(&mut t, reg::STATUS, s);
+        write_reg(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        write_reg(&mut t, reg::DRIVER_FEATURES, 1);
+        write_reg(&mut t, reg::STATUS, s | status::FEATURES_OK);
+        write_reg(&mut t, reg::QUEUE_SEL, 0);
+        write_reg(&mut t, reg::QUEUE_NUM, 16);
+        write_reg(&mut t, reg::QUEUE_DESC_LOW, 0x1000);
+        write_reg(&mut t, reg::QUEUE_DRIVER_LOW, 0x2000);
+        write_reg(&mut t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        write_reg(&mut t, reg::QUEUE_READY, 1);
+        write_reg(
+            &mut t,
+            reg::STATUS,
+            s | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert!(t.is_active());
+        (Arc::new(Mutex::new(t)), rx)
+    }
+
+    fn next(rx: &mpsc::Receiver<String>) -> String {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("event loop delivered nothing")
+    }
+
+    #[test]
+    fn event_loop_routes_host_fd_event_to_device_token() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (t, seen) = transport(ours);
+        let mut el = EventLoop::new().unwrap();
+        el.add_transport(t).unwrap();
+        let handle = el.handle();
+        let thread = el.spawn().unwrap();
+        theirs.write_all(b"hello").unwrap();
+        // The first event may be the initial "writable" edge with nothing to read.
+        loop {
+            if next(&seen) == "7: hello" {
+                break;
+            }
+        }
+        handle.stop();
+        thread.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn event_loop_wake_watches_new_fds_and_kicks_device() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let (t, seen) = transport(ours);
+        let mut el = EventLoop::new().unwrap();
+        el.add_transport(t.clone()).unwrap();
+        let handle = el.handle();
+        let thread = el.spawn().unwrap();
+        let (new_ours, mut new_theirs) = UnixStream::pair().unwrap();
+        lock(&t)
+            .device_mut::<SocketDevice>()
+            .unwrap()
+            .add(new_ours, 9);
+        assert_eq!(next(&seen), "wake");
+        new_theirs.write_all(b"late").unwrap();
+        loop {
+            if next(&seen) == "9: late" {
+                break;
+            }
+        }
+        handle.stop();
+        thread.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn event_loop_ioeventfd_notifies_queue() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let (t, seen) = transport(ours);
+        let mut el = EventLoop::new().unwrap();
+        let ioevent = EventFd::new(EFD_NONBLOCK).unwrap();
+        let trigger = ioevent.try_clone().unwrap();
+        el.add_ioevent(ioevent, t, 0).unwrap();
+        let handle = el.handle();
+        let thread = el.spawn().unwrap();
+        trigger.write(1).unwrap();
+        assert_eq!(next(&seen), "queue 0");
+        handle.stop();
+        thread.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn event_loop_stop_ends_thread() {
+        let el = EventLoop::new().unwrap();
+        let handle = el.handle();
+        let thread = el.spawn().unwrap();
+        handle.stop();
+        thread.join().unwrap().unwrap();
+    }
+}
