@@ -9,7 +9,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// Whether the file is a Linux kernel: a bzImage, or an ELF carrying a `Linux` note.
+/// Whether the file is a Linux kernel: a bzImage, an arm64 `Image` (magic "ARM\x64" at
+/// 0x38, Documentation/arch/arm64/booting.rst), or an ELF carrying a `Linux` note.
 pub fn is_linux_kernel(path: &Path) -> bool {
     let Ok(mut f) = File::open(path) else {
         return false;
@@ -17,6 +18,9 @@ pub fn is_linux_kernel(path: &Path) -> bool {
     let mut head = [0u8; 0x400];
     let n = read_up_to(&mut f, &mut head);
     if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return true;
+    }
+    if n >= 0x40 && head[0x38..0x3c] == *b"ARM\x64" {
         return true;
     }
     n >= 64 && head[..4] == *b"\x7fELF" && elf_has_linux_note(&mut f, &head[..n])
@@ -227,6 +231,16 @@ mod tests {
         let d = tmpdir("linuxnote");
         let k = d.join("vmlinux");
         std::fs::write(&k, &elf).unwrap();
+        assert!(is_linux_kernel(&k));
+    }
+
+    #[test]
+    fn arm64_image_is_linux() {
+        let d = tmpdir("arm64");
+        let k = d.join("Image");
+        let mut img = vec![0u8; 0x1000];
+        img[0x38..0x3c].copy_from_slice(b"ARM\x64");
+        std::fs::write(&k, &img).unwrap();
         assert!(is_linux_kernel(&k));
     }
 
