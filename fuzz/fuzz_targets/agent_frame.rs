@@ -4,9 +4,6 @@
 //! split at every possible place. Checked: no panic, a poisoned decoder stays
 //! poisoned, every message that decodes re-encodes to a frame that decodes to
 //! the same message, and no frame exceeds the payload cap.
-//!
-//! Needs in fuzz/Cargo.toml: `agent-protocol = { path = "../crates/agent-protocol" }`
-//! and a `[[bin]] name = "agent_frame"` entry.
 #![no_main]
 
 use agent_protocol::{encode_frame, FrameDecoder, FrameError, MAX_PAYLOAD};
