@@ -55,6 +55,13 @@ fn main() {
         "cargo:rerun-if-changed={}",
         guest_init.join("Cargo.toml").display()
     );
+    // guest-init's protocol crate is compiled into it too.
+    let protocol = workspace.join("crates/agent-protocol");
+    println!("cargo:rerun-if-changed={}", protocol.join("src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        protocol.join("Cargo.toml").display()
+    );
     println!(
         "cargo:rerun-if-changed={}",
         workspace.join("Cargo.toml").display()
