@@ -150,4 +150,31 @@ fn main() {
         rmax.as_secs_f64() * 1e3,
     );
     println!("ratio conversion / raw write: {:.2}", rate(cm) / rate(rm));
+
+    // The same layers gzipped, as registries serve them: one run, to show what
+    // inflate costs on top (CPU-bound, one thread per layer stream).
+    let gz: Vec<Layer> = layers
+        .iter()
+        .map(|l| {
+            let path = l.path.with_extension("tar.gz");
+            let mut e = flate2::write::GzEncoder::new(
+                std::io::BufWriter::new(std::fs::File::create(&path).unwrap()),
+                flate2::Compression::fast(),
+            );
+            std::io::copy(&mut std::fs::File::open(&l.path).unwrap(), &mut e).unwrap();
+            e.finish().unwrap().flush().unwrap();
+            Layer {
+                path,
+                compression: Compression::Gzip,
+            }
+        })
+        .collect();
+    let start = Instant::now();
+    build_rootfs(&gz, &out).unwrap();
+    let t = start.elapsed();
+    println!(
+        "gzip layers (1 run): {:.0} ms = {:.0} MiB/s of image",
+        t.as_secs_f64() * 1e3,
+        rate(t)
+    );
 }

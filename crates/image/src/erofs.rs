@@ -188,7 +188,9 @@ impl ErofsWriter {
     /// Start an image in `image` (truncated) with `tails` as scratch space.
     pub fn new(image: File, tails: File) -> Result<ErofsWriter, ErofsError> {
         image.set_len(0).map_err(io_err("truncating the image"))?;
-        let mut image = BufWriter::with_capacity(1 << 20, image);
+        // Smaller than the copy buffer: file data chunks then bypass the
+        // BufWriter (no extra memcpy); only metadata writes are buffered.
+        let mut image = BufWriter::with_capacity(1 << 17, image);
         image
             .write_all(&[0u8; BLKSZ])
             .map_err(io_err("writing the image"))?;
@@ -197,7 +199,7 @@ impl ErofsWriter {
             next_block: 1,
             tails: BufWriter::with_capacity(1 << 16, tails),
             tails_len: 0,
-            buf: vec![0u8; 1 << 18],
+            buf: vec![0u8; 1 << 20],
             data_bytes: 0,
         })
     }
