@@ -122,6 +122,9 @@ impl XorShift {
     }
 }
 
+/// A closed connection: key, role, SHA-256 of what it hashed, bytes received.
+type Finished = ((u32, u32), Role, Vec<u8>, usize);
+
 /// The guest: driver + socket layer.
 struct Guest {
     t: MmioTransport,
@@ -131,8 +134,8 @@ struct Guest {
     listeners: BTreeMap<u32, Role>,
     /// Keyed (guest port, host port).
     conns: BTreeMap<(u32, u32), GConn>,
-    /// Finished Sink/Source/Ping connections: (guest port, hash hex or bytes).
-    finished: Vec<((u32, u32), Role, Vec<u8>, usize)>,
+    /// Connections the host reset after a clean shutdown.
+    finished: Vec<Finished>,
 }
 
 impl Guest {
