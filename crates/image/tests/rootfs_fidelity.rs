@@ -444,3 +444,90 @@ mod mini_reader {
         None
     }
 }
+
+/// Layouts off the common path: a tail that cannot be inlined beside big xattrs,
+/// a symlink target too long to inline, an exactly block-sized file, an empty
+/// file, and a directory whose entries end exactly at a block boundary.
+#[test]
+fn rootfs_edge_layouts_pass_fsck_and_extract() {
+    if !have("fsck.erofs") {
+        eprintln!("skipped: erofs-utils (fsck.erofs) not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = T(tar::Builder::new(Vec::new()));
+    let tail_data: Vec<u8> = (0..4096 + 2000).map(|i| (i % 251) as u8).collect();
+    t.0.append_pax_extensions([("SCHILY.xattr.user.big", &[b'v'; 3000][..])])
+        .unwrap();
+    t.file("xattr-heavy", 0o644, 0, 0, &tail_data);
+    // 4095 bytes (PATH_MAX - 1): cannot sit beside even a compact inode.
+    let long_target = "d/".repeat(2047) + "x";
+    t.link(tar::EntryType::Symlink, "long-link", &long_target);
+    t.file("block", 0o644, 0, 0, &[7u8; 4096]);
+    t.file("empty", 0o644, 0, 0, b"");
+    // "." (13) + ".." (14) + 126 entries of 12 + 20 bytes + one of 12 + 25
+    // bytes = 4096: the only block is exactly full.
+    for i in 0..126 {
+        t.file(&format!("full/n{i:019}"), 0o644, 0, 0, b"");
+    }
+    t.file(&format!("full/n{:024}", 999), 0o644, 0, 0, b"");
+    let layer = dir.path().join("l.tar");
+    std::fs::write(&layer, t.0.into_inner().unwrap()).unwrap();
+    let img = dir.path().join("img");
+    build_rootfs(
+        &[Layer {
+            path: layer,
+            compression: Compression::None,
+        }],
+        &img,
+    )
+    .unwrap();
+    let fsck = Command::new("fsck.erofs").arg(&img).output().unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let out = dir.path().join("x");
+    let ex = Command::new("fsck.erofs")
+        .arg(format!("--extract={}", out.display()))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        ex.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ex.stderr)
+    );
+    assert_eq!(std::fs::read(out.join("xattr-heavy")).unwrap(), tail_data);
+    assert_eq!(
+        std::fs::read_link(out.join("long-link")).unwrap(),
+        Path::new(&long_target)
+    );
+    assert_eq!(std::fs::read(out.join("block")).unwrap(), [7u8; 4096]);
+    assert!(std::fs::read(out.join("empty")).unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(out.join("full")).unwrap().count(), 127);
+    let raw = std::fs::read(&img).unwrap();
+    let v = mini_reader::xattr(&raw, "xattr-heavy", 1, b"big").unwrap();
+    assert_eq!(v, [b'v'; 3000]);
+    assert_eq!(
+        dump(&img, "/full").5,
+        4096,
+        "directory ends on a block boundary"
+    );
+    for (p, layout) in [
+        ("/xattr-heavy", "0"),
+        ("/long-link", "0"),
+        ("/block", "0"),
+        ("/full", "0"),
+        ("/", "2"),
+    ] {
+        let out = Command::new("dump.erofs")
+            .arg(format!("--path={p}"))
+            .arg(&img)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.contains(&format!("Layout: {layout} ")), "{p}: {text}");
+    }
+}
