@@ -162,6 +162,13 @@ pub fn build_rootfs(layers: &[Layer], out: &Path) -> Result<RootfsStats, RootfsE
     let tree = flatten::flatten(layers, &mut writer)?;
     let mut stats = writer.finish(&tree)?;
     stats.layers = layers.len();
+    // tempfile creates 0600; the image is not secret and other tools of the
+    // same store (or a carried store) read it.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .map_err(out_err)?;
     tmp.persist(out).map_err(|e| out_err(e.error))?;
     // Make the rename itself durable.
     File::open(dir)
