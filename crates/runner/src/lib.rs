@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod pvm;
 pub mod resources;
 pub mod timings;
+pub mod virtio;
 pub mod vmm;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;

@@ -56,9 +56,48 @@ pub enum ResourceError {
         /// Count requested.
         got: u32,
     },
+    /// A disk cannot be opened as asked.
+    #[error("cannot use disk {path}: {source}")]
+    DiskUnusable {
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `--disk` value could not be parsed.
+    #[error("cannot parse disk {0:?}: use PATH or PATH,ro")]
+    BadDisk(String),
     /// A size string could not be parsed.
     #[error("cannot parse size {0:?}: use a number of bytes or a suffix K, M, G (e.g. 512M)")]
     BadSize(String),
+}
+
+/// A disk image attached as a virtio-blk device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Raw image file (or block device).
+    pub path: PathBuf,
+    /// Attach read-only (the guest's writes fail).
+    pub read_only: bool,
+}
+
+impl DiskSpec {
+    /// Parses the CLI form `PATH[,ro]`.
+    pub fn parse(s: &str) -> Result<Self, ResourceError> {
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            _ => (s, false),
+        };
+        if path.is_empty() {
+            return Err(ResourceError::BadDisk(s.to_string()));
+        }
+        Ok(Self {
+            path: path.into(),
+            read_only,
+        })
+    }
 }
 
 /// How a VM is built and booted.
@@ -74,6 +113,10 @@ pub struct VmResources {
     pub memory: u64,
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// virtio-blk disks, in order (the first is the guest's `/dev/vda`).
+    pub disks: Vec<DiskSpec>,
+    /// A virtio entropy device fed from the host's getrandom.
+    pub rng: bool,
 }
 
 impl VmResources {
@@ -85,6 +128,8 @@ impl VmResources {
             cmdline: String::new(),
             memory: DEFAULT_MEMORY,
             vcpus: 1,
+            disks: Vec::new(),
+            rng: true,
         }
     }
 
@@ -103,6 +148,12 @@ impl VmResources {
                 source,
             })?;
         }
+        for d in &self.disks {
+            check_disk(d).map_err(|source| ResourceError::DiskUnusable {
+                path: d.path.clone(),
+                source,
+            })?;
+        }
         if self.memory < MIN_MEMORY {
             return Err(ResourceError::MemoryTooSmall { got: self.memory });
         }
@@ -114,6 +165,15 @@ impl VmResources {
         }
         Ok(())
     }
+}
+
+/// Opens a disk as the device will (read-write unless read-only).
+fn check_disk(d: &DiskSpec) -> std::io::Result<()> {
+    std::fs::File::options()
+        .read(true)
+        .write(!d.read_only)
+        .open(&d.path)
+        .map(drop)
 }
 
 /// Opens the file for reading and checks it is a regular file.
@@ -175,6 +235,22 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("12T").is_err());
         assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn disk_spec_parse_read_only_suffix() {
+        let d = DiskSpec::parse("/img/a.raw,ro").unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
+        assert!(d.read_only);
+        assert!(!DiskSpec::parse("/img/b.raw").unwrap().read_only);
+        assert!(DiskSpec::parse(",ro").is_err());
+    }
+
+    #[test]
+    fn validate_missing_disk_is_refused() {
+        let mut r = VmResources::new(tmp_file("k4"));
+        r.disks.push(DiskSpec::parse("/nonexistent/disk.img").unwrap());
+        assert!(matches!(r.validate(), Err(ResourceError::DiskUnusable { .. })));
     }
 
     #[test]

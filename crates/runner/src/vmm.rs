@@ -55,6 +55,9 @@ pub enum RunError {
         #[source]
         source: devices::BusError,
     },
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioAttachError),
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread {id}: {source}")]
     Thread {
@@ -133,6 +136,8 @@ pub struct Platform {
     pub power: Arc<Mutex<devices::power::PowerDevice>>,
     /// The boot CPU's entry state.
     pub boot: BootState,
+    /// The virtio devices on the MMIO bus.
+    pub virtio: Vec<crate::virtio::Attached>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -261,10 +266,13 @@ pub fn run<H: Hypervisor>(
         .into_iter()
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| RunError::Memory {
-        size: res.memory,
-        source,
-    })?;
+    // Shared with the virtio devices, which read and write guest memory directly.
+    let mem = Arc::new(
+        GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| RunError::Memory {
+            size: res.memory,
+            source,
+        })?,
+    );
     // Declared after `mem`, so dropped before it on every path: the hypervisor lets go
     // of guest memory before the memory is unmapped.
     let vm = hv.create_vm(&VmConfig { vcpus: res.vcpus })?;
@@ -279,7 +287,8 @@ pub fn run<H: Hypervisor>(
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives `vm`
         // (`vm` is declared later, so it is dropped first, and the end of this function
-        // drops them explicitly in that order); nothing else uses that host range.
+        // drops them explicitly in that order; device clones of the `Arc` only delay
+        // the unmap further); nothing else uses that host range.
         unsafe { vm.map_memory(&r)? };
     }
     timings.phase("memory_ready");
@@ -291,6 +300,7 @@ pub fn run<H: Hypervisor>(
         mmio,
         power,
         boot,
+        virtio: _virtio,
     } = arch::setup_platform(&vm, &mem, res, console, &timings)?;
 
     let stop = Stop {

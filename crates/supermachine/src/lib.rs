@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use runner::resources::{parse_size, VmResources, DEFAULT_MEMORY};
+pub use runner::resources::{parse_size, DiskSpec, VmResources, DEFAULT_MEMORY};
 pub use runner::timings::Timings;
 pub use runner::vmm::{GuestExit, RunOutcome};
 
@@ -57,6 +57,8 @@ pub struct BootConfig {
     pub memory: Option<u64>,
     /// vCPUs; `None` = 1.
     pub cpus: Option<u32>,
+    /// virtio-blk disks, in order (the first is `/dev/vda`).
+    pub disks: Vec<DiskSpec>,
 }
 
 /// Resolves a [`BootConfig`] into concrete resources (provisioning the kernel and
@@ -94,6 +96,8 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
             .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
         memory: cfg.memory.unwrap_or(DEFAULT_MEMORY),
         vcpus: cfg.cpus.unwrap_or(1),
+        disks: cfg.disks.clone(),
+        rng: true,
     })
 }
 

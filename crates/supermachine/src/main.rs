@@ -43,9 +43,17 @@ enum Command {
         /// Number of vCPUs.
         #[arg(long)]
         cpus: Option<u32>,
+        /// Attach a disk image as virtio-blk: PATH or PATH,ro (repeatable; the first
+        /// is the guest's /dev/vda).
+        #[arg(long = "disk", value_parser = parse_disk)]
+        disks: Vec<supermachine::DiskSpec>,
     },
     /// Print the path of the guest kernel (provisioning it on first use).
     Kernel,
+}
+
+fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
+    supermachine::DiskSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -77,6 +85,7 @@ fn main() -> ExitCode {
             cmdline,
             memory,
             cpus,
+            disks,
         } => {
             let cfg = supermachine::BootConfig {
                 kernel,
@@ -84,6 +93,7 @@ fn main() -> ExitCode {
                 cmdline,
                 memory,
                 cpus,
+                disks,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::boot_with_console(&cfg, Box::new(std::io::stdout()), timings) {

@@ -43,6 +43,8 @@ pub const VIRTIO_MMIO_BASE: u64 = 0x0a00_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// SPI of the first virtio-mmio device; device n uses `VIRTIO_SPI_BASE + n`.
 pub const VIRTIO_SPI_BASE: u32 = 16;
+/// virtio-mmio devices the layout has windows and SPIs reserved for.
+pub const VIRTIO_MAX_DEVICES: usize = 32;
 /// Guest RAM base.
 pub const RAM_BASE: u64 = 0x4000_0000;
 /// Largest device tree the layout leaves room for (Linux `booting.rst` caps a DTB at

@@ -13,6 +13,7 @@ use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::{self, BootError};
+use super::fdt;
 use super::layout;
 use crate::console::ConsoleOut;
 use crate::resources::VmResources;
@@ -25,7 +26,7 @@ use crate::vmm::{LineInterrupt, Platform, RunError};
 /// Power-off and reset are PSCI calls the backend reports as `Shutdown`/`Reset`.
 pub fn setup_platform<V: Vm>(
     vm: &V,
-    mem: &GuestMemoryMmap,
+    mem: &Arc<GuestMemoryMmap>,
     res: &VmResources,
     console: Box<dyn Write + Send>,
     timings: &Arc<Timings>,
@@ -57,6 +58,21 @@ pub fn setup_platform<V: Vm>(
         what: "power block",
         source,
     })?;
+
+    let virtio = crate::virtio::attach(
+        vm,
+        mem,
+        res,
+        &mut mmio,
+        |i| {
+            Some(crate::virtio::Placement {
+                base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
+                irq: layout::VIRTIO_SPI_BASE + u32::try_from(i).ok()?,
+            })
+        },
+        layout::VIRTIO_MAX_DEVICES,
+    )?;
+    let mem = mem.as_ref();
 
     let (image, header) = boot::read_kernel(&res.kernel)?;
     let initrd_len = match &res.initrd {
@@ -102,7 +118,14 @@ pub fn setup_platform<V: Vm>(
         res.memory,
         &res.cmdline,
         place.initrd,
-        Vec::new(),
+        virtio
+            .iter()
+            .map(|a| fdt::VirtioMmio {
+                base: a.placement.base,
+                size: a.len,
+                spi: a.placement.irq,
+            })
+            .collect(),
     );
     let dtb = boot::build_fdt(&cfg)?;
     mem.write_slice(&dtb, GuestAddress(place.fdt))
@@ -117,5 +140,6 @@ pub fn setup_platform<V: Vm>(
         mmio,
         power,
         boot: BootState::Aarch64(boot::boot_state(&place)),
+        virtio,
     })
 }

@@ -54,6 +54,11 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of one virtio-mmio window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// GSI of the first virtio-mmio device; each next device takes the next GSI.
+/// 0-4 are the PIT, keyboard, cascade and COM1 lines Linux expects.
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+/// virtio-mmio devices that fit: one IOAPIC pin each, GSIs 5..=23.
+pub const VIRTIO_MAX_DEVICES: usize = 19;
 /// IOAPIC registers.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC registers.

@@ -36,7 +36,7 @@ pub enum PlatformError {
 /// the kernel and initramfs, and the boot CPU's entry state.
 pub fn setup_platform<V: Vm>(
     vm: &V,
-    mem: &GuestMemoryMmap,
+    mem: &Arc<GuestMemoryMmap>,
     res: &VmResources,
     console: Box<dyn Write + Send>,
     timings: &Arc<Timings>,
@@ -77,15 +77,37 @@ pub fn setup_platform<V: Vm>(
         source,
     })?;
 
-    let rsdp = acpi::write_acpi_tables(
+    let mut mmio = Bus::new();
+    let virtio = crate::virtio::attach(
+        vm,
         mem,
+        res,
+        &mut mmio,
+        |i| {
+            Some(crate::virtio::Placement {
+                base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
+                irq: layout::VIRTIO_FIRST_GSI + u32::try_from(i).ok()?,
+            })
+        },
+        layout::VIRTIO_MAX_DEVICES,
+    )?;
+    let rsdp = acpi::write_acpi_tables(
+        mem.as_ref(),
         &acpi::AcpiConfig {
             vcpus: res.vcpus,
-            virtio_mmio: Vec::new(),
+            virtio_mmio: virtio
+                .iter()
+                .map(|a| acpi::MmioDeviceInfo {
+                    base: a.placement.base,
+                    len: a.len,
+                    gsi: a.placement.irq,
+                })
+                .collect(),
         },
     )
     .map_err(PlatformError::from)?;
 
+    let mem = mem.as_ref();
     let kernel = boot::load_kernel(mem, &res.kernel).map_err(PlatformError::from)?;
     timings.phase("kernel_loaded");
     let initrd = match &res.initrd {
@@ -100,9 +122,10 @@ pub fn setup_platform<V: Vm>(
 
     Ok(Platform {
         pio,
-        mmio: Bus::new(),
+        mmio,
         power,
         boot: BootState::X86_64(boot_state),
+        virtio,
     })
 }
 

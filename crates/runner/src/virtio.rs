@@ -1,0 +1,137 @@
+//! Attaching virtio-mmio devices (block, entropy, ...) to a VM: one transport per
+//! device on the MMIO bus, each with its own window and edge-triggered interrupt
+//! line. The architecture decides where windows and lines are (`place`); the
+//! firmware tables (ACPI DSDT / FDT) list what this returns.
+
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+use devices::virtio::rng::Rng;
+use devices::virtio::{IrqMode, VirtioDevice};
+use devices::Bus;
+use hypervisor::Vm;
+use thiserror::Error;
+
+use crate::resources::VmResources;
+use crate::vmm::{LineInterrupt, RunError};
+
+/// Errors attaching virtio devices.
+#[derive(Debug, Error)]
+pub enum VirtioAttachError {
+    /// A disk image could not be opened.
+    #[error("cannot attach disk {path}: {source}")]
+    Disk {
+        /// The image path.
+        path: String,
+        /// The device error.
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    /// The transport refused the device.
+    #[error("cannot create the virtio-mmio transport for {what}: {source}")]
+    Transport {
+        /// Which device.
+        what: String,
+        /// The transport error.
+        #[source]
+        source: devices::virtio::mmio::MmioError,
+    },
+    /// More devices than the platform has windows or interrupt lines for.
+    #[error("too many virtio devices ({count}); this platform has room for {max}")]
+    TooMany {
+        /// Devices requested.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Where one virtio-mmio device lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Base of its 4 KiB register window.
+    pub base: u64,
+    /// Its interrupt line (GSI on x86, SPI number on aarch64).
+    pub irq: u32,
+}
+
+/// A device that was attached.
+#[derive(Debug)]
+pub struct Attached {
+    /// Where it is.
+    pub placement: Placement,
+    /// Length of its window.
+    pub len: u64,
+    /// What it is, for messages.
+    pub what: String,
+    /// The transport, shared with the bus (and the event loop for host-side events).
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The devices `res` asks for, in guest discovery order: disks first (the first one
+/// is `/dev/vda`), then the entropy device.
+fn devices_for(res: &VmResources) -> Result<Vec<(String, Box<dyn VirtioDevice>)>, RunError> {
+    let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, d) in res.disks.iter().enumerate() {
+        let serial = format!("sm-disk{i}");
+        let blk = Block::open(&d.path, d.read_only, &serial).map_err(|source| {
+            VirtioAttachError::Disk {
+                path: d.path.display().to_string(),
+                source,
+            }
+        })?;
+        out.push((format!("disk {}", d.path.display()), Box::new(blk)));
+    }
+    if res.rng {
+        out.push(("entropy device".to_string(), Box::new(Rng::new())));
+    }
+    Ok(out)
+}
+
+/// Creates a transport for every virtio device `res` asks for and puts it on `mmio`
+/// at the place `place(index)` gives (`None`: no room left).
+pub fn attach<V: Vm>(
+    vm: &V,
+    mem: &Arc<devices::virtio::GuestMemoryMmap>,
+    res: &VmResources,
+    mmio: &mut Bus,
+    place: impl Fn(usize) -> Option<Placement>,
+    max: usize,
+) -> Result<Vec<Attached>, RunError> {
+    let devs = devices_for(res)?;
+    if devs.len() > max {
+        return Err(VirtioAttachError::TooMany {
+            count: devs.len(),
+            max,
+        }
+        .into());
+    }
+    let mut attached = Vec::with_capacity(devs.len());
+    for (i, (what, dev)) in devs.into_iter().enumerate() {
+        let placement = place(i).ok_or(VirtioAttachError::TooMany {
+            count: i + 1,
+            max: i,
+        })?;
+        let irq = Arc::new(LineInterrupt::new(placement.irq, vm.irq_line(placement.irq)?));
+        let transport = MmioTransport::new(dev, mem.clone(), irq, IrqMode::Edge).map_err(
+            |source| VirtioAttachError::Transport {
+                what: what.clone(),
+                source,
+            },
+        )?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(placement.base, MMIO_WINDOW_SIZE, transport.clone())
+            .map_err(|source| RunError::Device {
+                what: "virtio-mmio device",
+                source,
+            })?;
+        attached.push(Attached {
+            placement,
+            len: MMIO_WINDOW_SIZE,
+            what,
+            transport,
+        });
+    }
+    Ok(attached)
+}
