@@ -12,7 +12,6 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -105,7 +104,7 @@ pub enum RegistryError {
     #[error("docker config {path}: {why}")]
     DockerConfig { path: PathBuf, why: String },
     #[error("setting up TLS: {0}")]
-    Tls(#[source] rustls::Error),
+    Tls(#[source] tls::SetupError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -151,7 +150,7 @@ impl RegistryClient {
         reference: &RegistryReference,
         opts: &RegistryOptions,
     ) -> Result<RegistryClient, RegistryError> {
-        let mut builder = ureq::AgentBuilder::new()
+        let builder = ureq::AgentBuilder::new()
             .timeout_connect(opts.connect_timeout)
             .timeout_read(opts.io_timeout)
             .timeout_write(opts.io_timeout)
@@ -160,9 +159,10 @@ impl RegistryClient {
             .redirects(5)
             .user_agent(USER_AGENT);
         let loopback = reference.is_loopback();
-        if !opts.tls_verify && !loopback {
-            builder = builder.tls_config(Arc::new(insecure_tls()?));
-        }
+        // Loopback registries speak plain http, so their TLS settings never
+        // matter; keep the verifying default there.
+        let builder =
+            tls::configure(builder, opts.tls_verify || loopback).map_err(RegistryError::Tls)?;
         let api_host = if reference.registry == DEFAULT_REGISTRY {
             DOCKER_HUB_API_HOST.to_string()
         } else {
@@ -568,64 +568,107 @@ fn credentials_from_file(
     }
 }
 
-/// TLS without certificate verification, for `--tls-verify=false` only.
-fn insecure_tls() -> Result<rustls::ClientConfig, RegistryError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(
-        rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(RegistryError::Tls)?
+/// The TLS backend, chosen per target so the rest of this file is free of
+/// cfg. Linux uses rustls with ring; macOS uses Security.framework through
+/// native-tls, because ring's build script compiles C and the Apple target
+/// cannot be cross-checked from Linux without an Apple C toolchain.
+#[cfg(not(target_os = "macos"))]
+mod tls {
+    use std::sync::Arc;
+
+    /// Why the TLS configuration could not be built.
+    pub(super) type SetupError = rustls::Error;
+
+    /// Installs the TLS settings on `builder`: ureq's default (rustls with
+    /// the system roots) when `verify`, else no certificate checks, for
+    /// `--tls-verify=false` only.
+    pub(super) fn configure(
+        builder: ureq::AgentBuilder,
+        verify: bool,
+    ) -> Result<ureq::AgentBuilder, SetupError> {
+        if verify {
+            return Ok(builder);
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth(),
-    )
+            .with_no_client_auth();
+        Ok(builder.tls_config(Arc::new(config)))
+    }
+
+    #[derive(Debug)]
+    struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+    impl rustls::client::danger::ServerCertVerifier for NoVerify {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &rustls::pki_types::CertificateDer<'_>,
+            _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+            _server_name: &rustls::pki_types::ServerName<'_>,
+            _ocsp: &[u8],
+            _now: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
 }
 
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+/// See the other `tls` module: this is the macOS one.
+#[cfg(target_os = "macos")]
+mod tls {
+    use std::sync::Arc;
 
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
+    /// Why the TLS configuration could not be built.
+    pub(super) type SetupError = native_tls::Error;
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+    /// Installs the TLS settings on `builder`. ureq never picks native-tls
+    /// by itself, so the connector is set even when `verify`: the system
+    /// trust store then checks certificates; without `verify`
+    /// (`--tls-verify=false` only) nothing is checked.
+    pub(super) fn configure(
+        builder: ureq::AgentBuilder,
+        verify: bool,
+    ) -> Result<ureq::AgentBuilder, SetupError> {
+        let connector = native_tls::TlsConnector::builder()
+            // The same floor as rustls on Linux: no TLS 1.0 or 1.1.
+            .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
+            .danger_accept_invalid_certs(!verify)
+            .build()?;
+        Ok(builder.tls_connector(Arc::new(connector)))
     }
 }
 
@@ -716,5 +759,29 @@ mod tests {
         let r = RegistryReference::parse("reg.example/a:1").unwrap();
         let c = RegistryClient::new(&r, &opts).unwrap();
         assert_eq!(c.url("x"), "https://reg.example/v2/a/x");
+    }
+
+    #[test]
+    fn client_tls_verify_false_builds_insecure_tls_with_http_fallback() {
+        // Builds this target's no-verification TLS setup (rustls on Linux,
+        // native-tls on macOS); a setup error would fail `new`.
+        let r = RegistryReference::parse("reg.example/a:1").unwrap();
+        let opts = RegistryOptions {
+            tls_verify: false,
+            docker_config: Some("/nonexistent/config.json".into()),
+            ..RegistryOptions::default()
+        };
+        let c = RegistryClient::new(&r, &opts).unwrap();
+        assert_eq!(c.url("x"), "https://reg.example/v2/a/x");
+        assert!(c.may_fall_back_to_http);
+        let verified = RegistryClient::new(
+            &r,
+            &RegistryOptions {
+                tls_verify: true,
+                ..opts
+            },
+        )
+        .unwrap();
+        assert!(!verified.may_fall_back_to_http);
     }
 }
