@@ -773,12 +773,12 @@ pub fn open_layer(layer: &Layer) -> Result<Box<dyn Read>, FlattenError> {
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
         // ruzstd: a pure-Rust decoder, so the crate builds for every target without
         // a C toolchain (the macOS lint cross-compiles from Linux).
-        Compression::Zstd => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(buffered).map_err(|e| FlattenError::Open {
+        Compression::Zstd => Box::new(ruzstd::decoding::StreamingDecoder::new(buffered).map_err(
+            |e| FlattenError::Open {
                 path: layer.path.clone(),
                 source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-            })?,
-        ),
+            },
+        )?),
     })
 }
 

@@ -184,7 +184,14 @@ fn rootfs_two_layers_match_erofs_utils_view() {
     let lower = dir.path().join("lower.tar.gz");
     let upper = dir.path().join("upper.tar.zst");
     std::fs::write(&lower, gzip(&lower_layer(&big))).unwrap();
-    std::fs::write(&upper, ruzstd::encoding::compress_to_vec(&upper_layer()[..], ruzstd::encoding::CompressionLevel::Fastest)).unwrap();
+    std::fs::write(
+        &upper,
+        ruzstd::encoding::compress_to_vec(
+            &upper_layer()[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        ),
+    )
+    .unwrap();
     let img = dir.path().join("rootfs.erofs");
     let stats = build_rootfs(
         &[
