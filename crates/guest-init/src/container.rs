@@ -88,24 +88,41 @@ pub fn run(opts: &Options) -> u32 {
     let file_spec = read_spec_file();
     let setup = setup_rootfs(opts);
 
-    let mut chan = listener.and_then(|l| match agent::accept(&l, HOST_CONNECT_TIMEOUT) {
-        Ok(Some(sock)) => Some(Channel::new(sock)),
-        Ok(None) => {
-            fail!("the host did not connect to vsock port {} in {HOST_CONNECT_TIMEOUT:?}; output goes to the console", agent_protocol::CONTROL_PORT);
-            None
-        }
-        Err(e) => {
-            fail!("accepting the host's vsock connection: {e}");
-            None
-        }
-    });
-
+    // The host may give up on a connection attempt (its handshake timed out while
+    // the driver was still coming up) after we accepted it: a connection that closes
+    // before saying Hello is abandoned, and the next one is accepted, until the
+    // deadline.
     let mut pre = PreStart::default();
-    if let Some(c) = chan.as_mut() {
-        if let Err(msg) = handshake(c, setup.as_ref().err(), &mut pre) {
-            fail!("{msg}");
-            let _ = c.send(CONTROL_STREAM, &Message::Error { message: msg });
-            return finish_channel(chan, STATUS_CONTAINER_INIT_FAILED);
+    let mut chan: Option<Channel> = None;
+    if let Some(l) = listener {
+        let deadline = std::time::Instant::now() + HOST_CONNECT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let sock = match agent::accept(&l, left) {
+                Ok(Some(sock)) => sock,
+                Ok(None) => {
+                    fail!("the host did not connect to vsock port {} in {HOST_CONNECT_TIMEOUT:?}; output goes to the console", agent_protocol::CONTROL_PORT);
+                    break;
+                }
+                Err(e) => {
+                    fail!("accepting the host's vsock connection: {e}");
+                    break;
+                }
+            };
+            let mut c = Channel::new(sock);
+            pre = PreStart::default();
+            match handshake(&mut c, setup.as_ref().err(), &mut pre) {
+                Ok(()) => {
+                    chan = Some(c);
+                    break;
+                }
+                Err(Handshake::Abandoned) => continue,
+                Err(Handshake::Failed(msg)) => {
+                    fail!("{msg}");
+                    let _ = c.send(CONTROL_STREAM, &Message::Error { message: msg });
+                    return finish_channel(Some(c), STATUS_CONTAINER_INIT_FAILED);
+                }
+            }
         }
     }
     if let Err(msg) = setup {
@@ -337,13 +354,27 @@ struct PreStart {
     stdin: Vec<u8>,
 }
 
+/// Why a handshake did not reach Start.
+enum Handshake {
+    /// The connection closed before the host said Hello: try the next one.
+    Abandoned,
+    /// Protocol misuse or a failed setup: the message for the host.
+    Failed(String),
+}
+
+impl From<String> for Handshake {
+    fn from(msg: String) -> Self {
+        Handshake::Failed(msg)
+    }
+}
+
 /// Hello -> Ready (or Error when the rootfs failed), then control messages
-/// until Start. Returns an error message for the host on protocol misuse.
+/// until Start.
 fn handshake(
     chan: &mut Channel,
     setup_error: Option<&String>,
     pre: &mut PreStart,
-) -> Result<(), String> {
+) -> Result<(), Handshake> {
     let mut greeted = false;
     let mut seq = 0u64;
     loop {
@@ -363,10 +394,14 @@ fn handshake(
         }
         let frames = match chan.receive() {
             Incoming::Frames(f) => f,
+            Incoming::Closed if !greeted => return Err(Handshake::Abandoned),
             Incoming::Closed => {
-                return Err("the host closed the control channel before Start".into())
+                return Err(Handshake::Failed(
+                    "the host closed the control channel before Start".into(),
+                ))
             }
-            Incoming::Broken(e) => return Err(format!("control channel: {e}")),
+            Incoming::Broken(_) if !greeted => return Err(Handshake::Abandoned),
+            Incoming::Broken(e) => return Err(Handshake::Failed(format!("control channel: {e}"))),
         };
         for frame in frames {
             let frame = match frame {
@@ -386,7 +421,7 @@ fn handshake(
                     greeted = true;
                     if let Some(e) = setup_error {
                         // The caller sends this to the host as an Error.
-                        return Err(e.clone());
+                        return Err(Handshake::Failed(e.clone()));
                     }
                     let _ = chan.send(
                         CONTROL_STREAM,
@@ -399,14 +434,14 @@ fn handshake(
                 Message::ProcessSpec(spec) => pre.spec = Some((frame.stream, spec)),
                 Message::Start => {
                     if !greeted {
-                        return Err("Start before Hello".into());
+                        return Err(Handshake::Failed("Start before Hello".into()));
                     }
                     if let Some((s, _)) = &pre.spec {
                         if *s != frame.stream {
-                            return Err(format!(
+                            return Err(Handshake::Failed(format!(
                                 "Start on stream {} but the ProcessSpec came on stream {s}",
                                 frame.stream
-                            ));
+                            )));
                         }
                     }
                     pre.start_stream = Some(frame.stream);

@@ -65,6 +65,12 @@ pub enum ResourceError {
         #[source]
         source: std::io::Error,
     },
+    /// A vsock context id out of range.
+    #[error("vsock CID {got} is reserved or too large: use 3 or more (below 2^32)")]
+    VsockCid {
+        /// The CID given.
+        got: u64,
+    },
     /// A `--disk` value could not be parsed.
     #[error("cannot parse disk {0:?}: use PATH or PATH,ro")]
     BadDisk(String),
@@ -100,6 +106,16 @@ impl DiskSpec {
     }
 }
 
+/// A virtio-vsock device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockSpec {
+    /// The guest's context id (3 or more; 0-2 are reserved by the spec).
+    pub cid: u64,
+    /// Host UNIX socket for host-initiated connections (`CONNECT <port>\n`, as
+    /// Firecracker's); guest-initiated connections to port P go to `<path>_<P>`.
+    pub uds_path: Option<PathBuf>,
+}
+
 /// How a VM is built and booted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmResources {
@@ -117,6 +133,8 @@ pub struct VmResources {
     pub disks: Vec<DiskSpec>,
     /// A virtio entropy device fed from the host's getrandom.
     pub rng: bool,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockSpec>,
 }
 
 impl VmResources {
@@ -130,6 +148,7 @@ impl VmResources {
             vcpus: 1,
             disks: Vec::new(),
             rng: true,
+            vsock: None,
         }
     }
 
@@ -153,6 +172,11 @@ impl VmResources {
                 path: d.path.clone(),
                 source,
             })?;
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(ResourceError::VsockCid { got: v.cid });
+            }
         }
         if self.memory < MIN_MEMORY {
             return Err(ResourceError::MemoryTooSmall { got: self.memory });
@@ -249,8 +273,12 @@ mod tests {
     #[test]
     fn validate_missing_disk_is_refused() {
         let mut r = VmResources::new(tmp_file("k4"));
-        r.disks.push(DiskSpec::parse("/nonexistent/disk.img").unwrap());
-        assert!(matches!(r.validate(), Err(ResourceError::DiskUnusable { .. })));
+        r.disks
+            .push(DiskSpec::parse("/nonexistent/disk.img").unwrap());
+        assert!(matches!(
+            r.validate(),
+            Err(ResourceError::DiskUnusable { .. })
+        ));
     }
 
     #[test]

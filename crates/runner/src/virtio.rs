@@ -28,6 +28,15 @@ pub enum VirtioAttachError {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    /// The vsock device could not be created (its host socket).
+    #[error("cannot create the vsock device (CID {cid}): {source}")]
+    Vsock {
+        /// The guest CID.
+        cid: u64,
+        /// The device error.
+        #[source]
+        source: devices::virtio::vsock::VsockError,
+    },
     /// The transport refused the device.
     #[error("cannot create the virtio-mmio transport for {what}: {source}")]
     Transport {
@@ -70,9 +79,12 @@ pub struct Attached {
 }
 
 /// The devices `res` asks for, in guest discovery order: disks first (the first one
-/// is `/dev/vda`), then the entropy device.
-fn devices_for(res: &VmResources) -> Result<Vec<(String, Box<dyn VirtioDevice>)>, RunError> {
-    let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+/// is `/dev/vda`), then vsock, then the entropy device.
+/// A device to attach and its name for messages.
+type NamedDevice = (String, Box<dyn VirtioDevice>);
+
+fn devices_for(res: &VmResources) -> Result<Vec<NamedDevice>, RunError> {
+    let mut out: Vec<NamedDevice> = Vec::new();
     for (i, d) in res.disks.iter().enumerate() {
         let serial = format!("sm-disk{i}");
         let blk = Block::open(&d.path, d.read_only, &serial).map_err(|source| {
@@ -82,6 +94,11 @@ fn devices_for(res: &VmResources) -> Result<Vec<(String, Box<dyn VirtioDevice>)>
             }
         })?;
         out.push((format!("disk {}", d.path.display()), Box::new(blk)));
+    }
+    if let Some(v) = &res.vsock {
+        let dev = devices::virtio::vsock::Vsock::new(v.cid, v.uds_path.as_deref())
+            .map_err(|source| VirtioAttachError::Vsock { cid: v.cid, source })?;
+        out.push((format!("vsock (CID {})", v.cid), Box::new(dev)));
     }
     if res.rng {
         out.push(("entropy device".to_string(), Box::new(Rng::new())));
@@ -113,13 +130,17 @@ pub fn attach<V: Vm>(
             count: i + 1,
             max: i,
         })?;
-        let irq = Arc::new(LineInterrupt::new(placement.irq, vm.irq_line(placement.irq)?));
-        let transport = MmioTransport::new(dev, mem.clone(), irq, IrqMode::Edge).map_err(
-            |source| VirtioAttachError::Transport {
-                what: what.clone(),
-                source,
-            },
-        )?;
+        let irq = Arc::new(LineInterrupt::new(
+            placement.irq,
+            vm.irq_line(placement.irq)?,
+        ));
+        let transport =
+            MmioTransport::new(dev, mem.clone(), irq, IrqMode::Edge).map_err(|source| {
+                VirtioAttachError::Transport {
+                    what: what.clone(),
+                    source,
+                }
+            })?;
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(placement.base, MMIO_WINDOW_SIZE, transport.clone())
             .map_err(|source| RunError::Device {
@@ -134,4 +155,48 @@ pub fn attach<V: Vm>(
         });
     }
     Ok(attached)
+}
+
+/// The thread that serves the devices' host side (vsock sockets, ...) while the VM
+/// runs; stopped and joined on drop.
+#[derive(Debug)]
+pub struct DeviceEvents {
+    #[cfg(target_os = "linux")]
+    handle: crate::event_loop::EventLoopHandle,
+    #[cfg(target_os = "linux")]
+    thread: Option<std::thread::JoinHandle<Result<(), crate::event_loop::EventLoopError>>>,
+}
+
+impl DeviceEvents {
+    /// Starts serving `attached`.
+    #[cfg(target_os = "linux")]
+    pub fn start(attached: &[Attached]) -> Result<Self, crate::event_loop::EventLoopError> {
+        let mut el = crate::event_loop::EventLoop::new()?;
+        for a in attached {
+            el.add_transport(a.transport.clone())?;
+        }
+        let handle = el.handle();
+        let thread = Some(el.spawn()?);
+        Ok(Self { handle, thread })
+    }
+
+    /// No host-side device events on this platform yet.
+    #[cfg(not(target_os = "linux"))]
+    pub fn start(_attached: &[Attached]) -> Result<Self, std::convert::Infallible> {
+        Ok(Self {})
+    }
+}
+
+impl Drop for DeviceEvents {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            self.handle.stop();
+            if let Some(t) = self.thread.take() {
+                if let Ok(Err(e)) = t.join() {
+                    tracing::warn!("device event loop: {e}");
+                }
+            }
+        }
+    }
 }

@@ -58,6 +58,9 @@ pub enum RunError {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Virtio(#[from] crate::virtio::VirtioAttachError),
+    /// The device event loop could not be started.
+    #[error("cannot start the device event loop: {0}")]
+    DeviceEvents(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread {id}: {source}")]
     Thread {
@@ -300,8 +303,11 @@ pub fn run<H: Hypervisor>(
         mmio,
         power,
         boot,
-        virtio: _virtio,
+        virtio,
     } = arch::setup_platform(&vm, &mem, res, console, &timings)?;
+    // Serves the devices' host side (vsock sockets) until the run ends.
+    let _device_events = crate::virtio::DeviceEvents::start(&virtio)
+        .map_err(|e| RunError::DeviceEvents(Box::new(e)))?;
 
     let stop = Stop {
         flag: AtomicBool::new(false),
@@ -346,7 +352,9 @@ pub fn run<H: Hypervisor>(
                 .unwrap_or_else(PoisonError::into_inner)
                 .exit_status(),
         }));
-    // The hypervisor must release guest memory before it is unmapped.
+    // Stop serving devices, then the hypervisor must release guest memory before it
+    // is unmapped.
+    drop(_device_events);
     drop(vm);
     drop(mem);
     outcome

@@ -1,8 +1,8 @@
 //! supermachine: run OCI/Docker images as hardware-isolated microVMs.
 //!
 //! This crate is the public facade: a small library API and the `supermachine` CLI.
-//! Today it boots a kernel with supermachine's own guest init ([`boot`]); running
-//! images builds on it.
+//! [`run_image`] runs an OCI image to completion in a VM; [`boot`] boots a kernel
+//! with supermachine's own guest init.
 //!
 //! ```no_run
 //! // Boot Debian's cloud kernel (provisioned on first use) to supermachine's guest
@@ -15,6 +15,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+pub mod agent;
+pub mod run;
+
+pub use run::{PreparedImage, RunOptions};
 
 pub use runner::resources::{parse_size, DiskSpec, VmResources, DEFAULT_MEMORY};
 pub use runner::timings::Timings;
@@ -35,6 +40,35 @@ pub enum Error {
     /// Building or running the VM failed.
     #[error(transparent)]
     Run(#[from] runner::vmm::RunError),
+    /// Resolving, pulling or converting an image failed.
+    #[error("{0}")]
+    Image(String),
+    /// The request cannot be carried out as given.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Runs an image to completion the way `docker run` does: the process's stdout and
+/// stderr go to this process's, and the result is docker's exit code (the status,
+/// or 128 + signal).
+///
+/// ```no_run
+/// let code = supermachine::run_image("localhost:5000/busybox:1", &["echo", "hi"])?;
+/// # Ok::<(), supermachine::Error>(())
+/// ```
+pub fn run_image(image: &str, cmd: &[&str]) -> Result<i32, Error> {
+    let opts = RunOptions {
+        image: image.to_string(),
+        args: cmd.iter().map(|s| s.to_string()).collect(),
+        tls_verify: true,
+        ..Default::default()
+    };
+    run::run(
+        &opts,
+        Box::new(std::io::stdout()),
+        Box::new(std::io::stderr()),
+        Arc::new(Timings::start()),
+    )
 }
 
 /// The default kernel command line: serial console, quiet boot, reboot through the
@@ -98,6 +132,7 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
         vcpus: cfg.cpus.unwrap_or(1),
         disks: cfg.disks.clone(),
         rng: true,
+        vsock: None,
     })
 }
 

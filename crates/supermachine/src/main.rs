@@ -48,8 +48,69 @@ enum Command {
         #[arg(long = "disk", value_parser = parse_disk)]
         disks: Vec<supermachine::DiskSpec>,
     },
-    /// Print the path of the guest kernel (provisioning it on first use).
+    /// Print the path of the guest kernel (provisioning it and building its
+    /// initramfs on first use).
     Kernel,
+    /// Run an image's process in a new microVM, as `docker run` does; exits with
+    /// its status (125 for supermachine's own errors).
+    Run {
+        /// Accepted for docker compatibility: every VM is removed when it ends.
+        #[arg(long)]
+        rm: bool,
+        /// Set an environment variable (KEY=VALUE), repeatable.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Working directory inside the container.
+        #[arg(short = 'w', long = "workdir")]
+        workdir: Option<String>,
+        /// User: name, uid, name:group or uid:gid.
+        #[arg(short = 'u', long = "user")]
+        user: Option<String>,
+        /// Replace the image's entrypoint.
+        #[arg(long)]
+        entrypoint: Option<String>,
+        /// Number of vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Guest memory, e.g. 512M or 1G.
+        #[arg(long, value_parser = parse_memory)]
+        memory: Option<u64>,
+        /// Verify TLS certificates of registries not on loopback.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        tls_verify: bool,
+        /// Show the guest kernel's console on stderr.
+        #[arg(long)]
+        console: bool,
+        /// Guest kernel (default: the provisioned one).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// The image.
+        image: String,
+        /// Command and arguments (replace the image's Cmd).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Pull an image into the store and build its root filesystem.
+    Pull {
+        /// Verify TLS certificates of registries not on loopback.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        tls_verify: bool,
+        /// The image.
+        image: String,
+    },
+    /// List the images in the store.
+    Images,
+    /// Remove images from the store (blobs no other image uses are deleted).
+    Rmi {
+        /// The images.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("supermachine: error: {}", report(e));
+    ExitCode::from(EXIT_INTERNAL)
 }
 
 fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
@@ -109,8 +170,88 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Run {
+            rm: _,
+            env,
+            workdir,
+            user,
+            entrypoint,
+            cpus,
+            memory,
+            tls_verify,
+            console,
+            kernel,
+            image,
+            args,
+        } => {
+            let opts = supermachine::RunOptions {
+                image,
+                args,
+                entrypoint,
+                env,
+                workdir,
+                user,
+                cpus,
+                memory,
+                tls_verify,
+                console,
+                kernel,
+            };
+            let timings = Arc::new(supermachine::Timings::start_at(start));
+            match supermachine::run::run(
+                &opts,
+                Box::new(std::io::stdout()),
+                Box::new(std::io::stderr()),
+                timings,
+            ) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Pull { tls_verify, image } => match supermachine::run::pull(&image, tls_verify) {
+            Ok(p) => {
+                println!("{} {}", p.reference, p.digest);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Images => match image::store::Store::open_default().and_then(|s| s.list()) {
+            Ok(list) => {
+                println!("{:<60} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
+                for r in list {
+                    let size: u64 = r.layers.iter().map(|l| l.size).sum();
+                    let d = r.manifest_digest.to_string();
+                    let short = d.trim_start_matches("sha256:").get(..12).unwrap_or("");
+                    println!("{:<60} {:<20} {:>9}K", r.reference, short, size / 1024);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Rmi { images } => {
+            let store = match image::store::Store::open_default() {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            for i in images {
+                let key = match image::reference::ImageReference::parse(&i) {
+                    Ok(r) => image::source::record_key(&r),
+                    Err(e) => return fail(&e),
+                };
+                match store.remove(&key) {
+                    Ok(_) => println!("Untagged: {key}"),
+                    Err(e) => return fail(&e),
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Command::Kernel => match runner::kernel::provision() {
             Ok(k) => {
+                // Build the initramfs for it too, so a later boot (or a copy of the
+                // cache carried elsewhere, without the module tree) has it ready.
+                if let Err(e) = runner::initramfs::ensure(&k) {
+                    return fail(&e);
+                }
                 println!("{}", k.kernel.display());
                 ExitCode::SUCCESS
             }

@@ -3,6 +3,7 @@
 //! with exit code 125 (never a panic) for bad input.
 // The tiny guests are x86 PVH ELFs and the errors checked are KVM's.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -65,7 +66,12 @@ fn boot_tiny_guest_prints_and_exits_with_its_status() {
     let k = tiny_guest(&d, b"hello from the guest", 7);
     let o = boot(&["--kernel", k.to_str().unwrap(), "--memory", "64M"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hello from the guest\n");
-    assert_eq!(o.status.code(), Some(7), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -120,7 +126,12 @@ fn boot_zero_cpus_is_one_line_error() {
 fn boot_unreadable_initrd_is_one_line_error() {
     let d = tmpdir("initrd");
     let k = tiny_guest(&d, b"x", 0);
-    let o = boot(&["--kernel", k.to_str().unwrap(), "--initrd", "/nonexistent/initrd.img"]);
+    let o = boot(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd.img",
+    ]);
     assert_one_line_error(&o, "/nonexistent/initrd.img");
 }
 

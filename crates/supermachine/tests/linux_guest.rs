@@ -185,25 +185,34 @@ fn run_in_rig(filter: Option<&str>) -> bool {
     let store = payload.join("cache/supermachine");
     let kdir = store.join("kernels").join(&assets.version);
     std::fs::create_dir_all(&kdir).expect("create payload dir");
-    std::fs::copy(&assets.kernel, kdir.join(assets.kernel.file_name().expect("kernel name")))
-        .expect("copy kernel");
+    std::fs::copy(
+        &assets.kernel,
+        kdir.join(assets.kernel.file_name().expect("kernel name")),
+    )
+    .expect("copy kernel");
     if let Some(c) = &assets.config {
         std::fs::copy(c, kdir.join(c.file_name().expect("config name"))).expect("copy config");
     }
     std::fs::write(store.join("kernels/default"), &assets.version).expect("write default");
-    std::fs::copy(&initramfs, store.join(initramfs.file_name().expect("initramfs name")))
-        .expect("copy initramfs");
+    std::fs::copy(
+        &initramfs,
+        store.join(initramfs.file_name().expect("initramfs name")),
+    )
+    .expect("copy initramfs");
     std::fs::copy(&bin, payload.join("supermachine")).expect("copy supermachine");
     let me = std::env::current_exe().expect("current_exe");
     std::fs::copy(&me, payload.join("linux_guest")).expect("copy test binary");
 
     let Some(modules) = assets.modules_dir.clone() else {
-        println!("linux_guest: the provisioned kernel has no modules dir (kvm-amd is needed for L1)");
+        println!(
+            "linux_guest: the provisioned kernel has no modules dir (kvm-amd is needed for L1)"
+        );
         println!("linux_guest: 0 passed, 1 failed");
         return false;
     };
     let mut cmd = Command::new(workspace_root().join("tests/nested/rig"));
-    cmd.env("RIG_KERNEL", &assets.kernel).env("RIG_MODULES", modules);
+    cmd.env("RIG_KERNEL", &assets.kernel)
+        .env("RIG_MODULES", modules);
     cmd.env(
         "RIG_ENV",
         format!(

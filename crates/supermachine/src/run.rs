@@ -1,0 +1,343 @@
+//! `supermachine run`: an OCI image to a finished process, as `docker run` does it.
+//!
+//! 1. The image comes from the store (pulled once, like docker's local images), and
+//!    its read-only root filesystem (EROFS, built from the layers) from the cache,
+//!    keyed by the manifest digest.
+//! 2. A VM boots the guest kernel with supermachine's initramfs in container mode,
+//!    the rootfs as the first (read-only) disk and a vsock device.
+//! 3. The host connects to the guest agent on vsock port 1024 through the VMM's
+//!    UNIX socket (`CONNECT 1024`), sends the process spec, and copies the
+//!    process's stdout and stderr to ours until it exits; that exit status is the
+//!    result.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_protocol::{ExitStatus, ProcessSpec, User};
+use image::manifest::ImageConfig;
+use image::reference::ImageReference;
+use image::store::Store;
+
+use crate::{agent, Error, Timings};
+
+/// What to run. Empty/`None` fields take the image's own config.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Image reference (`alpine`, `localhost:5000/busybox:1`, `oci:DIR[:TAG]`,
+    /// `docker-archive:FILE`).
+    pub image: String,
+    /// Replaces the image's Cmd (as `docker run IMAGE CMD...`).
+    pub args: Vec<String>,
+    /// Replaces the image's Entrypoint (`--entrypoint`; `Some("")` clears it).
+    pub entrypoint: Option<String>,
+    /// `KEY=VALUE` added to (or replacing in) the image's Env.
+    pub env: Vec<String>,
+    /// Working directory (`-w`).
+    pub workdir: Option<String>,
+    /// User (`-u`): `name`, `uid`, `name:group`, `uid:gid`.
+    pub user: Option<String>,
+    /// vCPUs.
+    pub cpus: Option<u32>,
+    /// Guest memory in bytes.
+    pub memory: Option<u64>,
+    /// Verify TLS for registries that are not on loopback.
+    pub tls_verify: bool,
+    /// Show the guest kernel's console on stderr.
+    pub console: bool,
+    /// Guest kernel (default: the provisioned one).
+    pub kernel: Option<PathBuf>,
+}
+
+/// An image ready to boot: its store record and its root filesystem image.
+#[derive(Clone, Debug)]
+pub struct PreparedImage {
+    /// The normalised reference.
+    pub reference: String,
+    /// Manifest digest (`sha256:...`).
+    pub digest: String,
+    /// The runtime config.
+    pub config: ImageConfig,
+    /// The EROFS root filesystem.
+    pub rootfs: PathBuf,
+}
+
+fn store() -> Result<Store, Error> {
+    Store::open_default().map_err(|e| Error::Image(e.to_string()))
+}
+
+/// Pulls `reference` into the store (always, verifying every blob) and builds its
+/// root filesystem if it is not cached yet.
+pub fn pull(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
+    let r = ImageReference::parse(reference).map_err(|e| Error::Image(e.to_string()))?;
+    let store = store()?;
+    let mut opts = image::source::PullOptions::default();
+    opts.registry.tls_verify = tls_verify;
+    let pulled = image::source::pull(&r, &store, &opts).map_err(|e| Error::Image(e.to_string()))?;
+    let layers: Vec<_> = pulled
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.compression))
+        .collect();
+    prepare(
+        &store,
+        pulled.reference,
+        pulled.manifest_digest.to_string(),
+        pulled.config,
+        &layers,
+    )
+}
+
+/// The image from the store if it was pulled before (no network, as `docker run`
+/// uses a local image), else pulled now.
+pub fn ensure_image(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
+    let r = ImageReference::parse(reference).map_err(|e| Error::Image(e.to_string()))?;
+    let key = image::source::record_key(&r);
+    let store = store()?;
+    match store.image(&key) {
+        Ok(rec) => {
+            let layers: Vec<_> = rec
+                .layers
+                .iter()
+                .map(|l| (l.digest.clone(), l.compression))
+                .collect();
+            prepare(
+                &store,
+                rec.reference,
+                rec.manifest_digest.to_string(),
+                rec.config,
+                &layers,
+            )
+        }
+        Err(_) => pull(reference, tls_verify),
+    }
+}
+
+fn prepare(
+    store: &Store,
+    reference: String,
+    digest: String,
+    config: ImageConfig,
+    layers: &[(image::reference::Digest, image::manifest::Compression)],
+) -> Result<PreparedImage, Error> {
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    let dir = runner::kernel::cache_dir()?.join("rootfs");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Image(format!("{}: {e}", dir.display())))?;
+    let rootfs = dir.join(format!("{hex}.erofs"));
+    if !rootfs.is_file() {
+        let layers: Vec<image::flatten::Layer> = layers
+            .iter()
+            .map(|(d, c)| image::flatten::Layer {
+                path: store.blob_path(d),
+                compression: *c,
+            })
+            .collect();
+        image::erofs::build_rootfs(&layers, &rootfs).map_err(|e| {
+            Error::Image(format!("building the root filesystem of {reference}: {e}"))
+        })?;
+    }
+    Ok(PreparedImage {
+        reference,
+        digest,
+        config,
+        rootfs,
+    })
+}
+
+/// The process docker would start for `cfg` with `opts`' overrides.
+pub fn process_spec(cfg: &ImageConfig, opts: &RunOptions) -> Result<ProcessSpec, Error> {
+    let entrypoint: Vec<String> = match &opts.entrypoint {
+        Some(e) if e.is_empty() => Vec::new(),
+        Some(e) => vec![e.clone()],
+        None => cfg.entrypoint.clone().unwrap_or_default(),
+    };
+    // docker: CLI args replace Cmd; a new --entrypoint drops the image's Cmd.
+    let cmd: Vec<String> = if !opts.args.is_empty() {
+        opts.args.clone()
+    } else if opts.entrypoint.is_some() {
+        Vec::new()
+    } else {
+        cfg.cmd.clone().unwrap_or_default()
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        return Err(Error::Usage(
+            "the image has no Entrypoint or Cmd: give a command to run".into(),
+        ));
+    }
+    let mut env = cfg.env.clone();
+    for kv in &opts.env {
+        let key = kv.split('=').next().unwrap_or(kv);
+        env.retain(|e| e.split('=').next() != Some(key));
+        env.push(kv.clone());
+    }
+    Ok(ProcessSpec {
+        argv,
+        env,
+        cwd: opts
+            .workdir
+            .clone()
+            .or_else(|| cfg.working_dir.clone())
+            .unwrap_or_default(),
+        user: User::Name(
+            opts.user
+                .clone()
+                .or_else(|| cfg.user.clone())
+                .unwrap_or_default(),
+        ),
+        tty: false,
+        stdin: false,
+    })
+}
+
+/// How long the host keeps trying to reach the guest agent.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Connects to guest vsock `port` through the VMM's UNIX socket (Firecracker's
+/// `CONNECT <port>\n` / `OK <host port>\n` handshake), retrying while the guest is
+/// not listening yet, until `deadline` or `vm_done`.
+fn connect_agent(
+    uds: &Path,
+    port: u32,
+    deadline: Instant,
+    vm_done: &AtomicBool,
+) -> Option<UnixStream> {
+    let debug = std::env::var_os("SUPERMACHINE_DEBUG").is_some();
+    while Instant::now() < deadline && !vm_done.load(Ordering::SeqCst) {
+        match UnixStream::connect(uds) {
+            Ok(mut s) => {
+                // A guest that never answers must not hold us: bound the handshake.
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_ok() {
+                    let mut line = String::new();
+                    let mut r = BufReader::new(s.try_clone().ok()?);
+                    let got = r.read_line(&mut line);
+                    if debug {
+                        eprintln!("supermachine: agent connect: {got:?} {line:?}");
+                    }
+                    // Whatever the reader buffered beyond the line belongs to the
+                    // agent stream; the guest sends nothing before our Hello.
+                    if got.is_ok() && line.starts_with("OK ") && r.buffer().is_empty() {
+                        let _ = s.set_read_timeout(None);
+                        return Some(s);
+                    }
+                }
+            }
+            Err(e) if debug => eprintln!("supermachine: agent connect {}: {e}", uds.display()),
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A unique, short-lived directory for the VM's sockets.
+fn run_dir() -> Result<PathBuf, Error> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let mut rnd = [0u8; 6];
+    let _ = getrandom::fill(&mut rnd);
+    let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = base.join(format!("supermachine-{name}"));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Image(format!("{}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// Runs `opts.image` to completion. The process's stdout and stderr go to `out`
+/// and `err`; returns docker's exit code for it (the status, or 128 + signal).
+pub fn run(
+    opts: &RunOptions,
+    out: Box<dyn Write + Send>,
+    err: Box<dyn Write + Send>,
+    timings: Arc<Timings>,
+) -> Result<i32, Error> {
+    let img = ensure_image(&opts.image, opts.tls_verify)?;
+    timings.phase("image_ready");
+    let spec = process_spec(&img.config, opts)?;
+    let cfg = crate::BootConfig {
+        kernel: opts.kernel.clone(),
+        initrd: None,
+        cmdline: None,
+        memory: opts.memory,
+        cpus: opts.cpus,
+        disks: Vec::new(),
+    };
+    let mut res = crate::resolve(&cfg)?;
+    let dir = run_dir()?;
+    let uds = dir.join("vsock.sock");
+    res.cmdline.push_str(" sm.mode=container sm.agent=vsock");
+    res.disks = vec![runner::resources::DiskSpec {
+        path: img.rootfs.clone(),
+        read_only: true,
+    }];
+    res.vsock = Some(runner::resources::VsockSpec {
+        cid: 3,
+        uds_path: Some(uds.clone()),
+    });
+    timings.phase("resources_ready");
+
+    let console: Box<dyn Write + Send> = if opts.console {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::sink())
+    };
+    let vm_done = Arc::new(AtomicBool::new(false));
+    let agent = {
+        let vm_done = vm_done.clone();
+        let uds = uds.clone();
+        std::thread::Builder::new()
+            .name("sm-agent".into())
+            .spawn(move || -> Result<ExitStatus, String> {
+                let mut out = out;
+                let mut err = err;
+                let deadline = Instant::now() + AGENT_CONNECT_TIMEOUT;
+                let mut conn =
+                    connect_agent(&uds, agent_protocol::CONTROL_PORT, deadline, &vm_done)
+                        .ok_or_else(|| "the guest agent never answered on vsock".to_string())?;
+                let r = agent::run_process(&mut conn, spec, &mut *out, &mut *err)
+                    .map_err(|e| e.to_string());
+                // Closing tells the guest it may power off now.
+                drop(conn);
+                r
+            })
+            .map_err(|e| Error::Image(format!("cannot start the agent thread: {e}")))?
+    };
+    let hv = runner::backend::open()?;
+    let vm_result = runner::vmm::run(&hv, &res, console, timings);
+    vm_done.store(true, Ordering::SeqCst);
+    let agent_result = agent
+        .join()
+        .unwrap_or_else(|_| Err("agent thread panicked".into()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let outcome = vm_result?;
+    match agent_result {
+        Ok(status) => Ok(agent::exit_code(status)),
+        // No status over vsock: the guest's own report on the power device is the
+        // next best (guest-init writes the same docker code there).
+        Err(e) => {
+            eprintln!(
+                "supermachine: warning: no exit status from the guest agent ({e}); using the VM's"
+            );
+            if outcome.status == 0 && outcome.exit != runner::vmm::GuestExit::PowerOff {
+                return Err(Error::Image(format!(
+                    "the VM ended ({:?}) before the process: {e}",
+                    outcome.exit
+                )));
+            }
+            Ok(outcome.exit_code())
+        }
+    }
+}
+
+/// Reads all of a reader, for tests.
+#[doc(hidden)]
+pub fn read_all(mut r: impl Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    let _ = r.read_to_end(&mut v);
+    v
+}
