@@ -2,7 +2,7 @@
 //! when a vCPU exits with `HV_EXIT_REASON_EXCEPTION`.
 //!
 //! Field layouts follow the Arm Architecture Reference Manual for A-profile (DDI 0487),
-//! section D24.2 "ESR_EL2": EC is bits [31:26], IL is bit [25], ISS is bits [24:0], and
+//! section D24.2 "ESR_EL2": EC is bits \[31:26\], IL is bit \[25\], ISS is bits \[24:0\], and
 //! the ISS layout depends on the exception class. Everything here is plain integer
 //! work so it is unit-tested on any host; a syndrome the guest can provoke but we do
 //! not handle becomes an [`EsrError`], never a panic.
@@ -82,7 +82,7 @@ pub enum EsrError {
     },
 }
 
-/// Which wait-for instruction trapped (ESR_EL2.ISS.TI, bits [1:0]).
+/// Which wait-for instruction trapped (ESR_EL2.ISS.TI, bits \[1:0\]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitKind {
     /// WFI: wait for interrupt.

@@ -53,13 +53,13 @@ pub mod status {
     pub const INVALID_ADDRESS: i64 = -9;
 }
 
-/// The PSCI version reported by PSCI_VERSION: major in [31:16], minor in [15:0].
+/// The PSCI version reported by PSCI_VERSION: major in \[31:16\], minor in \[15:0\].
 pub const VERSION_1_0: u32 = 1 << 16;
 
 /// MIGRATE_INFO_TYPE result: no Trusted OS that needs migration (DEN0022 §5.9.2).
 const MIGRATE_NOT_REQUIRED: i64 = 2;
 
-/// Mask of the affinity fields Aff3 [39:32], Aff2..Aff0 [23:0] in an MPIDR-style
+/// Mask of the affinity fields Aff3 \[39:32\], Aff2..Aff0 \[23:0\] in an MPIDR-style
 /// target argument (DEN0022 §5.1.4).
 pub const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 
