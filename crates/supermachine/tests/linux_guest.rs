@@ -85,7 +85,7 @@ fn sha256_hex(data: &[u8]) -> String {
 /// char device, a 32 MiB file, and files the upper layer deletes or replaces.
 fn build_test_layout() -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    support::cached("sm-run-image", |dir| {
+    support::cached("sm-run-image-v2", |dir| {
         let layout = dir.join("layout");
         let image = format!("{}:t", layout.display());
         support::run(
@@ -98,12 +98,11 @@ fn build_test_layout() -> PathBuf {
             let bin = root.join("bin");
             std::fs::create_dir_all(&bin).expect("bin");
             std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox");
-            support::run(
-                Command::new(bin.join("busybox"))
-                    .arg("--install")
-                    .arg("-s")
-                    .arg(&bin),
-            );
+            // Relative links: `busybox --install -s` would point them at this host path.
+            let list = support::run(Command::new("/bin/busybox").arg("--list"));
+            for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+                let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+            }
             std::fs::create_dir_all(root.join("data/gone-dir")).expect("dirs");
             std::fs::write(root.join("data/suid"), b"#!/bin/sh\n").expect("suid");
             std::fs::set_permissions(
@@ -150,7 +149,7 @@ fn build_test_layout() -> PathBuf {
 /// pulls all three into the store under `cache` with `bin` (the product itself).
 fn prepare_images(bin: &Path, cache: &Path) -> Images {
     let layout = build_test_layout();
-    let archive = support::docker_archive("sm-run-archive", &layout, "t", "smtest:1");
+    let archive = support::docker_archive("sm-run-archive-v2", &layout, "t", "smtest:1");
     let registry = support::Registry::start();
     let reg_ref = registry.push(&layout, "t", "smtest:1");
     let refs = Images {

@@ -1,0 +1,122 @@
+//! Host-side cost of `supermachine run` before the first vCPU entry, with the image
+//! already pulled and converted: store lookup, initramfs lookup, disk and vsock
+//! attach, VM build, kernel and initramfs load. Measured in-process from `main`'s
+//! start to the first vCPU entry (`SUPERMACHINE_TIMINGS`), median of N runs (default
+//! 20, `SM_BENCH_RUNS`); the guest is killed right after it starts.
+//!
+//! On a PVM host the Linux guest cannot run usefully, so the run is started with
+//! `SUPERMACHINE_ALLOW_EMULATED=1` and killed at its first vCPU entry: everything
+//! measured happens before the guest runs.
+//!
+//! Run: `cargo bench -p supermachine --bench run_cost`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../image/tests/support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("run_cost bench: skipped: /dev/kvm cannot be opened here");
+        return;
+    }
+    let runs: usize = std::env::var("SM_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_supermachine"));
+    // A cache with the provisioned kernel, its initramfs, and the image pulled.
+    let assets = runner::kernel::provision().expect("provision the kernel");
+    let initramfs = runner::initramfs::ensure(&assets).expect("initramfs");
+    let cache = std::env::temp_dir().join(format!("sm-bench-cache-{}", std::process::id()));
+    let store = cache.join("supermachine");
+    let kdir = store.join("kernels").join(&assets.version);
+    std::fs::create_dir_all(&kdir).unwrap();
+    std::fs::copy(
+        &assets.kernel,
+        kdir.join(assets.kernel.file_name().unwrap()),
+    )
+    .unwrap();
+    if let Some(c) = &assets.config {
+        std::fs::copy(c, kdir.join(c.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(store.join("kernels/default"), &assets.version).unwrap();
+    std::fs::copy(&initramfs, store.join(initramfs.file_name().unwrap())).unwrap();
+    let layout = support::busybox_layout();
+    let image = format!("oci:{}:{}", layout.display(), support::BUSYBOX_TAG);
+    let pulled = Command::new(&bin)
+        .args(["pull", &image])
+        .env("XDG_CACHE_HOME", &cache)
+        .status()
+        .unwrap();
+    assert!(pulled.success(), "supermachine pull failed");
+
+    let one = || -> Option<(u64, Vec<(String, u64)>)> {
+        let mut child = Command::new(&bin)
+            .args(["run", &image, "true"])
+            .env("XDG_CACHE_HOME", &cache)
+            .env("SUPERMACHINE_TIMINGS", "1")
+            .env("SUPERMACHINE_ALLOW_EMULATED", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let mut phases = Vec::new();
+        let mut result = None;
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            let Some(rest) = line.strip_prefix("[timing] ") else {
+                continue;
+            };
+            let Some((name, us)) = rest.split_once('=') else {
+                continue;
+            };
+            let us: u64 = us.trim_end_matches("us").parse().unwrap_or(0);
+            phases.push((name.to_string(), us));
+            if name == "first_vcpu_entry" {
+                result = Some(us);
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        result.map(|r| (r, phases))
+    };
+    one().expect("a warm-up run reached the first vCPU entry");
+    let mut samples = Vec::new();
+    let mut last_phases = Vec::new();
+    for _ in 0..runs {
+        if let Some((us, phases)) = one() {
+            samples.push(us);
+            last_phases = phases;
+        }
+    }
+    samples.sort();
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "supermachine run, image cached, process start -> first vCPU entry ({} runs): median {:.2} ms (min {:.2}, max {:.2}); target <= 15 ms",
+        samples.len(),
+        ms(samples[samples.len() / 2]),
+        ms(samples[0]),
+        ms(samples[samples.len() - 1])
+    );
+    let phases: Vec<String> = last_phases
+        .iter()
+        .map(|(n, us)| format!("{n}={:.2}ms", ms(*us)))
+        .collect();
+    println!("  phases of the last run: {}", phases.join(" "));
+    let _ = std::fs::remove_dir_all(&cache);
+}
