@@ -63,21 +63,11 @@ fn big_file_bytes() -> Vec<u8> {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    let out = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().expect("stdin").write_all(data)?;
-            c.wait_with_output()
-        })
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A two-layer image built with umoci from Debian's busybox-static: the lower
@@ -181,7 +171,10 @@ struct Outcome {
 }
 
 impl Env {
+    /// Runs the product with `args`; its output is drained while it runs (a full
+    /// pipe would stall the guest's output through vsock flow control).
     fn supermachine(&self, args: &[&str], timeout: Duration) -> Result<Outcome, String> {
+        use std::io::Read;
         let mut child = Command::new(&self.bin)
             .args(args)
             .stdin(Stdio::null())
@@ -189,27 +182,53 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut v);
+                }
+                v
+            })
+        };
+        let out_t = drain(
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let err_t = drain(
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
         let start = Instant::now();
-        loop {
+        let mut timed_out = false;
+        let status = loop {
             match child.try_wait().map_err(|e| e.to_string())? {
-                Some(_) => break,
+                Some(st) => break st,
                 None if start.elapsed() > timeout => {
+                    timed_out = true;
                     let _ = child.kill();
-                    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-                    return Err(format!(
-                        "timed out after {timeout:?}\nstdout:\n{}\nstderr:\n{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
+                    break child.wait().map_err(|e| e.to_string())?;
                 }
                 None => std::thread::sleep(Duration::from_millis(50)),
             }
+        };
+        let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+        if timed_out {
+            let head: String = stdout.chars().take(2000).collect();
+            return Err(format!(
+                "timed out after {timeout:?}\nstdout ({} bytes, first 2000):\n{head}\nstderr:\n{stderr}",
+                stdout.len()
+            ));
         }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
         Ok(Outcome {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            code: status.code(),
+            stdout,
+            stderr,
         })
     }
 }
