@@ -10,7 +10,7 @@
 //!    process's stdout and stderr to ours until it exits; that exit status is the
 //!    result.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -332,12 +332,4 @@ pub fn run(
             Ok(outcome.exit_code())
         }
     }
-}
-
-/// Reads all of a reader, for tests.
-#[doc(hidden)]
-pub fn read_all(mut r: impl Read) -> Vec<u8> {
-    let mut v = Vec::new();
-    let _ = r.read_to_end(&mut v);
-    v
 }
