@@ -77,17 +77,12 @@ pub fn pull(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
     let mut opts = image::source::PullOptions::default();
     opts.registry.tls_verify = tls_verify;
     let pulled = image::source::pull(&r, &store, &opts).map_err(|e| Error::Image(e.to_string()))?;
-    let layers: Vec<_> = pulled
-        .layers
-        .iter()
-        .map(|l| (l.digest.clone(), l.compression))
-        .collect();
     prepare(
         &store,
         pulled.reference,
         pulled.manifest_digest.to_string(),
         pulled.config,
-        &layers,
+        &pulled.layers,
     )
 }
 
@@ -98,20 +93,13 @@ pub fn ensure_image(reference: &str, tls_verify: bool) -> Result<PreparedImage, 
     let key = image::source::record_key(&r);
     let store = store()?;
     match store.image(&key) {
-        Ok(rec) => {
-            let layers: Vec<_> = rec
-                .layers
-                .iter()
-                .map(|l| (l.digest.clone(), l.compression))
-                .collect();
-            prepare(
-                &store,
-                rec.reference,
-                rec.manifest_digest.to_string(),
-                rec.config,
-                &layers,
-            )
-        }
+        Ok(rec) => prepare(
+            &store,
+            rec.reference,
+            rec.manifest_digest.to_string(),
+            rec.config,
+            &rec.layers,
+        ),
         Err(_) => pull(reference, tls_verify),
     }
 }
@@ -121,7 +109,7 @@ fn prepare(
     reference: String,
     digest: String,
     config: ImageConfig,
-    layers: &[(image::reference::Digest, image::manifest::Compression)],
+    layers: &[image::source::Layer],
 ) -> Result<PreparedImage, Error> {
     let hex = digest.trim_start_matches("sha256:").to_string();
     let dir = runner::kernel::cache_dir()?.join("rootfs");
@@ -130,9 +118,9 @@ fn prepare(
     if !rootfs.is_file() {
         let layers: Vec<image::flatten::Layer> = layers
             .iter()
-            .map(|(d, c)| image::flatten::Layer {
-                path: store.blob_path(d),
-                compression: *c,
+            .map(|l| image::flatten::Layer {
+                path: store.blob_path(&l.digest),
+                compression: l.compression,
             })
             .collect();
         image::erofs::build_rootfs(&layers, &rootfs).map_err(|e| {
