@@ -238,9 +238,25 @@ fn main() -> ExitCode {
                     Ok(r) => image::source::record_key(&r),
                     Err(e) => return fail(&e),
                 };
+                let digest = store
+                    .image(&key)
+                    .ok()
+                    .map(|r| r.manifest_digest.to_string());
                 match store.remove(&key) {
                     Ok(_) => println!("Untagged: {key}"),
                     Err(e) => return fail(&e),
+                }
+                // The converted root filesystem goes too once no image names it.
+                if let Some(d) = digest {
+                    let still_used = store
+                        .list()
+                        .map(|l| l.iter().any(|r| r.manifest_digest.to_string() == d))
+                        .unwrap_or(true);
+                    if !still_used {
+                        if let Ok(p) = supermachine::run::rootfs_path(&d) {
+                            let _ = std::fs::remove_file(p);
+                        }
+                    }
                 }
             }
             ExitCode::SUCCESS

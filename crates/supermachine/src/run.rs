@@ -104,6 +104,14 @@ pub fn ensure_image(reference: &str, tls_verify: bool) -> Result<PreparedImage, 
     }
 }
 
+/// Where the root filesystem of the image with manifest `digest` is cached.
+pub fn rootfs_path(digest: &str) -> Result<PathBuf, Error> {
+    let hex = digest.trim_start_matches("sha256:");
+    Ok(runner::kernel::cache_dir()?
+        .join("rootfs")
+        .join(format!("{hex}.erofs")))
+}
+
 fn prepare(
     store: &Store,
     reference: String,
@@ -111,10 +119,11 @@ fn prepare(
     config: ImageConfig,
     layers: &[image::source::Layer],
 ) -> Result<PreparedImage, Error> {
-    let hex = digest.trim_start_matches("sha256:").to_string();
-    let dir = runner::kernel::cache_dir()?.join("rootfs");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Image(format!("{}: {e}", dir.display())))?;
-    let rootfs = dir.join(format!("{hex}.erofs"));
+    let rootfs = rootfs_path(&digest)?;
+    if let Some(dir) = rootfs.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Image(format!("{}: {e}", dir.display())))?;
+    }
     if !rootfs.is_file() {
         let layers: Vec<image::flatten::Layer> = layers
             .iter()
