@@ -75,7 +75,7 @@ fn sha256_hex(data: &[u8]) -> String {
 /// char device, a 32 MiB file, and files the upper layer deletes or replaces.
 fn build_test_layout() -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    support::cached("sm-run-image-v2", |dir| {
+    support::cached("sm-run-image-v3", |dir| {
         let layout = dir.join("layout");
         let image = format!("{}:t", layout.display());
         support::run(
@@ -106,6 +106,9 @@ fn build_test_layout() -> PathBuf {
             std::fs::write(root.join("data/deleted"), b"lower\n").expect("deleted");
             std::fs::write(root.join("data/replaced"), b"lower\n").expect("replaced");
             std::fs::write(root.join("data/gone-dir/a"), b"a\n").expect("a");
+            std::fs::create_dir_all(root.join("data/opq")).expect("opq");
+            std::fs::write(root.join("data/opq/a"), b"a\n").expect("opq/a");
+            std::fs::write(root.join("data/opq/b"), b"b\n").expect("opq/b");
             std::fs::write(root.join("data/big"), big_file_bytes()).expect("big");
             std::fs::create_dir_all(root.join("dev")).expect("dev");
             support::run(
@@ -119,6 +122,45 @@ fn build_test_layout() -> PathBuf {
             std::fs::write(root.join("data/replaced"), b"upper\n").expect("replace");
             std::fs::remove_dir_all(root.join("data/gone-dir")).expect("rm dir");
         });
+        // A hand-written layer for what umoci's diff never produces: an opaque
+        // directory (image-spec layer.md) and ownership by ids no host user has.
+        let tar_path = dir.join("layer3.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).expect("tar"));
+            let mut entry = |path: &str, kind: tar::EntryType, mode: u32, ids: u64, data: &[u8]| {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(kind);
+                h.set_mode(mode);
+                h.set_uid(ids);
+                h.set_gid(ids + 4444);
+                h.set_size(data.len() as u64);
+                h.set_mtime(1_700_000_000);
+                h.set_cksum();
+                b.append_data(&mut h, path, data).expect("tar entry");
+            };
+            entry("data/opq/", tar::EntryType::Directory, 0o755, 0, b"");
+            entry(
+                "data/opq/.wh..wh..opq",
+                tar::EntryType::Regular,
+                0o644,
+                0,
+                b"",
+            );
+            entry("data/opq/c", tar::EntryType::Regular, 0o644, 0, b"c\n");
+            entry(
+                "data/owned",
+                tar::EntryType::Regular,
+                0o640,
+                1234,
+                b"owned\n",
+            );
+            b.finish().expect("tar finish");
+        }
+        support::run(
+            Command::new("umoci")
+                .args(["raw", "add-layer", "--image", &image])
+                .arg(&tar_path),
+        );
         support::run(Command::new("umoci").args([
             "config",
             "--image",
@@ -139,7 +181,7 @@ fn build_test_layout() -> PathBuf {
 /// pulls all three into the store under `cache` with `bin` (the product itself).
 fn prepare_images(bin: &Path, cache: &Path) -> Images {
     let layout = build_test_layout();
-    let archive = support::docker_archive("sm-run-archive-v2", &layout, "t", "smtest:1");
+    let archive = support::docker_archive("sm-run-archive-v3", &layout, "t", "smtest:1");
     let registry = support::Registry::start();
     let reg_ref = registry.push(&layout, "t", "smtest:1");
     let refs = Images {
@@ -366,10 +408,10 @@ fn run_layers_apply_whiteouts_and_keep_metadata(env: &Env) -> Result<(), String>
     let script = "cd /data; \
         [ -e deleted ] && echo deleted-present; [ -e gone-dir ] && echo dir-present; \
         cat replaced; stat -c '%a %h %F' suid hard link; readlink link; \
-        stat -c '%t:%T %F' /dev/null; sha256sum big";
+        stat -c '%t:%T %F' /dev/null; sha256sum big; ls opq; stat -c '%u:%g %a' owned";
     let o = run_out(env, &[&img.oci, "sh", "-c", script])?;
     let want = format!(
-        "upper\n4755 1 regular file\n644 2 regular file\n777 1 symbolic link\n/data/target\n1:3 character special file\n{}  big\n",
+        "upper\n4755 1 regular file\n644 2 regular file\n777 1 symbolic link\n/data/target\n1:3 character special file\n{}  big\nc\n1234:5678 640\n",
         img.big_sha256
     );
     expect(
