@@ -112,6 +112,25 @@ pub struct PulledImage {
 #[derive(Debug, Clone, Default)]
 pub struct PullOptions {
     pub registry: RegistryOptions,
+    /// Told about each layer as it is fetched (a CLI draws a progress bar).
+    pub progress: Option<ProgressHook>,
+}
+
+/// Receives pull progress: layer `index` of `count` (`size` bytes) is about to be
+/// fetched, or (with `done`) has been fetched and verified.
+pub trait PullProgress: Send + Sync {
+    /// Layer `index` (0-based) of `count`, `size` bytes; `done` once it is stored.
+    fn layer(&self, index: usize, count: usize, size: u64, done: bool);
+}
+
+/// A shared [`PullProgress`] (a newtype so [`PullOptions`] stays `Debug`).
+#[derive(Clone)]
+pub struct ProgressHook(pub std::sync::Arc<dyn PullProgress>);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
 }
 
 /// A resolved manifest: what an [`ImageSource`] hands to [`pull`].
@@ -178,7 +197,12 @@ pub fn pull(
     opts: &PullOptions,
 ) -> Result<PulledImage, SourceError> {
     let mut source = open_source(reference, opts, store)?;
-    pull_from(source.as_mut(), &record_key(reference), store)
+    pull_with(
+        source.as_mut(),
+        &record_key(reference),
+        store,
+        opts.progress.as_ref().map(|p| p.0.as_ref()),
+    )
 }
 
 /// [`pull`] from an already opened source, recorded under `key`.
@@ -186,6 +210,15 @@ pub fn pull_from(
     source: &mut dyn ImageSource,
     key: &str,
     store: &Store,
+) -> Result<PulledImage, SourceError> {
+    pull_with(source, key, store, None)
+}
+
+fn pull_with(
+    source: &mut dyn ImageSource,
+    key: &str,
+    store: &Store,
+    progress: Option<&dyn PullProgress>,
 ) -> Result<PulledImage, SourceError> {
     let platform = Platform::host();
     let manifest_err = |source| SourceError::Manifest {
@@ -222,9 +255,16 @@ pub fn pull_from(
     }
 
     let mut layers = Vec::with_capacity(resolved.layers.len());
-    for (desc, diff_id) in resolved.layers.iter().zip(&config.diff_ids) {
+    let count = resolved.layers.len();
+    for (index, (desc, diff_id)) in resolved.layers.iter().zip(&config.diff_ids).enumerate() {
         let compression = Compression::from_media_type(&desc.media_type).map_err(manifest_err)?;
+        if let Some(p) = progress {
+            p.layer(index, count, desc.size, false);
+        }
         source.fetch_blob(desc, store)?;
+        if let Some(p) = progress {
+            p.layer(index, count, desc.size, true);
+        }
         // An uncompressed layer's digest is its diff_id (image-spec config.md).
         if compression == Compression::None && &desc.digest != diff_id {
             return Err(SourceError::DiffIdMismatch {

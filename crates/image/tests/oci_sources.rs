@@ -33,6 +33,7 @@ fn opts() -> PullOptions {
             io_timeout: Duration::from_secs(2),
             ..RegistryOptions::default()
         },
+        progress: None,
     }
 }
 
@@ -462,4 +463,43 @@ fn pull_bearer_token_flow_with_docker_config_credentials() {
 fn base64_encode(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// Counts progress calls: (started, done, bytes done).
+#[derive(Default)]
+struct Counting(std::sync::Mutex<(usize, usize, u64)>);
+
+impl image::source::PullProgress for Counting {
+    fn layer(&self, _index: usize, _count: usize, size: u64, done: bool) {
+        let mut c = self.0.lock().unwrap();
+        if done {
+            c.1 += 1;
+            c.2 += size;
+        } else {
+            c.0 += 1;
+        }
+    }
+}
+
+#[test]
+fn pull_progress_reports_every_layer_start_and_end() {
+    let layout = support::busybox_layout();
+    let store = fresh_store("progress");
+    let counting = Arc::new(Counting::default());
+    let mut o = opts();
+    o.progress = Some(image::source::ProgressHook(counting.clone()));
+    let img = pull(
+        &parse(&format!(
+            "oci:{}:{}",
+            layout.display(),
+            support::BUSYBOX_TAG
+        )),
+        &store,
+        &o,
+    )
+    .unwrap();
+    let (started, done, bytes) = *counting.0.lock().unwrap();
+    assert_eq!(started, img.layers.len());
+    assert_eq!(done, img.layers.len());
+    assert_eq!(bytes, img.layers.iter().map(|l| l.size).sum::<u64>());
 }

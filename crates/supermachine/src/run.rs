@@ -10,7 +10,7 @@
 //!    process's stdout and stderr to ours until it exits; that exit status is the
 //!    result.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +76,15 @@ pub fn pull(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
     let store = store()?;
     let mut opts = image::source::PullOptions::default();
     opts.registry.tls_verify = tls_verify;
-    let pulled = image::source::pull(&r, &store, &opts).map_err(|e| Error::Image(e.to_string()))?;
+    let bar = TerminalProgress::new(reference);
+    if let Some(b) = &bar {
+        opts.progress = Some(image::source::ProgressHook(b.clone()));
+    }
+    let pulled = image::source::pull(&r, &store, &opts).map_err(|e| Error::Image(e.to_string()));
+    if let Some(b) = &bar {
+        b.bar.finish_and_clear();
+    }
+    let pulled = pulled?;
     prepare(
         &store,
         pulled.reference,
@@ -101,6 +109,38 @@ pub fn ensure_image(reference: &str, tls_verify: bool) -> Result<PreparedImage, 
             &rec.layers,
         ),
         Err(_) => pull(reference, tls_verify),
+    }
+}
+
+/// A progress bar over an image's layers, drawn only when stderr is a terminal.
+#[derive(Debug)]
+struct TerminalProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl TerminalProgress {
+    fn new(reference: &str) -> Option<Arc<Self>> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "pulling {msg} [{bar:30}] {bytes}/{total_bytes}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(reference.to_string());
+        Some(Arc::new(Self { bar }))
+    }
+}
+
+impl image::source::PullProgress for TerminalProgress {
+    fn layer(&self, _index: usize, _count: usize, size: u64, done: bool) {
+        if done {
+            self.bar.inc(size);
+        } else {
+            self.bar.inc_length(size);
+        }
     }
 }
 
