@@ -65,6 +65,33 @@ pub struct Placement {
     pub irq: u32,
 }
 
+/// The virtio-mmio windows and interrupt lines a platform reserves: device `n` gets
+/// the window at `base + n * stride` and line `first_irq + n`, for `n < max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slots {
+    /// First window.
+    pub base: u64,
+    /// Distance between windows (at least the 4 KiB window).
+    pub stride: u64,
+    /// Interrupt line of the first device.
+    pub first_irq: u32,
+    /// How many devices fit.
+    pub max: usize,
+}
+
+impl Slots {
+    /// Where device `index` goes, if it fits.
+    pub fn place(&self, index: usize) -> Option<Placement> {
+        if index >= self.max {
+            return None;
+        }
+        Some(Placement {
+            base: self.base + index as u64 * self.stride,
+            irq: self.first_irq + u32::try_from(index).ok()?,
+        })
+    }
+}
+
 /// A device that was attached.
 #[derive(Debug)]
 pub struct Attached {
@@ -107,28 +134,27 @@ fn devices_for(res: &VmResources) -> Result<Vec<NamedDevice>, RunError> {
 }
 
 /// Creates a transport for every virtio device `res` asks for and puts it on `mmio`
-/// at the place `place(index)` gives (`None`: no room left).
+/// in the platform's `slots`.
 pub fn attach<V: Vm>(
     vm: &V,
     mem: &Arc<devices::virtio::GuestMemoryMmap>,
     res: &VmResources,
     mmio: &mut Bus,
-    place: impl Fn(usize) -> Option<Placement>,
-    max: usize,
+    slots: &Slots,
 ) -> Result<Vec<Attached>, RunError> {
     let devs = devices_for(res)?;
-    if devs.len() > max {
+    if devs.len() > slots.max {
         return Err(VirtioAttachError::TooMany {
             count: devs.len(),
-            max,
+            max: slots.max,
         }
         .into());
     }
     let mut attached = Vec::with_capacity(devs.len());
     for (i, (what, dev)) in devs.into_iter().enumerate() {
-        let placement = place(i).ok_or(VirtioAttachError::TooMany {
+        let placement = slots.place(i).ok_or(VirtioAttachError::TooMany {
             count: i + 1,
-            max: i,
+            max: slots.max,
         })?;
         let irq = Arc::new(LineInterrupt::new(
             placement.irq,
@@ -198,5 +224,28 @@ impl Drop for DeviceEvents {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_place_linear_and_refuse_past_max() {
+        let s = Slots {
+            base: 0xd000_0000,
+            stride: 0x1000,
+            first_irq: 5,
+            max: 2,
+        };
+        assert_eq!(
+            s.place(1),
+            Some(Placement {
+                base: 0xd000_1000,
+                irq: 6
+            })
+        );
+        assert_eq!(s.place(2), None);
     }
 }

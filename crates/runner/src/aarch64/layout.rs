@@ -45,6 +45,13 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_SPI_BASE: u32 = 16;
 /// virtio-mmio devices the layout has windows and SPIs reserved for.
 pub const VIRTIO_MAX_DEVICES: usize = 32;
+/// Where virtio-mmio devices go.
+pub const VIRTIO_SLOTS: crate::virtio::Slots = crate::virtio::Slots {
+    base: VIRTIO_MMIO_BASE,
+    stride: VIRTIO_MMIO_SIZE,
+    first_irq: VIRTIO_SPI_BASE,
+    max: VIRTIO_MAX_DEVICES,
+};
 /// Guest RAM base.
 pub const RAM_BASE: u64 = 0x4000_0000;
 /// Largest device tree the layout leaves room for (Linux `booting.rst` caps a DTB at

@@ -59,19 +59,7 @@ pub fn setup_platform<V: Vm>(
         source,
     })?;
 
-    let virtio = crate::virtio::attach(
-        vm,
-        mem,
-        res,
-        &mut mmio,
-        |i| {
-            Some(crate::virtio::Placement {
-                base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
-                irq: layout::VIRTIO_SPI_BASE + u32::try_from(i).ok()?,
-            })
-        },
-        layout::VIRTIO_MAX_DEVICES,
-    )?;
+    let virtio = crate::virtio::attach(vm, mem, res, &mut mmio, &layout::VIRTIO_SLOTS)?;
     let mem = mem.as_ref();
 
     let (image, header) = boot::read_kernel(&res.kernel)?;

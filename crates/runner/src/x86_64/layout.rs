@@ -59,6 +59,13 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 /// virtio-mmio devices that fit: one IOAPIC pin each, GSIs 5..=23.
 pub const VIRTIO_MAX_DEVICES: usize = 19;
+/// Where virtio-mmio devices go.
+pub const VIRTIO_SLOTS: crate::virtio::Slots = crate::virtio::Slots {
+    base: VIRTIO_MMIO_BASE,
+    stride: VIRTIO_MMIO_SIZE,
+    first_irq: VIRTIO_FIRST_GSI,
+    max: VIRTIO_MAX_DEVICES,
+};
 /// IOAPIC registers.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC registers.

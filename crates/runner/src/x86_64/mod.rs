@@ -78,19 +78,7 @@ pub fn setup_platform<V: Vm>(
     })?;
 
     let mut mmio = Bus::new();
-    let virtio = crate::virtio::attach(
-        vm,
-        mem,
-        res,
-        &mut mmio,
-        |i| {
-            Some(crate::virtio::Placement {
-                base: layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE,
-                irq: layout::VIRTIO_FIRST_GSI + u32::try_from(i).ok()?,
-            })
-        },
-        layout::VIRTIO_MAX_DEVICES,
-    )?;
+    let virtio = crate::virtio::attach(vm, mem, res, &mut mmio, &layout::VIRTIO_SLOTS)?;
     let rsdp = acpi::write_acpi_tables(
         mem.as_ref(),
         &acpi::AcpiConfig {
