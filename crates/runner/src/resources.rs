@@ -74,6 +74,9 @@ pub enum ResourceError {
     /// A `--disk` value could not be parsed.
     #[error("cannot parse disk {0:?}: use PATH or PATH,ro")]
     BadDisk(String),
+    /// A `--network` value could not be parsed.
+    #[error("cannot parse network {0:?}: use passt, none, or tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR]")]
+    BadNetwork(String),
     /// A size string could not be parsed.
     #[error("cannot parse size {0:?}: use a number of bytes or a suffix K, M, G (e.g. 512M)")]
     BadSize(String),
@@ -116,6 +119,117 @@ pub struct VsockSpec {
     pub uds_path: Option<PathBuf>,
 }
 
+/// Where a virtio-net device's frames go on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendSpec {
+    /// A `passt` process the VMM starts (rootless user-mode networking: the guest
+    /// reaches what the host reaches, the gateway address reaches the host's
+    /// loopback). The guest's addresses follow the host's default-route interface.
+    Passt,
+    /// An existing TAP interface (`ip tuntap add NAME mode tap`), for hosts that
+    /// bridge or route guests themselves.
+    Tap {
+        /// Interface name.
+        name: String,
+    },
+}
+
+/// The guest's IPv4 configuration, applied by guest-init before the workload
+/// starts (kernel command line `sm.net=ADDR/PREFIX,GW,DNS`; GW and DNS may be
+/// empty).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestIpConfig {
+    /// The guest's address.
+    pub addr: std::net::Ipv4Addr,
+    /// Its prefix length (0-32).
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Name server for the guest's `/etc/resolv.conf`.
+    pub dns: Option<std::net::Ipv4Addr>,
+}
+
+impl GuestIpConfig {
+    /// The `sm.net=` kernel command-line argument guest-init reads.
+    pub fn cmdline_arg(&self) -> String {
+        let opt = |a: Option<std::net::Ipv4Addr>| a.map(|a| a.to_string()).unwrap_or_default();
+        format!(
+            "sm.net={}/{},{},{}",
+            self.addr,
+            self.prefix,
+            opt(self.gateway),
+            opt(self.dns)
+        )
+    }
+}
+
+/// A virtio-net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The host side.
+    pub backend: NetBackendSpec,
+    /// The guest's IPv4 setup; for passt the runner derives it (and any value
+    /// here is replaced), for TAP it is what the user gave, if anything.
+    pub guest: Option<GuestIpConfig>,
+}
+
+impl NetSpec {
+    /// Parses the CLI form: `passt`, `none` (no device: `Ok(None)`), or
+    /// `tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR]`.
+    pub fn parse(s: &str) -> Result<Option<Self>, ResourceError> {
+        let bad = || ResourceError::BadNetwork(s.to_string());
+        match s {
+            "none" => return Ok(None),
+            "passt" => {
+                return Ok(Some(Self {
+                    backend: NetBackendSpec::Passt,
+                    guest: None,
+                }))
+            }
+            _ => {}
+        }
+        let rest = s.strip_prefix("tap:").ok_or_else(bad)?;
+        let mut parts = rest.split(',');
+        let name = parts.next().unwrap_or_default();
+        // IFNAMSIZ is 16 including the terminating NUL.
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            return Err(bad());
+        }
+        let (mut ip, mut gateway, mut dns) = (None, None, None);
+        for p in parts {
+            let (k, v) = p.split_once('=').ok_or_else(bad)?;
+            match k {
+                "ip" => {
+                    let (a, pfx) = v.split_once('/').ok_or_else(bad)?;
+                    let addr = a.parse().map_err(|_| bad())?;
+                    let prefix: u8 = pfx.parse().map_err(|_| bad())?;
+                    if prefix > 32 {
+                        return Err(bad());
+                    }
+                    ip = Some((addr, prefix));
+                }
+                "gw" => gateway = Some(v.parse().map_err(|_| bad())?),
+                "dns" => dns = Some(v.parse().map_err(|_| bad())?),
+                _ => return Err(bad()),
+            }
+        }
+        if ip.is_none() && (gateway.is_some() || dns.is_some()) {
+            return Err(bad());
+        }
+        Ok(Some(Self {
+            backend: NetBackendSpec::Tap {
+                name: name.to_string(),
+            },
+            guest: ip.map(|(addr, prefix)| GuestIpConfig {
+                addr,
+                prefix,
+                gateway,
+                dns,
+            }),
+        }))
+    }
+}
+
 /// How a VM is built and booted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmResources {
@@ -135,6 +249,8 @@ pub struct VmResources {
     pub rng: bool,
     /// A virtio-vsock device.
     pub vsock: Option<VsockSpec>,
+    /// A virtio-net device.
+    pub network: Option<NetSpec>,
 }
 
 impl VmResources {
@@ -149,6 +265,7 @@ impl VmResources {
             disks: Vec::new(),
             rng: true,
             vsock: None,
+            network: None,
         }
     }
 
@@ -244,6 +361,58 @@ mod tests {
         let p = std::env::temp_dir().join(format!("sm-res-{}-{name}", std::process::id()));
         std::fs::write(&p, b"x").unwrap();
         p
+    }
+
+    #[test]
+    fn net_spec_parse_accepts_passt_none_and_tap_with_addresses() {
+        assert_eq!(NetSpec::parse("none").unwrap(), None);
+        assert_eq!(
+            NetSpec::parse("passt").unwrap().unwrap().backend,
+            NetBackendSpec::Passt
+        );
+        let t = NetSpec::parse("tap:tap0,ip=10.0.0.2/24,gw=10.0.0.1,dns=10.0.0.1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            t.backend,
+            NetBackendSpec::Tap {
+                name: "tap0".into()
+            }
+        );
+        let g = t.guest.unwrap();
+        assert_eq!(g.cmdline_arg(), "sm.net=10.0.0.2/24,10.0.0.1,10.0.0.1");
+        let bare = NetSpec::parse("tap:tap1").unwrap().unwrap();
+        assert_eq!(bare.guest, None);
+    }
+
+    #[test]
+    fn net_spec_parse_rejects_malformed_values() {
+        for bad in [
+            "",
+            "pasta",
+            "tap:",
+            "tap:averyveryverylongname",
+            "tap:t0,ip=10.0.0.2",
+            "tap:t0,ip=10.0.0.2/33",
+            "tap:t0,gw=10.0.0.1",
+            "tap:t0,ip=10.0.0.2/24,mtu=9000",
+        ] {
+            assert!(
+                matches!(NetSpec::parse(bad), Err(ResourceError::BadNetwork(_))),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_ip_config_cmdline_leaves_missing_parts_empty() {
+        let g = GuestIpConfig {
+            addr: "192.0.2.1".parse().unwrap(),
+            prefix: 24,
+            gateway: None,
+            dns: None,
+        };
+        assert_eq!(g.cmdline_arg(), "sm.net=192.0.2.1/24,,");
     }
 
     #[test]

@@ -133,6 +133,7 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
         disks: cfg.disks.clone(),
         rng: true,
         vsock: None,
+        network: None,
     })
 }
 
