@@ -21,7 +21,13 @@ pub mod run;
 
 pub use run::{PreparedImage, RunOptions};
 
-pub use runner::resources::{parse_size, DiskSpec, VmResources, DEFAULT_MEMORY};
+pub use runner::resources::{
+    parse_size, DiskSpec, NetBackendSpec, NetSpec, VmResources, VsockSpec, DEFAULT_MEMORY,
+};
+
+/// The guest's vsock context id when none is given (the first one virtio-vsock
+/// does not reserve: 0-2 are the hypervisor, local and host, virtio 1.2 §5.10.4).
+pub const DEFAULT_GUEST_CID: u64 = 3;
 pub use runner::timings::Timings;
 pub use runner::vmm::{GuestExit, RunOutcome};
 
@@ -61,6 +67,11 @@ pub fn run_image(image: &str, cmd: &[&str]) -> Result<i32, Error> {
         image: image.to_string(),
         args: cmd.iter().map(|s| s.to_string()).collect(),
         tls_verify: true,
+        // As `supermachine run` and `docker run`: outbound network by default.
+        network: Some(NetSpec {
+            backend: NetBackendSpec::Passt,
+            guest: None,
+        }),
         ..Default::default()
     };
     run::run(
@@ -93,6 +104,10 @@ pub struct BootConfig {
     pub cpus: Option<u32>,
     /// virtio-blk disks, in order (the first is `/dev/vda`).
     pub disks: Vec<DiskSpec>,
+    /// A virtio-net device; `None` = no network device.
+    pub network: Option<NetSpec>,
+    /// A virtio-vsock device; `None` = none.
+    pub vsock: Option<VsockSpec>,
 }
 
 /// Resolves a [`BootConfig`] into concrete resources (provisioning the kernel and
@@ -132,8 +147,8 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
         vcpus: cfg.cpus.unwrap_or(1),
         disks: cfg.disks.clone(),
         rng: true,
-        vsock: None,
-        network: None,
+        vsock: cfg.vsock.clone(),
+        network: cfg.network.clone(),
     })
 }
 

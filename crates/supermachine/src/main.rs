@@ -45,8 +45,20 @@ enum Command {
         cpus: Option<u32>,
         /// Attach a disk image as virtio-blk: PATH or PATH,ro (repeatable; the first
         /// is the guest's /dev/vda).
-        #[arg(long = "disk", value_parser = parse_disk)]
+        #[arg(long = "disk", value_parser = parse_disk, value_name = "PATH[,ro]")]
         disks: Vec<supermachine::DiskSpec>,
+        /// Network: none, passt (user-mode, rootless), or
+        /// tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR].
+        #[arg(long, default_value = "none", value_name = "MODE")]
+        network: String,
+        /// Add a virtio-vsock device with this guest context id (3 or more).
+        #[arg(long, value_name = "CID")]
+        vsock_cid: Option<u64>,
+        /// Host UNIX socket of the vsock device (adds one with CID 3 unless
+        /// --vsock-cid says otherwise): connect and send `CONNECT <port>\n` to reach
+        /// a guest port; guest connections to host port P go to PATH_P.
+        #[arg(long, value_name = "PATH")]
+        vsock_uds: Option<PathBuf>,
     },
     /// Print the path of the guest kernel (provisioning it and building its
     /// initramfs on first use).
@@ -84,6 +96,19 @@ enum Command {
         /// Guest kernel (default: the provisioned one).
         #[arg(long)]
         kernel: Option<PathBuf>,
+        /// Attach a disk image as virtio-blk: PATH or PATH,ro (repeatable). The image's
+        /// own root filesystem is /dev/vda, so the first of these is /dev/vdb.
+        #[arg(long = "disk", value_parser = parse_disk, value_name = "PATH[,ro]")]
+        disks: Vec<supermachine::DiskSpec>,
+        /// Network: passt (user-mode, rootless), none (loopback only), or
+        /// tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR].
+        #[arg(long, default_value = "passt", value_name = "MODE")]
+        network: String,
+        /// Host UNIX socket of the VM's vsock device at this path (default: a private
+        /// one): connect and send `CONNECT <port>\n` to reach a guest port; guest
+        /// connections to host port P go to PATH_P.
+        #[arg(long, value_name = "PATH")]
+        vsock_uds: Option<PathBuf>,
         /// The image.
         image: String,
         /// Command and arguments (replace the image's Cmd).
@@ -113,6 +138,36 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
     ExitCode::from(EXIT_INTERNAL)
 }
 
+/// A command line clap refused: one line and 125, as every other supermachine
+/// failure (docker run also exits 125 on a bad flag). Help and version requests
+/// print as clap renders them.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    eprintln!("supermachine: error: {}", clap_message(&e.to_string()));
+    ExitCode::from(EXIT_INTERNAL)
+}
+
+/// clap's message without its `error:` tag, usage and hints: the lines before
+/// the first blank one, joined.
+fn clap_message(rendered: &str) -> String {
+    let head: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = head.join(" ");
+    msg.strip_prefix("error: ").unwrap_or(&msg).to_string()
+}
+
 fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
     supermachine::DiskSpec::parse(s).map_err(|e| e.to_string())
 }
@@ -138,7 +193,10 @@ fn report(e: &dyn std::error::Error) -> String {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command {
         Command::Boot {
             kernel,
@@ -147,7 +205,19 @@ fn main() -> ExitCode {
             memory,
             cpus,
             disks,
+            network,
+            vsock_cid,
+            vsock_uds,
         } => {
+            let network = match supermachine::NetSpec::parse(&network) {
+                Ok(n) => n,
+                Err(e) => return fail(&e),
+            };
+            let vsock =
+                (vsock_cid.is_some() || vsock_uds.is_some()).then(|| supermachine::VsockSpec {
+                    cid: vsock_cid.unwrap_or(supermachine::DEFAULT_GUEST_CID),
+                    uds_path: vsock_uds,
+                });
             let cfg = supermachine::BootConfig {
                 kernel,
                 initrd,
@@ -155,6 +225,8 @@ fn main() -> ExitCode {
                 memory,
                 cpus,
                 disks,
+                network,
+                vsock,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::boot_with_console(&cfg, Box::new(std::io::stdout()), timings) {
@@ -181,9 +253,16 @@ fn main() -> ExitCode {
             tls_verify,
             console,
             kernel,
+            disks,
+            network,
+            vsock_uds,
             image,
             args,
         } => {
+            let network = match supermachine::NetSpec::parse(&network) {
+                Ok(n) => n,
+                Err(e) => return fail(&e),
+            };
             let opts = supermachine::RunOptions {
                 image,
                 args,
@@ -196,6 +275,9 @@ fn main() -> ExitCode {
                 tls_verify,
                 console,
                 kernel,
+                disks,
+                network,
+                vsock_uds,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(

@@ -50,6 +50,15 @@ pub struct RunOptions {
     pub console: bool,
     /// Guest kernel (default: the provisioned one).
     pub kernel: Option<PathBuf>,
+    /// Extra virtio-blk disks after the image's root filesystem (`/dev/vda`), so
+    /// the first is the guest's `/dev/vdb`.
+    pub disks: Vec<runner::resources::DiskSpec>,
+    /// A virtio-net device; `None` = loopback only (`docker run --network none`).
+    pub network: Option<runner::resources::NetSpec>,
+    /// The vsock device's host UNIX socket; `None` = a private one in a temporary
+    /// directory. The agent uses port 1024 on it; guest connections to host
+    /// port P go to `<path>_<P>`.
+    pub vsock_uds: Option<PathBuf>,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -271,6 +280,24 @@ fn connect_agent(
     None
 }
 
+/// Opens each disk as the VM will (read-write unless read-only), so that a typo
+/// is reported before anything is pulled or booted.
+fn check_disks(disks: &[runner::resources::DiskSpec]) -> Result<(), Error> {
+    for d in disks {
+        std::fs::File::options()
+            .read(true)
+            .write(!d.read_only)
+            .open(&d.path)
+            .map_err(|source| {
+                runner::vmm::RunError::from(runner::resources::ResourceError::DiskUnusable {
+                    path: d.path.clone(),
+                    source,
+                })
+            })?;
+    }
+    Ok(())
+}
+
 /// A unique, short-lived directory for the VM's sockets.
 fn run_dir() -> Result<PathBuf, Error> {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
@@ -293,6 +320,8 @@ pub fn run(
     err: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
+    // The user's own disks are checked before an image is pulled for nothing.
+    check_disks(&opts.disks)?;
     let img = ensure_image(&opts.image, opts.tls_verify)?;
     timings.phase("image_ready");
     let spec = process_spec(&img.config, opts)?;
@@ -303,17 +332,23 @@ pub fn run(
         memory: opts.memory,
         cpus: opts.cpus,
         disks: Vec::new(),
+        network: opts.network.clone(),
+        vsock: None,
     };
     let mut res = crate::resolve(&cfg)?;
     let dir = run_dir()?;
-    let uds = dir.join("vsock.sock");
+    let uds = opts
+        .vsock_uds
+        .clone()
+        .unwrap_or_else(|| dir.join("vsock.sock"));
     res.cmdline.push_str(" sm.mode=container sm.agent=vsock");
     res.disks = vec![runner::resources::DiskSpec {
         path: img.rootfs.clone(),
         read_only: true,
     }];
+    res.disks.extend(opts.disks.iter().cloned());
     res.vsock = Some(runner::resources::VsockSpec {
-        cid: 3,
+        cid: crate::DEFAULT_GUEST_CID,
         uds_path: Some(uds.clone()),
     });
     timings.phase("resources_ready");
@@ -351,6 +386,10 @@ pub fn run(
         .join()
         .unwrap_or_else(|_| Err("agent thread panicked".into()));
     let _ = std::fs::remove_dir_all(&dir);
+    if opts.vsock_uds.is_some() {
+        // The device bound it; nothing listens there any more.
+        let _ = std::fs::remove_file(&uds);
+    }
     let outcome = vm_result?;
     match agent_result {
         Ok(status) => Ok(agent::exit_code(status)),

@@ -158,3 +158,76 @@ fn boot_without_kvm_access_is_one_line_error() {
         .unwrap();
     assert_one_line_error(&o, "/dev/kvm");
 }
+
+#[test]
+fn boot_and_run_bogus_network_is_one_line_error() {
+    let o = boot(&["--network", "bogus"]);
+    assert_one_line_error(&o, "cannot parse network \"bogus\"");
+    let o = Command::new(bin())
+        .args(["run", "--network", "bogus", "img"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "cannot parse network \"bogus\"");
+}
+
+#[test]
+fn boot_reserved_vsock_cid_is_one_line_error() {
+    let d = tmpdir("cid");
+    let k = tiny_guest(&d, b"x", 0);
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--vsock-cid", "2"]);
+    assert_one_line_error(&o, "vsock CID 2 is reserved");
+}
+
+#[test]
+fn run_missing_extra_disk_is_one_line_error_before_any_pull() {
+    let d = tmpdir("rundisk");
+    let missing = d.join("no-such-disk.img");
+    // No registry listens on this port: the disk must be refused before any pull.
+    let o = Command::new(bin())
+        .args(["run", "--disk"])
+        .arg(&missing)
+        .args(["127.0.0.1:9/none:1", "true"])
+        .env("XDG_CACHE_HOME", d.join("cache"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "no-such-disk.img");
+}
+
+#[test]
+fn run_bad_flag_value_is_one_line_error_not_clap_usage() {
+    let o = Command::new(bin())
+        .args(["run", "--memory", "lots", "img"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "cannot parse size \"lots\"");
+}
+
+#[test]
+fn boot_vsock_uds_adds_a_device_whose_socket_errors_are_reported() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("vsock");
+    let k = tiny_guest(&d, b"vsock", 3);
+    // A socket path in a missing directory: the device cannot bind it.
+    let bad = d.join("missing-dir/v.sock");
+    let o = boot(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock-uds",
+        bad.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&o, "vsock");
+    // A usable one: the guest runs with the device attached.
+    let good = d.join("v.sock");
+    let o = boot(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock-cid",
+        "7",
+        "--vsock-uds",
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "vsock\n");
+    assert_eq!(o.status.code(), Some(3));
+}
