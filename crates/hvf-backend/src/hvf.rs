@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use hypervisor::aarch64::{self as a64, PowerState};
 use hypervisor::{
-    Arch, BootState, Capabilities, Hypervisor, HypervisorError, HypervisorKind, IoData, IrqLine,
-    MemoryRegion, Vcpu, VcpuError, VcpuExit, VcpuKicker, VcpuState, Vm, VmConfig, VmError, VmState,
+    Arch, BootState, Capabilities, Hypervisor, HypervisorError, HypervisorKind, IoData, IoEvent,
+    IoEventAddress, IrqLine, MemoryRegion, Vcpu, VcpuError, VcpuExit, VcpuKicker, VcpuState, Vm,
+    VmConfig, VmError, VmState,
 };
 
 use crate::bindings::*;
@@ -373,6 +374,16 @@ impl Vm for HvfVm {
         result.map_err(|e| VmError::CreateIrqchip(e.into()))?;
         *gic = Some(api);
         Ok(())
+    }
+
+    /// Hypervisor.framework has no ioeventfd: queue notifications stay
+    /// `MmioWrite` exits, which the runner hands to the device's transport.
+    fn register_ioevent(
+        &self,
+        _addr: IoEventAddress,
+        _datamatch: Option<u32>,
+    ) -> Result<Option<IoEvent>, VmError> {
+        Ok(None)
     }
 
     fn irq_line(&self, gsi: u32) -> Result<HvfIrqLine, VmError> {

@@ -100,6 +100,68 @@ pub enum IoEventAddress {
     Mmio(u64),
 }
 
+/// A registered I/O event: guest writes that the backend turns into a host
+/// notification without a vCPU exit (KVM ioeventfd). Made by
+/// [`Vm::register_ioevent`]; dropping it unregisters it, after which those writes
+/// exit to the VMM again.
+///
+/// [`IoEvent::file`] is what a host event loop waits on: it becomes readable when
+/// at least one matching write happened. It has eventfd semantics (eventfd(2)):
+/// non-blocking, a read returns the number of writes since the last read as an
+/// 8-byte native-endian counter and resets it. A backend that hands one out must
+/// provide those semantics.
+pub struct IoEvent {
+    file: std::fs::File,
+    /// Backend state whose drop unregisters the event (it may hold the VM open).
+    _registration: Box<dyn std::fmt::Debug + Send + Sync>,
+}
+
+impl IoEvent {
+    /// Wraps `file` (see the type's documentation for what it must be) and the
+    /// backend's `registration`, dropped, and so unregistered, with the event.
+    pub fn new(file: std::fs::File, registration: Box<dyn std::fmt::Debug + Send + Sync>) -> Self {
+        Self {
+            file,
+            _registration: registration,
+        }
+    }
+
+    /// The file to wait on for readability.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Consumes the pending notifications and returns how many writes coalesced
+    /// into them; 0 when none is pending.
+    pub fn drain(&self) -> std::io::Result<u64> {
+        use std::io::Read;
+        let mut counter = [0u8; 8];
+        loop {
+            match (&self.file).read(&mut counter) {
+                Ok(8) => return Ok(u64::from_ne_bytes(counter)),
+                Ok(n) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("an I/O event read returned {n} bytes, not an 8-byte counter"),
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for IoEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoEvent")
+            .field("file", &self.file)
+            .field("registration", &self._registration)
+            .finish()
+    }
+}
+
 /// A level- or edge-triggered interrupt input of the VM's interrupt controller.
 pub trait IrqLine: Send + Sync {
     /// Signals an edge-triggered interrupt.
@@ -143,6 +205,25 @@ pub trait Vm: Send + Sync {
 
     /// Returns an interrupt line wired to input `gsi` of the interrupt controller.
     fn irq_line(&self, gsi: u32) -> Result<Self::IrqLine, VmError>;
+
+    /// Makes guest writes at `addr` signal an [`IoEvent`] instead of ending
+    /// [`Vcpu::run`] with a write exit. With `datamatch`, only 4-byte writes of
+    /// that value do (virtio-mmio's `QueueNotify` is a 32-bit register written
+    /// with the queue index, virtio 1.2 §4.2.2); other writes there still exit.
+    /// Without it, a write of any size and value does.
+    ///
+    /// Returns `Ok(None)` when the backend has no such mechanism
+    /// ([`Capabilities::ioeventfd`] is false, as on Hypervisor.framework): the
+    /// writes keep arriving as exits and the caller handles them there. This
+    /// default does exactly that.
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<Option<IoEvent>, VmError> {
+        let _ = (addr, datamatch);
+        Ok(None)
+    }
 
     /// Creates vCPU `id`. On backends that bind a vCPU to its creating thread (HVF),
     /// call this on the thread that will run it.
@@ -299,4 +380,39 @@ pub trait Vcpu {
 
     /// Restores a state captured by [`Vcpu::save_state`].
     fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError>;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Registration;
+
+    /// A regular file standing in for the event's counter (the crate stays
+    /// free of OS-specific code, eventfd included).
+    fn event_over(name: &str, contents: &[u8]) -> IoEvent {
+        let path = std::env::temp_dir().join(format!(
+            "sm-hypervisor-ioevent-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::write(&path, contents).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        IoEvent::new(file, Box::new(Registration))
+    }
+
+    #[test]
+    fn ioevent_drain_counter_returns_count() {
+        let ev = event_over("count", &3u64.to_ne_bytes());
+        assert_eq!(ev.drain().unwrap(), 3);
+    }
+
+    #[test]
+    fn ioevent_drain_short_read_is_invalid_data() {
+        let ev = event_over("short", &[1, 2]);
+        let err = ev.drain().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
 }

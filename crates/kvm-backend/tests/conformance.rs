@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use hypervisor::x86_64::{BootState as X86BootState, DescriptorTable, Regs, Segment, Sregs};
 use hypervisor::{
-    BootState, Hypervisor, HypervisorError, IrqLine, MemoryRegion, Vcpu, VcpuError, VcpuExit,
-    VcpuKicker, VcpuState, Vm, VmConfig, VmState,
+    BootState, Hypervisor, HypervisorError, IoEventAddress, IrqLine, MemoryRegion, Vcpu, VcpuError,
+    VcpuExit, VcpuKicker, VcpuState, Vm, VmConfig, VmState,
 };
 use kvm_backend::{KvmHypervisor, KvmVcpu, KvmVm};
 
@@ -284,6 +284,70 @@ fn mmio_read_answered_by_host_is_echoed_by_guest() {
         }
         other => panic!("expected IoOut, got {other:?}"),
     }
+}
+
+#[test]
+fn ioevent_matching_write_signals_without_exit_and_drop_unregisters() {
+    // mov ax, 0x2000 ; mov ds, ax
+    // mov dword [0x50], 1 ; mov dword [0x50], 2 ; mov dword [0x50], 1 ; hlt
+    let mut code = vec![0xb8, 0x00, 0x20, 0x8e, 0xd8];
+    for value in [1u32, 2, 1] {
+        code.extend_from_slice(&[0x66, 0xc7, 0x06, 0x50, 0x00]);
+        code.extend_from_slice(&value.to_le_bytes());
+    }
+    code.push(0xf4);
+    let Some(mut t) = setup(&code, 1, false) else {
+        return;
+    };
+    let notify = MMIO_ADDR + 0x50;
+    let event =
+        t.vm.register_ioevent(IoEventAddress::Mmio(notify), Some(1))
+            .unwrap()
+            .expect("KVM has ioeventfd");
+    assert_eq!(event.drain().unwrap(), 0, "signalled before the guest ran");
+    // The first write (1) matches: KVM signals the event and the guest goes on,
+    // so the first exit is the second write (2), which does not match.
+    match run(&mut t.vcpus[0]) {
+        VcpuExit::MmioWrite { addr, data } => {
+            assert_eq!(addr, notify);
+            assert_eq!(data.as_slice(), &2u32.to_le_bytes());
+        }
+        other => panic!("expected the non-matching MmioWrite, got {other:?}"),
+    }
+    assert_eq!(event.drain().unwrap(), 1);
+    // Unregistered: the third write (1 again) exits like any MMIO write.
+    drop(event);
+    match run(&mut t.vcpus[0]) {
+        VcpuExit::MmioWrite { addr, data } => {
+            assert_eq!(addr, notify);
+            assert_eq!(data.as_slice(), &1u32.to_le_bytes());
+        }
+        other => panic!("expected MmioWrite after unregistering, got {other:?}"),
+    }
+    assert_eq!(run(&mut t.vcpus[0]), VcpuExit::Halted);
+}
+
+#[test]
+fn ioevent_datamatch_needs_four_byte_write() {
+    // mov ax, 0x2000 ; mov ds, ax ; mov word [0x50], 1 ; hlt
+    let code = [
+        0xb8, 0x00, 0x20, 0x8e, 0xd8, 0xc7, 0x06, 0x50, 0x00, 0x01, 0x00, 0xf4,
+    ];
+    let Some(mut t) = setup(&code, 1, false) else {
+        return;
+    };
+    let event =
+        t.vm.register_ioevent(IoEventAddress::Mmio(MMIO_ADDR + 0x50), Some(1))
+            .unwrap()
+            .expect("KVM has ioeventfd");
+    match run(&mut t.vcpus[0]) {
+        VcpuExit::MmioWrite { addr, data } => {
+            assert_eq!(addr, MMIO_ADDR + 0x50);
+            assert_eq!(data.as_slice(), &[1, 0]);
+        }
+        other => panic!("expected MmioWrite for a 2-byte write, got {other:?}"),
+    }
+    assert_eq!(event.drain().unwrap(), 0);
 }
 
 #[test]

@@ -12,9 +12,6 @@ pub use kick::{kick_signal, KvmKicker};
 pub use system::KvmHypervisor;
 pub use vcpu::KvmVcpu;
 pub use vm::{KvmIrqLine, KvmVm, IDENTITY_MAP_ADDRESS, TSS_ADDRESS};
-/// The eventfd type [`KvmVm::register_ioevent`] takes (re-exported so callers
-/// need no direct `vmm-sys-util` dependency).
-pub use vmm_sys_util::eventfd::EventFd;
 
 /// Converts a `kvm-ioctls` error into the `std::io::Error` the seam's error
 /// types carry, keeping the OS error code.

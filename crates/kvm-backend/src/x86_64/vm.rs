@@ -1,11 +1,13 @@
 //! A KVM VM: memory slots, the in-kernel irqchip and PIT, interrupt lines,
 //! ioeventfds, vCPU creation and VM-wide state.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use hypervisor::{Arch, IoEventAddress, IrqLine, MemoryRegion, Vm, VmError, VmState};
+use hypervisor::{Arch, IoEvent, IoEventAddress, IrqLine, MemoryRegion, Vm, VmError, VmState};
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
@@ -63,51 +65,6 @@ impl KvmVm {
         }
     }
 
-    /// Registers `eventfd` to be signalled, without a vCPU exit, when the guest
-    /// writes to `addr`. With `datamatch`, only 32-bit writes of that value
-    /// signal (virtio-mmio's QueueNotify is a 32-bit register, virtio 1.2
-    /// §4.2.2); without it, a write of any size does.
-    pub fn register_ioevent(
-        &self,
-        eventfd: &EventFd,
-        addr: IoEventAddress,
-        datamatch: Option<u64>,
-    ) -> Result<(), VmError> {
-        let kvm_addr = ioevent_address(addr);
-        let result = match datamatch {
-            None => self
-                .shared
-                .fd
-                .register_ioevent(eventfd, &kvm_addr, NoDatamatch),
-            Some(value) => {
-                let value = datamatch_u32(value)?;
-                self.shared.fd.register_ioevent(eventfd, &kvm_addr, value)
-            }
-        };
-        result.map_err(|e| ioevent_error(addr, os_error(e)))
-    }
-
-    /// Undoes [`KvmVm::register_ioevent`] with the same arguments.
-    pub fn unregister_ioevent(
-        &self,
-        eventfd: &EventFd,
-        addr: IoEventAddress,
-        datamatch: Option<u64>,
-    ) -> Result<(), VmError> {
-        let kvm_addr = ioevent_address(addr);
-        let result = match datamatch {
-            None => self
-                .shared
-                .fd
-                .unregister_ioevent(eventfd, &kvm_addr, NoDatamatch),
-            Some(value) => {
-                let value = datamatch_u32(value)?;
-                self.shared.fd.unregister_ioevent(eventfd, &kvm_addr, value)
-            }
-        };
-        result.map_err(|e| ioevent_error(addr, os_error(e)))
-    }
-
     /// Number of vCPUs the VM was configured with.
     pub fn vcpu_count(&self) -> u32 {
         self.shared.vcpus
@@ -137,14 +94,6 @@ fn ioevent_address(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
     }
 }
 
-fn datamatch_u32(value: u64) -> Result<u32, VmError> {
-    u32::try_from(value).map_err(|_| {
-        VmError::Unsupported(format!(
-            "ioeventfd datamatch {value:#x} does not fit the 32-bit notify register"
-        ))
-    })
-}
-
 fn ioevent_error(addr: IoEventAddress, source: io::Error) -> VmError {
     VmError::State {
         op: match addr {
@@ -152,6 +101,43 @@ fn ioevent_error(addr: IoEventAddress, source: io::Error) -> VmError {
             IoEventAddress::Mmio(_) => "register MMIO ioeventfd",
         },
         source,
+    }
+}
+
+/// KVM_IOEVENTFD with or without a 4-byte datamatch (kvm-ioctls takes the
+/// datamatch's size from its type: `u32` is a 4-byte match, `NoDatamatch` any
+/// write).
+fn ioeventfd_ioctl(
+    fd: &VmFd,
+    eventfd: &EventFd,
+    addr: IoEventAddress,
+    datamatch: Option<u32>,
+    register: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    let kvm_addr = ioevent_address(addr);
+    match (datamatch, register) {
+        (None, true) => fd.register_ioevent(eventfd, &kvm_addr, NoDatamatch),
+        (None, false) => fd.unregister_ioevent(eventfd, &kvm_addr, NoDatamatch),
+        (Some(value), true) => fd.register_ioevent(eventfd, &kvm_addr, value),
+        (Some(value), false) => fd.unregister_ioevent(eventfd, &kvm_addr, value),
+    }
+}
+
+/// A live KVM_IOEVENTFD registration; dropping it unregisters it. It keeps the
+/// VM fd open until then (KVM also drops every ioeventfd with the VM).
+#[derive(Debug)]
+struct IoeventRegistration {
+    vm: Arc<VmShared>,
+    eventfd: EventFd,
+    addr: IoEventAddress,
+    datamatch: Option<u32>,
+}
+
+impl Drop for IoeventRegistration {
+    fn drop(&mut self) {
+        // Nothing useful can be done if this fails: the VM is likely going away,
+        // and KVM releases the eventfd with the VM anyway.
+        let _ = ioeventfd_ioctl(&self.vm.fd, &self.eventfd, self.addr, self.datamatch, false);
     }
 }
 
@@ -272,6 +258,30 @@ impl Vm for KvmVm {
             gsi,
             eventfd,
         })
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<Option<IoEvent>, VmError> {
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| ioevent_error(addr, e))?;
+        // KVM finds the registration by the eventfd's file, not the fd number, so
+        // the reader can be a duplicate of the fd the registration keeps.
+        let reader = eventfd.try_clone().map_err(|e| ioevent_error(addr, e))?;
+        ioeventfd_ioctl(&self.shared.fd, &eventfd, addr, datamatch, true)
+            .map_err(|e| ioevent_error(addr, os_error(e)))?;
+        let registration = IoeventRegistration {
+            vm: Arc::clone(&self.shared),
+            eventfd,
+            addr,
+            datamatch,
+        };
+        // SAFETY: `into_raw_fd` gives up ownership of a valid, open eventfd, so
+        // the File becomes its only owner and closes it exactly once.
+        let file = unsafe { File::from_raw_fd(reader.into_raw_fd()) };
+        Ok(Some(IoEvent::new(file, Box::new(registration))))
     }
 
     fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, VmError> {
