@@ -41,6 +41,7 @@ use crate::interrupt::{Interrupt, InterruptError};
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
