@@ -60,6 +60,82 @@ impl RootFsType {
     }
 }
 
+/// The container's network, from `sm.net=` (docker's `--network none` when
+/// absent: loopback only).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Network {
+    /// No `sm.net=`: only `lo` is up.
+    #[default]
+    Loopback,
+    /// Configure `eth0` as given.
+    Ipv4(NetConfig),
+    /// `sm.net=` could not be parsed: reported on the console, and the container
+    /// runs without network rather than not at all.
+    Invalid(String),
+}
+
+/// The guest's IPv4 setup: `sm.net=ADDR/PREFIX,GW,DNS` where GW and DNS may be
+/// empty (the host's `runner::resources::GuestIpConfig::cmdline_arg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The interface address.
+    pub addr: std::net::Ipv4Addr,
+    /// Prefix length, 0 to 32.
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Name server for `/etc/resolv.conf`.
+    pub dns: Option<std::net::Ipv4Addr>,
+}
+
+impl NetConfig {
+    /// Parses the value of `sm.net=`; `None` when malformed.
+    pub fn parse(v: &str) -> Option<Self> {
+        let mut parts = v.split(',');
+        let (addr, prefix) = parts.next()?.split_once('/')?;
+        let addr = addr.parse().ok()?;
+        // Digits only: u8's parser would take a leading `+`.
+        if prefix.is_empty() || prefix.len() > 2 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let prefix: u8 = prefix.parse().ok()?;
+        if prefix > 32 {
+            return None;
+        }
+        let optional = |p: Option<&str>| -> Option<Option<std::net::Ipv4Addr>> {
+            match p {
+                None | Some("") => Some(None),
+                Some(a) => a.parse().ok().map(Some),
+            }
+        };
+        let gateway = optional(parts.next())?;
+        let dns = optional(parts.next())?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Self {
+            addr,
+            prefix,
+            gateway,
+            dns,
+        })
+    }
+
+    /// The netmask of `prefix` (`/24` is 255.255.255.0).
+    pub fn netmask(&self) -> std::net::Ipv4Addr {
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix.min(32)))
+            .unwrap_or(0);
+        std::net::Ipv4Addr::from(bits)
+    }
+
+    /// `/etc/resolv.conf` for the container (resolv.conf(5)), when a name server
+    /// was given.
+    pub fn resolv_conf(&self) -> Option<String> {
+        self.dns.map(|d| format!("nameserver {d}\n"))
+    }
+}
+
 /// What guest-init was asked to do on the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
@@ -75,6 +151,8 @@ pub struct Options {
     pub hostname: String,
     /// `sm.agent=vsock|console` (default console).
     pub agent: Agent,
+    /// `sm.net=ADDR/PREFIX,GW,DNS` (default: loopback only).
+    pub network: Network,
 }
 
 impl Default for Options {
@@ -86,6 +164,7 @@ impl Default for Options {
             rootfstype: RootFsType::Erofs,
             hostname: DEFAULT_HOSTNAME.to_owned(),
             agent: Agent::Console,
+            network: Network::Loopback,
         }
     }
 }
@@ -148,6 +227,12 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Options, BadOption<'_>> {
                     "vsock" => Agent::Vsock,
                     "console" => Agent::Console,
                     _ => return Err(BadOption(word)),
+                }
+            }
+            "sm.net" => {
+                opts.network = match NetConfig::parse(v) {
+                    Some(c) => Network::Ipv4(c),
+                    None => Network::Invalid(v.to_owned()),
                 }
             }
             "sm.root" | "sm.hostname" => return Err(BadOption(word)),
@@ -282,6 +367,7 @@ mod tests {
                 rootfstype: RootFsType::Ext4,
                 hostname: "web-1.local".into(),
                 agent: Agent::Vsock,
+                network: Network::Loopback,
             }
         );
     }
@@ -301,6 +387,99 @@ mod tests {
         ] {
             assert_eq!(parse_cmdline(bad), Err(BadOption(bad)), "{bad}");
         }
+    }
+
+    #[test]
+    fn parse_cmdline_net_full_and_with_empty_gateway_and_dns() {
+        let opts =
+            parse_cmdline("sm.mode=container sm.net=10.0.2.15/24,10.0.2.2,10.0.2.3").unwrap();
+        let want = NetConfig {
+            addr: "10.0.2.15".parse().unwrap(),
+            prefix: 24,
+            gateway: Some("10.0.2.2".parse().unwrap()),
+            dns: Some("10.0.2.3".parse().unwrap()),
+        };
+        assert_eq!(opts.network, Network::Ipv4(want));
+        let bare = parse_cmdline("sm.net=192.0.2.7/32,,").unwrap();
+        assert_eq!(
+            bare.network,
+            Network::Ipv4(NetConfig {
+                addr: "192.0.2.7".parse().unwrap(),
+                prefix: 32,
+                gateway: None,
+                dns: None,
+            })
+        );
+        // Trailing empty fields may be left out.
+        let short = NetConfig::parse("192.0.2.7/8").unwrap();
+        assert_eq!((short.gateway, short.dns), (None, None));
+        let dns_only = NetConfig::parse("192.0.2.7/24,,192.0.2.53").unwrap();
+        assert_eq!(dns_only.gateway, None);
+        assert_eq!(
+            dns_only.resolv_conf().as_deref(),
+            Some("nameserver 192.0.2.53\n")
+        );
+    }
+
+    #[test]
+    fn parse_cmdline_net_absent_is_loopback_only() {
+        assert_eq!(
+            parse_cmdline("sm.mode=container").unwrap().network,
+            Network::Loopback
+        );
+    }
+
+    #[test]
+    fn parse_cmdline_bad_net_kept_as_invalid_not_an_error() {
+        for bad in [
+            "",
+            "10.0.0.2",
+            "10.0.0.2/",
+            "10.0.0.2/33",
+            "10.0.0.2/+8",
+            "10.0.0.2/024",
+            "10.0.0.256/24",
+            "10.0.0.2/24,gw",
+            "10.0.0.2/24,10.0.0.1,dns",
+            "10.0.0.2/24,10.0.0.1,10.0.0.1,extra",
+            "::1/64",
+        ] {
+            let word = format!("sm.net={bad}");
+            assert_eq!(
+                parse_cmdline(&word).unwrap().network,
+                Network::Invalid(bad.to_owned()),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn net_config_netmask_from_prefix() {
+        let mask = |p| {
+            NetConfig {
+                addr: std::net::Ipv4Addr::UNSPECIFIED,
+                prefix: p,
+                gateway: None,
+                dns: None,
+            }
+            .netmask()
+            .to_string()
+        };
+        assert_eq!(mask(0), "0.0.0.0");
+        assert_eq!(mask(8), "255.0.0.0");
+        assert_eq!(mask(24), "255.255.255.0");
+        assert_eq!(mask(31), "255.255.255.254");
+        assert_eq!(mask(32), "255.255.255.255");
+    }
+
+    #[test]
+    fn net_config_without_dns_has_no_resolv_conf() {
+        assert_eq!(
+            NetConfig::parse("10.0.0.2/24,10.0.0.1,")
+                .unwrap()
+                .resolv_conf(),
+            None
+        );
     }
 
     #[test]

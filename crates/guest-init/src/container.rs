@@ -16,7 +16,7 @@ use agent_protocol::{
 
 use crate::agent::{self, Channel, Incoming};
 use crate::config::{
-    container_env, decode_wait_status, spawn_failure_status, Agent, Options,
+    container_env, decode_wait_status, spawn_failure_status, Agent, Network, Options,
     STATUS_CONTAINER_INIT_FAILED,
 };
 use crate::sys;
@@ -318,18 +318,9 @@ fn setup_rootfs(opts: &Options) -> Result<(), String> {
         // devtmpfs does not create these; an existing one is kept.
         let _ = std::os::unix::fs::symlink(to, format!("{ROOT}/dev/{link}"));
     }
-    // Like docker's bind-mounted /etc/hostname and /etc/hosts, written into
-    // the (tmpfs) upper layer. Images without /etc get none.
-    if std::path::Path::new(&format!("{ROOT}/etc")).is_dir() {
-        let h = &opts.hostname;
-        let _ = std::fs::write(format!("{ROOT}/etc/hostname"), format!("{h}\n"));
-        let _ = std::fs::write(
-            format!("{ROOT}/etc/hosts"),
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{h}\n"
-            ),
-        );
-    }
+    // Like docker's bind-mounted /etc/hostname, /etc/hosts and /etc/resolv.conf,
+    // written into the (tmpfs) upper layer; docker creates /etc for them too.
+    write_etc_files(opts);
 
     std::env::set_current_dir(ROOT).map_err(|e| format!("chdir {ROOT}: {e}"))?;
     sys::mount(".", "/", None, libc::MS_MOVE, None)
@@ -342,7 +333,79 @@ fn setup_rootfs(opts: &Options) -> Result<(), String> {
         // Not fatal: only programs using 127.0.0.1 notice.
         fail!("bringing up the loopback interface: {e}");
     }
+    configure_network(&opts.network);
     Ok(())
+}
+
+/// The container's /etc/hostname, /etc/hosts and (with a name server)
+/// /etc/resolv.conf. Failures are printed: the workload still runs.
+fn write_etc_files(opts: &Options) {
+    let etc = format!("{ROOT}/etc");
+    if let Err(e) = std::fs::create_dir_all(&etc) {
+        fail!("creating {etc}: {e}");
+        return;
+    }
+    let h = &opts.hostname;
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{h}\n"
+    );
+    let mut files = vec![("hostname", format!("{h}\n")), ("hosts", hosts)];
+    if let Network::Ipv4(net) = &opts.network {
+        if let Some(conf) = net.resolv_conf() {
+            files.push(("resolv.conf", conf));
+        }
+    }
+    for (name, text) in files {
+        let path = format!("{etc}/{name}");
+        // An image's symlink here (e.g. resolv.conf -> /run/...) would be followed
+        // by a plain write: replace the entry itself, as docker's bind mount does.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            let _ = std::fs::remove_file(&path);
+        }
+        if let Err(e) = std::fs::write(&path, text) {
+            fail!("writing /etc/{name}: {e}");
+        }
+    }
+}
+
+/// The network interface virtio-net gives the guest (the first and only one).
+const NET_INTERFACE: &str = "eth0";
+/// How long the interface may take to appear after virtio_net was loaded (the
+/// probe runs asynchronously to the module load).
+const NET_INTERFACE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Brings up `eth0` with the host's IPv4 setup and a default route. Failures
+/// are printed and the container runs without network (never aborts it).
+fn configure_network(network: &Network) {
+    let net = match network {
+        Network::Loopback => return,
+        Network::Invalid(v) => {
+            fail!(
+                "cannot parse sm.net={v:?} (want ADDR/PREFIX,GW,DNS); the container has no network"
+            );
+            return;
+        }
+        Network::Ipv4(net) => net,
+    };
+    let sysfs = format!("/sys/class/net/{NET_INTERFACE}");
+    if !sys::wait_for_path(&sysfs, NET_INTERFACE_TIMEOUT) {
+        fail!(
+            "network interface {NET_INTERFACE} did not appear within {NET_INTERFACE_TIMEOUT:?} \
+             (is the virtio-net device attached?); the container has no network"
+        );
+        return;
+    }
+    let step = sys::set_ipv4(NET_INTERFACE, net.addr, net.netmask())
+        .and_then(|()| sys::interface_up(NET_INTERFACE));
+    if let Err(e) = step {
+        fail!("configuring {NET_INTERFACE}: {e}; the container has no network");
+        return;
+    }
+    if let Some(gw) = net.gateway {
+        if let Err(e) = sys::add_default_route(gw) {
+            fail!("adding the default route via {gw}: {e}");
+        }
+    }
 }
 
 /// What the host sent before Start.

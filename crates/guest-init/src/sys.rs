@@ -175,25 +175,128 @@ pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     file.write_all(bytes)
 }
 
-/// Brings the loopback interface up (a fresh kernel has it down, and programs
-/// binding 127.0.0.1 need it).
-pub fn loopback_up() -> io::Result<()> {
+/// A socket for the interface ioctls (netdevice(7): any AF_INET socket).
+fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked.
     let fd =
         check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: socket succeeded; we own the fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `ifreq` naming interface `name` (at most IFNAMSIZ - 1 bytes, no NUL).
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value (and leaves
+    // the name NUL-terminated after the copy below).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// A `struct sockaddr` holding an AF_INET address (the layout of
+/// `struct sockaddr_in`: port, then the address, both in network order).
+fn sockaddr_v4(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    // SAFETY: sockaddr is plain old data; all zeroes is a valid value.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::AF_INET as libc::sa_family_t;
+    // sa_data[0..2] is sin_port (0), sa_data[2..6] is sin_addr.
+    for (dst, src) in sa.sa_data[2..6].iter_mut().zip(addr.octets()) {
+        *dst = src as libc::c_char;
+    }
+    sa
+}
+
+/// Sets IFF_UP on interface `name`.
+pub fn interface_up(name: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq_for(name)?;
     // SAFETY: SIOCGIFFLAGS fills the flags of the named interface in req.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) })?;
     // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS wrote.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    // SAFETY: SIOCSIFFLAGS reads req, which names "lo" with its flags.
+    // SAFETY: SIOCSIFFLAGS reads req, which names the interface with its flags.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) }).map(drop)
+}
+
+/// Brings the loopback interface up (a fresh kernel has it down, and programs
+/// binding 127.0.0.1 need it).
+pub fn loopback_up() -> io::Result<()> {
+    interface_up("lo")
+}
+
+/// Gives interface `name` the IPv4 address `addr` with `netmask`
+/// (SIOCSIFADDR, then SIOCSIFNETMASK: setting the address resets the mask to
+/// the address's class, netdevice(7)).
+pub fn set_ipv4(
+    name: &str,
+    addr: std::net::Ipv4Addr,
+    netmask: std::net::Ipv4Addr,
+) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq_for(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    // SAFETY: SIOCSIFADDR reads req: the interface name and an AF_INET sockaddr.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR as _, &req) })
+        .map_err(|e| io::Error::new(e.kind(), format!("setting address {addr}: {e}")))?;
+    // The netmask travels in the same union member (ifru_netmask aliases it).
+    req.ifr_ifru.ifru_addr = sockaddr_v4(netmask);
+    // SAFETY: SIOCSIFNETMASK reads req: the interface name and an AF_INET mask.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK as _, &req) })
+        .map_err(|e| io::Error::new(e.kind(), format!("setting netmask {netmask}: {e}")))
+        .map(drop)
+}
+
+/// `struct rtentry` of include/uapi/linux/route.h (libc declares it for musl
+/// only; guest-init's pure parts are also built and tested on glibc hosts).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// `RTF_UP | RTF_GATEWAY` (include/uapi/linux/route.h).
+const RTF_UP_GATEWAY: libc::c_ushort = 0x0001 | 0x0002;
+
+/// Adds the IPv4 default route via `gateway` (SIOCADDRT, route(7) style: the
+/// kernel picks the interface whose subnet holds the gateway, so that
+/// interface must be up and addressed first).
+pub fn add_default_route(gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let any = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    let rt = RtEntry {
+        rt_pad1: 0,
+        rt_dst: any,
+        rt_gateway: sockaddr_v4(gateway),
+        rt_genmask: any,
+        rt_flags: RTF_UP_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: std::ptr::null_mut(),
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    // SAFETY: SIOCADDRT reads one struct rtentry, which `rt` is laid out as; its
+    // pointers are NULL, which the kernel accepts (no device forced).
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT as _, &rt) }).map(drop)
 }
 
 /// Blocks `signals` for this thread and returns a non-blocking signalfd
@@ -284,5 +387,100 @@ pub fn write_all_lossy(fd: RawFd, mut buf: &[u8]) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn rtentry_layout_matches_the_kernels() {
+        // include/uapi/linux/route.h on LP64: 8 + 3*16 + 2+2(+4 pad) + 8 + 8 +
+        // 2(+6 pad) + 8 + 8 + 8 + 2(+6 pad).
+        #[cfg(target_pointer_width = "64")]
+        assert_eq!(std::mem::size_of::<RtEntry>(), 120);
+        assert_eq!(std::mem::offset_of!(RtEntry, rt_flags), 56);
+    }
+
+    #[test]
+    fn sockaddr_v4_has_sockaddr_in_layout() {
+        let sa = sockaddr_v4(Ipv4Addr::new(10, 0, 2, 15));
+        // SAFETY: sockaddr and sockaddr_in are both 16 bytes of plain data.
+        let sin: libc::sockaddr_in = unsafe { std::mem::transmute(sa) };
+        assert_eq!(sin.sin_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(sin.sin_port, 0);
+        assert_eq!(u32::from_be(sin.sin_addr.s_addr), 0x0a00_020f);
+    }
+
+    #[test]
+    fn ifreq_for_rejects_long_or_empty_names() {
+        assert!(ifreq_for("").is_err());
+        assert!(ifreq_for("sixteen-chars-xx").is_err());
+        assert!(ifreq_for("a\0b").is_err());
+        assert!(ifreq_for("fifteen-chars-x").is_ok());
+    }
+
+    /// The ioctls for real, in a fresh network namespace on this thread (root
+    /// only): address, netmask, up, default route, read back from /proc.
+    #[test]
+    fn set_ipv4_up_and_default_route_in_a_private_netns() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        let t = std::thread::spawn(|| {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this thread (which ends
+            // with the test) into a new network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("unshare: {}", io::Error::last_os_error()));
+            }
+            // Bringing lo up gives it 127.0.0.1/8; the address under test is a
+            // new one (label lo:1), as eth0's is in the guest.
+            interface_up("lo").map_err(|e| e.to_string())?;
+            set_ipv4(
+                "lo:1",
+                Ipv4Addr::new(10, 9, 8, 7),
+                Ipv4Addr::new(255, 255, 255, 0),
+            )
+            .map_err(|e| e.to_string())?;
+            add_default_route(Ipv4Addr::new(10, 9, 8, 1)).map_err(|e| e.to_string())?;
+            // The netmask as the kernel kept it (lo's subnet route goes to the
+            // local table only, so /proc/net/route does not show it).
+            let sock = inet_socket().map_err(|e| e.to_string())?;
+            let mut req = ifreq_for("lo:1").map_err(|e| e.to_string())?;
+            // SAFETY: SIOCGIFNETMASK writes the mask into req's union.
+            let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFNETMASK as _, &mut req) };
+            if rc != 0 {
+                return Err(format!("SIOCGIFNETMASK: {}", io::Error::last_os_error()));
+            }
+            // SAFETY: SIOCGIFNETMASK filled ifru_netmask with an AF_INET sockaddr.
+            let sa = unsafe { req.ifr_ifru.ifru_netmask };
+            let b: Vec<u8> = sa.sa_data[2..6].iter().map(|&c| c as u8).collect();
+            let mask = Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+            std::fs::read_to_string("/proc/thread-self/net/route")
+                .map(|r| (r, mask))
+                .map_err(|e| e.to_string())
+        });
+        let (route, mask_seen) = match t.join().unwrap() {
+            Ok(r) => r,
+            Err(e) if e.starts_with("unshare") => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        // /proc/net/route: Iface Destination Gateway Flags ... Mask, hex in host order.
+        let gw = format!("{:08X}", u32::from_ne_bytes([10, 9, 8, 1]));
+        let default = route
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("00000000"))
+            .unwrap_or_else(|| panic!("no default route in:\n{route}"));
+        let f: Vec<&str> = default.split_whitespace().collect();
+        assert_eq!((f[0], f[2], f[3]), ("lo", gw.as_str(), "0003"), "{route}");
+        assert_eq!(mask_seen, Ipv4Addr::new(255, 255, 255, 0));
     }
 }
