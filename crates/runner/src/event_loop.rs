@@ -6,9 +6,10 @@
 //!   net backend), edge-triggered for readable and writable, each tagged with
 //!   the device's token; an event locks the transport and calls
 //!   [`MmioTransport::process_event`] with that token;
-//! - queue-notify ioeventfds ([`EventLoop::add_ioevent`]) the VMM registered with
-//!   the backend at `QueueNotify`; an event calls [`MmioTransport::notify`], so
-//!   the vCPU does not exit to userspace for a notification;
+//! - queue-notify I/O events ([`EventLoop::add_ioevent`], KVM ioeventfds) the
+//!   VMM registered with the backend at `QueueNotify`; an event calls
+//!   [`MmioTransport::notify`], so the vCPU does not exit to userspace for a
+//!   notification. The loop owns them: they are unregistered when it ends;
 //! - the loop's own eventfd: devices call it through the [`HostWaker`] they got
 //!   when their fd set changes or they have deferred work, and
 //!   [`EventLoopHandle::stop`] uses it to end the loop.
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use devices::virtio::{HostFd, HostWaker, MmioTransport, TOKEN_WAKE};
+use hypervisor::IoEvent;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -101,7 +103,7 @@ enum Source {
         watched: HashMap<RawFd, u32>,
     },
     Ioevent {
-        fd: EventFd,
+        event: IoEvent,
         transport: Arc<Mutex<MmioTransport>>,
         queue: u32,
     },
@@ -174,27 +176,26 @@ impl EventLoop {
         self.sync(self.sources.len() - 1)
     }
 
-    /// Watches `fd`, an ioeventfd the VMM registered for `QueueNotify` of
-    /// `transport` with datamatch `queue`: each event notifies that queue.
+    /// Watches `event`, registered with the backend for `QueueNotify` of
+    /// `transport` with datamatch `queue`: each event notifies that queue. The
+    /// loop keeps it (registered) until it ends.
     pub fn add_ioevent(
         &mut self,
-        fd: EventFd,
+        event: IoEvent,
         transport: Arc<Mutex<MmioTransport>>,
         queue: u32,
     ) -> Result<(), EventLoopError> {
         let data = source_data(self.sources.len(), 0);
+        let fd = event.file().as_raw_fd();
         self.epoll
             .ctl(
                 ControlOperation::Add,
-                fd.as_raw_fd(),
+                fd,
                 EpollEvent::new(EventSet::IN, data),
             )
-            .map_err(|source| EventLoopError::Watch {
-                fd: fd.as_raw_fd(),
-                source,
-            })?;
+            .map_err(|source| EventLoopError::Watch { fd, source })?;
         self.sources.push(Source::Ioevent {
-            fd,
+            event,
             transport,
             queue,
         });
@@ -257,13 +258,15 @@ impl EventLoop {
         match source {
             Source::Transport { transport, .. } => lock(transport).process_event(token),
             Source::Ioevent {
-                fd,
+                event,
                 transport,
                 queue,
             } => {
                 // Several notifications coalesce into one read and one notify.
-                if fd.read().is_ok() {
-                    lock(transport).notify(*queue);
+                match event.drain() {
+                    Ok(0) => {}
+                    Ok(_) => lock(transport).notify(*queue),
+                    Err(e) => tracing::warn!(queue, "reading a queue-notify event: {e}"),
                 }
             }
         }
@@ -319,6 +322,7 @@ fn source_data(index: usize, token: u32) -> u64 {
 mod tests {
     use std::any::Any;
     use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, IntoRawFd};
     use std::os::unix::net::UnixStream;
     use std::sync::mpsc;
     use std::time::Duration;
@@ -515,7 +519,11 @@ mod tests {
         let mut el = EventLoop::new().unwrap();
         let ioevent = EventFd::new(EFD_NONBLOCK).unwrap();
         let trigger = ioevent.try_clone().unwrap();
-        el.add_ioevent(ioevent, t, 0).unwrap();
+        // SAFETY: `into_raw_fd` hands over a valid, open eventfd; the File is
+        // its only owner from here on.
+        let file = unsafe { std::fs::File::from_raw_fd(ioevent.into_raw_fd()) };
+        el.add_ioevent(IoEvent::new(file, Box::new(())), t, 0)
+            .unwrap();
         let handle = el.handle();
         let thread = el.spawn().unwrap();
         trigger.write(1).unwrap();

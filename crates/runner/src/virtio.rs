@@ -183,34 +183,87 @@ pub fn attach<V: Vm>(
     Ok(attached)
 }
 
-/// The thread that serves the devices' host side (vsock sockets, ...) while the VM
-/// runs; stopped and joined on drop.
+/// The thread that serves the devices' host side (vsock sockets, ...) and, where
+/// the backend has them, their queue notifications (ioeventfd) while the VM runs;
+/// stopped and joined on drop, which also unregisters the notifications.
 #[derive(Debug)]
 pub struct DeviceEvents {
     #[cfg(target_os = "linux")]
     handle: crate::event_loop::EventLoopHandle,
     #[cfg(target_os = "linux")]
     thread: Option<std::thread::JoinHandle<Result<(), crate::event_loop::EventLoopError>>>,
+    /// Queue notifications that reach the devices without a vCPU exit.
+    ioevents: usize,
 }
 
 impl DeviceEvents {
-    /// Starts serving `attached`.
+    /// Starts serving `attached`, with one I/O event per queue registered with
+    /// `vm` at the device's `QueueNotify` (datamatch: the queue index, which is
+    /// what the driver writes there, virtio 1.2 §4.2.3.3). A backend without
+    /// them, or a registration it refuses, leaves that queue's notifications on
+    /// the MMIO-exit path, which handles them the same way.
     #[cfg(target_os = "linux")]
-    pub fn start(attached: &[Attached]) -> Result<Self, crate::event_loop::EventLoopError> {
+    pub fn start<V: Vm>(
+        vm: &V,
+        attached: &[Attached],
+    ) -> Result<Self, crate::event_loop::EventLoopError> {
         let mut el = crate::event_loop::EventLoop::new()?;
+        let mut ioevents = 0;
         for a in attached {
             el.add_transport(a.transport.clone())?;
+            for (queue, event) in register_queue_notify(vm, a) {
+                el.add_ioevent(event, a.transport.clone(), queue)?;
+                ioevents += 1;
+            }
         }
         let handle = el.handle();
         let thread = Some(el.spawn()?);
-        Ok(Self { handle, thread })
+        Ok(Self {
+            handle,
+            thread,
+            ioevents,
+        })
     }
 
-    /// No host-side device events on this platform yet.
+    /// No host-side device events on this platform yet; queue notifications
+    /// arrive as MMIO exits (Hypervisor.framework has no ioeventfd).
     #[cfg(not(target_os = "linux"))]
-    pub fn start(_attached: &[Attached]) -> Result<Self, std::convert::Infallible> {
-        Ok(Self {})
+    pub fn start<V: Vm>(_vm: &V, _attached: &[Attached]) -> Result<Self, std::convert::Infallible> {
+        Ok(Self { ioevents: 0 })
     }
+
+    /// How many queues are notified through I/O events rather than MMIO exits.
+    pub fn ioevents(&self) -> usize {
+        self.ioevents
+    }
+}
+
+/// Registers an I/O event for each queue of `device` at its `QueueNotify`; empty
+/// when the backend has none. A refused registration is logged and skipped: that
+/// queue keeps the MMIO-exit path.
+#[cfg(target_os = "linux")]
+fn register_queue_notify<V: Vm>(vm: &V, device: &Attached) -> Vec<(u32, hypervisor::IoEvent)> {
+    use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+    let queues = device
+        .transport
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .queue_count();
+    let addr = hypervisor::IoEventAddress::Mmio(device.placement.base + QUEUE_NOTIFY_OFFSET);
+    let mut out = Vec::with_capacity(queues);
+    for queue in (0..queues).filter_map(|q| u32::try_from(q).ok()) {
+        match vm.register_ioevent(addr, Some(queue)) {
+            Ok(Some(event)) => out.push((queue, event)),
+            // The backend has no I/O events: no queue will get one.
+            Ok(None) => break,
+            Err(e) => tracing::warn!(
+                device = %device.what,
+                queue,
+                "queue notifications stay on MMIO exits: {e}"
+            ),
+        }
+    }
+    out
 }
 
 impl Drop for DeviceEvents {

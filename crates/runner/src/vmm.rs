@@ -305,8 +305,9 @@ pub fn run<H: Hypervisor>(
         boot,
         virtio,
     } = arch::setup_platform(&vm, &mem, res, console, &timings)?;
-    // Serves the devices' host side (vsock sockets) until the run ends.
-    let _device_events = crate::virtio::DeviceEvents::start(&virtio)
+    // Serves the devices' host side (vsock sockets) and their queue notifications
+    // (ioeventfd, where the backend has it) until the run ends.
+    let _device_events = crate::virtio::DeviceEvents::start(&vm, &virtio)
         .map_err(|e| RunError::DeviceEvents(Box::new(e)))?;
 
     let stop = Stop {
@@ -352,8 +353,9 @@ pub fn run<H: Hypervisor>(
                 .unwrap_or_else(PoisonError::into_inner)
                 .exit_status(),
         }));
-    // Stop serving devices, then the hypervisor must release guest memory before it
-    // is unmapped.
+    // Stop serving devices (which unregisters the queue-notify events; they hold
+    // the VM open), then the hypervisor must release guest memory before it is
+    // unmapped.
     drop(_device_events);
     drop(vm);
     drop(mem);
