@@ -13,6 +13,7 @@ pub mod console;
 pub mod event_loop;
 pub mod initramfs;
 pub mod kernel;
+pub mod net;
 pub mod pvm;
 pub mod resources;
 pub mod timings;
