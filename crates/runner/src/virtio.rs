@@ -37,6 +37,9 @@ pub enum VirtioAttachError {
         #[source]
         source: devices::virtio::vsock::VsockError,
     },
+    /// The network device could not be set up (passt, TAP).
+    #[error("cannot attach the network device: {0}")]
+    Net(#[source] crate::net::NetError),
     /// The transport refused the device.
     #[error("cannot create the virtio-mmio transport for {what}: {source}")]
     Transport {
@@ -106,7 +109,7 @@ pub struct Attached {
 }
 
 /// The devices `res` asks for, in guest discovery order: disks first (the first one
-/// is `/dev/vda`), then vsock, then the entropy device.
+/// is `/dev/vda`), then vsock, the network device and the entropy device.
 /// A device to attach and its name for messages.
 type NamedDevice = (String, Box<dyn VirtioDevice>);
 
@@ -126,6 +129,10 @@ fn devices_for(res: &VmResources) -> Result<Vec<NamedDevice>, RunError> {
         let dev = devices::virtio::vsock::Vsock::new(v.cid, v.uds_path.as_deref())
             .map_err(|source| VirtioAttachError::Vsock { cid: v.cid, source })?;
         out.push((format!("vsock (CID {})", v.cid), Box::new(dev)));
+    }
+    if let Some(n) = &res.network {
+        let dev = crate::net::create_device(n).map_err(VirtioAttachError::Net)?;
+        out.push(("network device".to_string(), Box::new(dev)));
     }
     if res.rng {
         out.push(("entropy device".to_string(), Box::new(Rng::new())));

@@ -263,6 +263,9 @@ pub fn run<H: Hypervisor>(
 ) -> Result<RunOutcome, RunError> {
     res.validate()?;
     refuse_on_pvm(hv.capabilities().pvm_host, &res.kernel)?;
+    // The guest's network addresses, and `sm.net=` on its command line.
+    let res = &crate::net::prepare(res)
+        .map_err(|e| RunError::from(crate::virtio::VirtioAttachError::Net(e)))?;
 
     // Guest RAM: anonymous private mappings, handed to the hypervisor.
     let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(res.memory)
