@@ -10,8 +10,12 @@
 //! `harness = false`: one rig boot serves every scenario.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[path = "../../image/tests/support/mod.rs"]
@@ -25,7 +29,10 @@ struct Scenario {
 }
 
 struct Env {
+    /// The product.
     bin: PathBuf,
+    /// The payload directory (disk images prepared on the host).
+    payload: PathBuf,
 }
 
 /// Test images, prepared on the host into the payload's store (the rig has no
@@ -70,12 +77,19 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
+/// Debian programs in the test image's tools layer, at their Debian paths.
+const GUEST_TOOLS: &[&str] = &["/usr/sbin/mke2fs", "/usr/bin/socat"];
+/// Debian programs the scenarios run on the VM's host (L1 in the rig), carried in
+/// the payload's `bin/` (the rig adds their libraries).
+const HOST_TOOLS: &[&str] = &["/usr/sbin/debugfs"];
+
 /// A two-layer image built with umoci from Debian's busybox-static: the lower
 /// layer has busybox with every applet, a setuid file, a symlink, a hardlink, a
-/// char device, a 32 MiB file, and files the upper layer deletes or replaces.
+/// char device, a 32 MiB file, and files the upper layer deletes or replaces;
+/// then an opaque directory and foreign ownership, and the [`GUEST_TOOLS`].
 fn build_test_layout() -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    support::cached("sm-run-image-v3", |dir| {
+    support::cached("sm-run-image-v4", |dir| {
         let layout = dir.join("layout");
         let image = format!("{}:t", layout.display());
         support::run(
@@ -161,6 +175,15 @@ fn build_test_layout() -> PathBuf {
                 .args(["raw", "add-layer", "--image", &image])
                 .arg(&tar_path),
         );
+        // Debian's dynamically linked tools, with their libraries: mke2fs for
+        // the disk scenarios, socat (VSOCK-LISTEN/VSOCK-CONNECT) for vsock.
+        support::add_layer(&dir.join("b4"), &image, |root| {
+            for tool in GUEST_TOOLS {
+                support::copy_with_libraries(root, Path::new(tool));
+            }
+            std::fs::create_dir_all(root.join("etc")).expect("etc");
+            let _ = std::fs::copy("/etc/mke2fs.conf", root.join("etc/mke2fs.conf"));
+        });
         support::run(Command::new("umoci").args([
             "config",
             "--image",
@@ -181,7 +204,7 @@ fn build_test_layout() -> PathBuf {
 /// pulls all three into the store under `cache` with `bin` (the product itself).
 fn prepare_images(bin: &Path, cache: &Path) -> Images {
     let layout = build_test_layout();
-    let archive = support::docker_archive("sm-run-archive-v3", &layout, "t", "smtest:1");
+    let archive = support::docker_archive("sm-run-archive-v4", &layout, "t", "smtest:1");
     let registry = support::Registry::start();
     let reg_ref = registry.push(&layout, "t", "smtest:1");
     let refs = Images {
@@ -212,11 +235,51 @@ struct Outcome {
     stderr: String,
 }
 
+/// A `supermachine` process whose stdout and stderr are drained while it runs
+/// (a full pipe would stall the guest's output through vsock flow control).
+struct Running {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<Vec<u8>>,
+    err: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Running {
+    /// Waits up to `timeout`, then kills it: a stuck VM fails the scenario
+    /// instead of hanging the suite.
+    fn finish(mut self, timeout: Duration) -> Result<Outcome, String> {
+        let start = Instant::now();
+        let mut timed_out = false;
+        let status = loop {
+            match self.child.try_wait().map_err(|e| e.to_string())? {
+                Some(st) => break st,
+                None if start.elapsed() > timeout => {
+                    timed_out = true;
+                    let _ = self.child.kill();
+                    break self.child.wait().map_err(|e| e.to_string())?;
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let stdout = String::from_utf8_lossy(&self.out.join().unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&self.err.join().unwrap_or_default()).into_owned();
+        if timed_out {
+            let head: String = stdout.chars().take(2000).collect();
+            return Err(format!(
+                "timed out after {timeout:?}\nstdout ({} bytes, first 2000):\n{head}\nstderr:\n{stderr}",
+                stdout.len()
+            ));
+        }
+        Ok(Outcome {
+            code: status.code(),
+            stdout,
+            stderr,
+        })
+    }
+}
+
 impl Env {
-    /// Runs the product with `args`; its output is drained while it runs (a full
-    /// pipe would stall the guest's output through vsock flow control).
-    fn supermachine(&self, args: &[&str], timeout: Duration) -> Result<Outcome, String> {
-        use std::io::Read;
+    /// Starts the product with `args`.
+    fn spawn(&self, args: &[&str]) -> Result<Running, String> {
         let mut child = Command::new(&self.bin)
             .args(args)
             .stdin(Stdio::null())
@@ -233,45 +296,24 @@ impl Env {
                 v
             })
         };
-        let out_t = drain(
+        let out = drain(
             child
                 .stdout
                 .take()
                 .map(|r| Box::new(r) as Box<dyn Read + Send>),
         );
-        let err_t = drain(
+        let err = drain(
             child
                 .stderr
                 .take()
                 .map(|r| Box::new(r) as Box<dyn Read + Send>),
         );
-        let start = Instant::now();
-        let mut timed_out = false;
-        let status = loop {
-            match child.try_wait().map_err(|e| e.to_string())? {
-                Some(st) => break st,
-                None if start.elapsed() > timeout => {
-                    timed_out = true;
-                    let _ = child.kill();
-                    break child.wait().map_err(|e| e.to_string())?;
-                }
-                None => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
-        let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
-        let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
-        if timed_out {
-            let head: String = stdout.chars().take(2000).collect();
-            return Err(format!(
-                "timed out after {timeout:?}\nstdout ({} bytes, first 2000):\n{head}\nstderr:\n{stderr}",
-                stdout.len()
-            ));
-        }
-        Ok(Outcome {
-            code: status.code(),
-            stdout,
-            stderr,
-        })
+        Ok(Running { child, out, err })
+    }
+
+    /// Runs the product with `args` to the end (killed after `timeout`).
+    fn supermachine(&self, args: &[&str], timeout: Duration) -> Result<Outcome, String> {
+        self.spawn(args)?.finish(timeout)
     }
 }
 
@@ -459,6 +501,478 @@ fn run_vsock_carries_64_mib_intact(env: &Env) -> Result<(), String> {
     )
 }
 
+/// A scratch file for one scenario on the VM's host (in the rig, L1's tmpfs).
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sm-guest-{}-{name}", std::process::id()))
+}
+
+/// A Debian tool on the VM's host: its own path where installed, else the copy
+/// in the payload's `bin/` (on PATH in the rig).
+fn host_tool(path: &str) -> PathBuf {
+    let p = PathBuf::from(path);
+    if p.is_file() {
+        return p;
+    }
+    PathBuf::from(p.file_name().unwrap_or_default())
+}
+
+/// `debugfs -R REQUEST image` (read-only: debugfs opens without -w).
+fn debugfs(request: &str, image: &Path) -> Result<String, String> {
+    let o = Command::new(host_tool("/usr/sbin/debugfs"))
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .map_err(|e| format!("running debugfs: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "debugfs -R {request:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// For scenarios that need no network: they do not depend on passt in L1.
+const NO_NET: [&str; 2] = ["--network", "none"];
+
+const EXT4_TEXT: &str = "written by the guest on its own ext4";
+
+fn run_disk_ext4_written_in_guest_reads_back_on_host(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let disk = scratch("blank.img");
+    let f = std::fs::File::create(&disk).map_err(|e| e.to_string())?;
+    f.set_len(64 << 20).map_err(|e| e.to_string())?;
+    drop(f);
+    let script = format!(
+        "mkdir -p /mnt && /usr/sbin/mke2fs -q -t ext4 /dev/vdb && mount -t ext4 /dev/vdb /mnt \
+         && echo '{EXT4_TEXT}' > /mnt/hello.txt && umount /mnt && sync"
+    );
+    let spec = disk.to_str().unwrap_or_default().to_string();
+    let o = run_out(
+        env,
+        &[
+            NO_NET[0], NO_NET[1], "--disk", &spec, &img.oci, "sh", "-c", &script,
+        ],
+    );
+    let cat = debugfs("cat /hello.txt", &disk);
+    let stats = debugfs("stats", &disk);
+    let _ = std::fs::remove_file(&disk);
+    let o = o?;
+    expect(
+        o.code == Some(0),
+        "mke2fs, mount, write, umount succeed in the guest",
+        &o,
+    )?;
+    let cat = cat?;
+    expect(
+        cat == format!("{EXT4_TEXT}\n"),
+        &format!("debugfs on the host reads the guest's file back, got {cat:?}"),
+        &o,
+    )?;
+    let stats = stats?;
+    let features = stats
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or_default();
+    expect(
+        features.split_whitespace().any(|f| f == "extent"),
+        &format!("the filesystem is ext4 (extents), features: {features:?}"),
+        &o,
+    )
+}
+
+fn run_readonly_extra_disk_rejects_writes(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    // A copy of the prepared ext4 image, writable as a file: only the device's
+    // read-only flag may protect it.
+    let disk = scratch("ro.img");
+    std::fs::copy(env.payload.join(RO_DISK), &disk).map_err(|e| e.to_string())?;
+    let before = sha256_hex(&std::fs::read(&disk).map_err(|e| e.to_string())?);
+    let script = "dd if=/dev/zero of=/dev/vdb bs=4096 count=1 conv=fsync 2>/tmp/dd.err; \
+        echo dd=$?; [ -s /tmp/dd.err ] && echo dd-said-why; mkdir -p /mnt; \
+        if mount -t ext4 /dev/vdb /mnt 2>/dev/null; then \
+          echo mounted $(awk '$2==\"/mnt\" {split($4,o,\",\"); print o[1]}' /proc/mounts); \
+          cat /mnt/ro.txt; touch /mnt/new 2>/dev/null && echo wrote-file; \
+        else echo mount-refused; fi; echo end";
+    let spec = format!("{},ro", disk.display());
+    let o = run_out(
+        env,
+        &[
+            NO_NET[0], NO_NET[1], "--disk", &spec, &img.oci, "sh", "-c", script,
+        ],
+    );
+    let after = std::fs::read(&disk).map(|d| sha256_hex(&d));
+    let _ = std::fs::remove_file(&disk);
+    let o = o?;
+    expect(
+        o.stdout.starts_with("dd=") && !o.stdout.starts_with("dd=0\n"),
+        "dd to the read-only disk fails",
+        &o,
+    )?;
+    expect(
+        o.stdout.contains("\ndd-said-why\n"),
+        "dd says why it failed",
+        &o,
+    )?;
+    let rest = o
+        .stdout
+        .split_once("dd-said-why\n")
+        .map(|x| x.1)
+        .unwrap_or("");
+    expect(
+        rest == format!("mounted ro\n{RO_TEXT}\nend\n") || rest == "mount-refused\nend\n",
+        "a read-write mount is refused or falls back to read-only, and no file is written",
+        &o,
+    )?;
+    expect(o.code == Some(0), "exit 0", &o)?;
+    let after = after.map_err(|e| e.to_string())?;
+    expect(
+        after == before,
+        "the disk file's bytes are unchanged on the host",
+        &o,
+    )
+}
+
+/// Concurrent vsock connections each way in one VM.
+const VSOCK_CONNECTIONS: usize = 64;
+/// Size of each guest-to-host payload (`guest-N\n` repeated).
+const GUEST_PAYLOAD: usize = 8192;
+/// How long the guest's 64 clients may take to connect.
+const GO_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long any one socket operation may block before the scenario fails.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The payload of host-to-guest connection `i`: distinct content and length.
+fn host_payload(i: usize) -> Vec<u8> {
+    format!("host-{i}\n")
+        .into_bytes()
+        .into_iter()
+        .cycle()
+        .take(4096 + 97 * i)
+        .collect()
+}
+
+/// Connects to guest port `port` through the VMM's UNIX socket (`CONNECT`,
+/// `OK ...`), retrying while the socket or the guest's listener is not there yet
+/// (until `deadline`, or at once when the VM has ended).
+fn vsock_connect(
+    uds: &Path,
+    port: u32,
+    deadline: Instant,
+    vm_ended: &AtomicBool,
+) -> Result<UnixStream, String> {
+    let mut last = String::from("never tried");
+    while Instant::now() < deadline && !vm_ended.load(Ordering::SeqCst) {
+        match UnixStream::connect(uds) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(SOCKET_TIMEOUT))
+                    .map_err(|e| e.to_string())?;
+                s.set_write_timeout(Some(SOCKET_TIMEOUT))
+                    .map_err(|e| e.to_string())?;
+                if let Err(e) = s.write_all(format!("CONNECT {port}\n").as_bytes()) {
+                    last = format!("writing CONNECT: {e}");
+                } else {
+                    // Byte by byte: nothing after the line may be consumed.
+                    let mut line = Vec::new();
+                    let mut b = [0u8; 1];
+                    while line.len() < 64 {
+                        match s.read(&mut b) {
+                            Ok(1) if b[0] == b'\n' => break,
+                            Ok(1) => line.push(b[0]),
+                            _ => break,
+                        }
+                    }
+                    if line.starts_with(b"OK ") {
+                        return Ok(s);
+                    }
+                    last = format!("handshake answer {:?}", String::from_utf8_lossy(&line));
+                }
+            }
+            Err(e) => last = format!("connect {}: {e}", uds.display()),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("no connection to guest port {port}: {last}"))
+}
+
+/// One host-to-guest echo through `CONNECT 5000`, on a connection that is open
+/// while all the others are (`opened` and `echoed` are the rendezvous).
+fn host_echo_client(
+    uds: &Path,
+    i: usize,
+    deadline: Instant,
+    opened: &std::sync::Barrier,
+    echoed: &std::sync::Barrier,
+    vm_ended: &AtomicBool,
+) -> Result<(), String> {
+    let conn = vsock_connect(uds, 5000, deadline, vm_ended);
+    // Every thread reaches both barriers, failed or not, so none waits forever.
+    opened.wait();
+    let result = conn.and_then(|mut s| {
+        let want = host_payload(i);
+        // The writer runs beside the reader: the echo comes back while we send.
+        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let sent = want.clone();
+        let writer = std::thread::spawn(move || w.write_all(&sent));
+        let mut got = vec![0u8; want.len()];
+        let read = s.read_exact(&mut got);
+        let wrote = writer.join().map_err(|_| "writer panicked".to_string())?;
+        wrote.map_err(|e| format!("connection {i}: write: {e}"))?;
+        read.map_err(|e| format!("connection {i}: read back: {e}"))?;
+        if got != want {
+            return Err(format!(
+                "connection {i}: the echo differs from what was sent"
+            ));
+        }
+        Ok(s)
+    });
+    echoed.wait();
+    result.map(drop)
+}
+
+/// What the host side of the guest-to-host connections saw.
+#[derive(Default)]
+struct GuestEchoes {
+    /// Each connection's `N` (from `guest-N`), or what went wrong with it.
+    seen: Mutex<Vec<Result<usize, String>>>,
+    /// Connections accepted so far.
+    accepted: AtomicUsize,
+    /// Connections open now, and the most ever open at once.
+    open: AtomicUsize,
+    max_open: AtomicUsize,
+}
+
+/// The host side of guest-to-host connections on `<uds>_6000`: reads one
+/// `guest-N\n` payload, checks it, echoes it, closes; records each N seen.
+fn serve_guest_echoes(
+    listener: UnixListener,
+    stop: Arc<AtomicBool>,
+    echoes: Arc<GuestEchoes>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut handlers = Vec::new();
+        let _ = listener.set_nonblocking(true);
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let echoes = echoes.clone();
+                    echoes.accepted.fetch_add(1, Ordering::SeqCst);
+                    let now = echoes.open.fetch_add(1, Ordering::SeqCst) + 1;
+                    echoes.max_open.fetch_max(now, Ordering::SeqCst);
+                    handlers.push(std::thread::spawn(move || {
+                        let r = (|| {
+                            s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                            s.set_read_timeout(Some(SOCKET_TIMEOUT))
+                                .map_err(|e| e.to_string())?;
+                            s.set_write_timeout(Some(SOCKET_TIMEOUT))
+                                .map_err(|e| e.to_string())?;
+                            let mut buf = vec![0u8; GUEST_PAYLOAD];
+                            s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+                            let first = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+                            let n: usize = std::str::from_utf8(first)
+                                .ok()
+                                .and_then(|l| l.strip_prefix("guest-"))
+                                .and_then(|n| n.parse().ok())
+                                .ok_or_else(|| "payload is not guest-N".to_string())?;
+                            let want: Vec<u8> = format!("guest-{n}\n")
+                                .into_bytes()
+                                .into_iter()
+                                .cycle()
+                                .take(GUEST_PAYLOAD)
+                                .collect();
+                            if buf != want {
+                                return Err(format!("payload of guest-{n} is corrupt"));
+                            }
+                            s.write_all(&buf).map_err(|e| format!("echo: {e}"))?;
+                            Ok(n)
+                        })();
+                        drop(s);
+                        echoes.open.fetch_sub(1, Ordering::SeqCst);
+                        echoes
+                            .seen
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(r);
+                    }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => {
+                    echoes
+                        .seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Err(format!("accept: {e}")));
+                    break;
+                }
+            }
+        }
+        for h in handlers {
+            let _ = h.join();
+        }
+    })
+}
+
+fn run_vsock_echo_both_directions_many_connections(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let uds = scratch("v.sock");
+    let guest_port_sock = PathBuf::from(format!("{}_6000", uds.display()));
+    let _ = std::fs::remove_file(&uds);
+    let _ = std::fs::remove_file(&guest_port_sock);
+    let listener = UnixListener::bind(&guest_port_sock).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoes = Arc::new(GuestEchoes::default());
+    let server = serve_guest_echoes(listener, stop.clone(), echoes.clone());
+
+    // The guest: an echo listener on 5000 for the host's 64 clients; when the
+    // host connects to 5003 (its clients are done), 64 clients of host port 6000
+    // that connect at once and send their payload only when the host, having
+    // seen all 64 open, connects to 5002; each checks its echo; then the guest
+    // waits until the host connects to 5001 to say it is done. The guest's
+    // connections are made while no data flows because its kernel gives a vsock
+    // connect 2 s (SO_VM_SOCKETS_CONNECT_TIMEOUT), which handshakes queued
+    // behind a flood of echo data exceeded under nested TCG (6 of 64 once).
+    let script = format!(
+        "S=/usr/bin/socat; \
+         $S VSOCK-LISTEN:5000,fork,reuseaddr,backlog=128 EXEC:cat & L=$!; \
+         $S -u VSOCK-LISTEN:5003 STDOUT > /dev/null; \
+         pids=; i=0; while [ $i -lt {VSOCK_CONNECTIONS} ]; do \
+           yes guest-$i | head -c {GUEST_PAYLOAD} > /tmp/p$i; \
+           ( ( while [ ! -e /tmp/go ]; do sleep 1; done; cat /tmp/p$i ) \
+             | $S -t 60 -T 300 - VSOCK-CONNECT:2:6000 > /tmp/r$i 2>/tmp/e$i \
+             && cmp -s /tmp/p$i /tmp/r$i && : > /tmp/ok$i ) & pids=\"$pids $!\"; i=$((i+1)); \
+         done; \
+         $S -u VSOCK-LISTEN:5002 STDOUT > /dev/null; : > /tmp/go; \
+         wait $pids; \
+         echo \"guest-to-host: $(ls /tmp | grep -c '^ok') ok\"; \
+         for f in /tmp/e*; do [ -s $f ] && head -c 300 $f; done; \
+         $S -u VSOCK-LISTEN:5001 STDOUT; kill $L"
+    );
+    let uds_arg = uds.to_str().unwrap_or_default().to_string();
+    let running = env.spawn(&[
+        "run",
+        NO_NET[0],
+        NO_NET[1],
+        "--vsock-uds",
+        &uds_arg,
+        &img.oci,
+        "sh",
+        "-c",
+        &script,
+    ])?;
+    // The VM is waited for beside the clients, so that they stop retrying as
+    // soon as it has ended (a VM that dies early fails fast).
+    let vm_ended = Arc::new(AtomicBool::new(false));
+    let waiter = {
+        let vm_ended = vm_ended.clone();
+        std::thread::spawn(move || {
+            let o = running.finish(BOOT_TIMEOUT);
+            vm_ended.store(true, Ordering::SeqCst);
+            o
+        })
+    };
+
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let opened = Arc::new(std::sync::Barrier::new(VSOCK_CONNECTIONS));
+    let echoed = Arc::new(std::sync::Barrier::new(VSOCK_CONNECTIONS));
+    let clients: Vec<_> = (0..VSOCK_CONNECTIONS)
+        .map(|i| {
+            let (uds, opened, echoed, ended) = (
+                uds.clone(),
+                opened.clone(),
+                echoed.clone(),
+                vm_ended.clone(),
+            );
+            std::thread::spawn(move || {
+                host_echo_client(&uds, i, deadline, &opened, &echoed, &ended)
+            })
+        })
+        .collect();
+    let host_errors: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| match c.join() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some("client thread panicked".into()),
+        })
+        .collect();
+    // The host's clients are done: the guest starts its own (even after a
+    // failure, so that the VM goes on to its end).
+    let phase2 = vsock_connect(&uds, 5003, deadline, &vm_ended)
+        .and_then(|mut s| s.write_all(b"next\n").map_err(|e| e.to_string()));
+    // "go" to the guest's clients once all of them are connected (or, so that
+    // the guest never waits forever, once the time is up or the VM is gone).
+    let go_deadline = Instant::now() + GO_TIMEOUT;
+    while echoes.accepted.load(Ordering::SeqCst) < VSOCK_CONNECTIONS
+        && Instant::now() < go_deadline
+        && !vm_ended.load(Ordering::SeqCst)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let go = vsock_connect(&uds, 5002, deadline, &vm_ended)
+        .and_then(|mut s| s.write_all(b"go\n").map_err(|e| e.to_string()));
+    // Tell the guest to finish (even after a failure, so the VM ends).
+    let done = vsock_connect(&uds, 5001, deadline, &vm_ended)
+        .and_then(|mut s| s.write_all(b"done\n").map_err(|e| e.to_string()));
+    let o = waiter
+        .join()
+        .unwrap_or_else(|_| Err("the VM waiter panicked".into()));
+    stop.store(true, Ordering::SeqCst);
+    let _ = server.join();
+    let _ = std::fs::remove_file(&guest_port_sock);
+    let o = o?;
+    expect(
+        host_errors.is_empty(),
+        &format!(
+            "{VSOCK_CONNECTIONS} concurrent host-to-guest echoes; {} failed: {:?}",
+            host_errors.len(),
+            host_errors.iter().take(5).collect::<Vec<_>>()
+        ),
+        &o,
+    )?;
+    expect(
+        done.is_ok(),
+        &format!("the done signal reached the guest: {done:?}"),
+        &o,
+    )?;
+    expect(
+        phase2.is_ok() && go.is_ok(),
+        &format!("the guest got the host's signals: {phase2:?} {go:?}"),
+        &o,
+    )?;
+    let max_open = echoes.max_open.load(Ordering::SeqCst);
+    expect(
+        max_open == VSOCK_CONNECTIONS,
+        &format!(
+            "all {VSOCK_CONNECTIONS} guest connections were open at once (at most {max_open} were)"
+        ),
+        &o,
+    )?;
+    let seen = std::mem::take(&mut *echoes.seen.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut ns: Vec<usize> = seen
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    ns.sort_unstable();
+    let errors: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
+    expect(
+        ns == (0..VSOCK_CONNECTIONS).collect::<Vec<_>>() && errors.is_empty(),
+        &format!(
+            "the host saw each of the {VSOCK_CONNECTIONS} guest connections once: {} ok, errors {:?}",
+            ns.len(),
+            errors.iter().take(5).collect::<Vec<_>>()
+        ),
+        &o,
+    )?;
+    expect(
+        o.stdout == format!("guest-to-host: {VSOCK_CONNECTIONS} ok\ndone\n"),
+        "every guest client got its own bytes back, then the done line arrived",
+        &o,
+    )?;
+    expect(o.code == Some(0), "exit 0", &o)
+}
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "boot_default_reaches_guest_init",
@@ -500,12 +1014,25 @@ const SCENARIOS: &[Scenario] = &[
         name: "run_vsock_carries_64_mib_intact",
         run: run_vsock_carries_64_mib_intact,
     },
+    Scenario {
+        name: "run_disk_ext4_written_in_guest_reads_back_on_host",
+        run: run_disk_ext4_written_in_guest_reads_back_on_host,
+    },
+    Scenario {
+        name: "run_readonly_extra_disk_rejects_writes",
+        run: run_readonly_extra_disk_rejects_writes,
+    },
+    Scenario {
+        name: "run_vsock_echo_both_directions_many_connections",
+        run: run_vsock_echo_both_directions_many_connections,
+    },
 ];
 
 fn run_scenarios(env: &Env, filter: Option<&str>) -> bool {
     let (mut passed, mut failed) = (0, 0);
     for s in SCENARIOS {
-        if filter.is_some_and(|f| !s.name.contains(f)) {
+        // `a|b` runs the scenarios whose names contain a or b.
+        if filter.is_some_and(|f| !f.split('|').any(|part| s.name.contains(part))) {
             continue;
         }
         let t = Instant::now();
@@ -534,6 +1061,30 @@ fn kvm_is_pvm() -> bool {
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The read-only disk scenario's ext4 image, relative to the payload.
+const RO_DISK: &str = "disks/ro-ext4.img";
+/// The file in it.
+const RO_TEXT: &str = "made on the host, read in the guest";
+
+/// An 8 MiB ext4 image holding `ro.txt` (`mke2fs -d`, no root needed).
+fn make_ro_disk(path: &Path) -> Result<(), String> {
+    let src = path.with_extension("d");
+    std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
+    std::fs::write(src.join("ro.txt"), format!("{RO_TEXT}\n")).map_err(|e| e.to_string())?;
+    let o = Command::new("/usr/sbin/mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&src)
+        .arg(path)
+        .arg("8M")
+        .output()
+        .map_err(|e| format!("running mke2fs: {e}"))?;
+    let _ = std::fs::remove_dir_all(&src);
+    if !o.status.success() {
+        return Err(format!("mke2fs: {}", String::from_utf8_lossy(&o.stderr)));
+    }
+    Ok(())
 }
 
 /// A self-contained supermachine cache for the scenarios: the provisioned kernel
@@ -577,6 +1128,13 @@ fn prepare_payload() -> Result<Payload, String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     copy(&me, &dir.join("linux_guest"))?;
     let images = prepare_images(&bin, &dir.join("cache"));
+    let tools = dir.join("bin");
+    std::fs::create_dir_all(&tools).map_err(|e| e.to_string())?;
+    for t in HOST_TOOLS {
+        let t = Path::new(t);
+        copy(t, &tools.join(name(t)))?;
+    }
+    make_ro_disk(&dir.join(RO_DISK))?;
     // `run` finds images by their store records and boots their cached root
     // filesystems: the blobs stay on the host, and so do the debug symbols (the
     // rig's initramfs is unpacked by an emulated CPU: every megabyte counts).
@@ -608,7 +1166,7 @@ fn run_in_rig(p: &Payload, filter: Option<&str>) -> bool {
     cmd.env(
         "RIG_ENV",
         format!(
-            "{IN_RIG}=1 XDG_CACHE_HOME=/payload/cache SM_TEST_BIN=/payload/supermachine SM_TEST_FILTER={} {}",
+            "{IN_RIG}=1 XDG_CACHE_HOME=/payload/cache SM_TEST_BIN=/payload/supermachine SM_TEST_PAYLOAD=/payload SM_TEST_FILTER={} {}",
             filter.unwrap_or(""),
             p.images.env_line()
         ),
@@ -631,7 +1189,10 @@ fn main() {
         let bin = std::env::var_os("SM_TEST_BIN")
             .map(PathBuf::from)
             .expect("SM_TEST_BIN");
-        run_scenarios(&Env { bin }, filter)
+        let payload = std::env::var_os("SM_TEST_PAYLOAD")
+            .map(PathBuf::from)
+            .expect("SM_TEST_PAYLOAD");
+        run_scenarios(&Env { bin, payload }, filter)
     } else if Path::new("/dev/kvm").exists() && !kvm_is_pvm() || which("qemu-system-x86_64") {
         let payload = match prepare_payload() {
             Ok(p) => p,
@@ -653,6 +1214,7 @@ fn main() {
             run_scenarios(
                 &Env {
                     bin: payload.dir.join("supermachine"),
+                    payload: payload.dir.clone(),
                 },
                 filter,
             )

@@ -491,3 +491,29 @@ fn serve(conn: TcpStream, handler: &Handler, log: &Mutex<Vec<StubRequest>>, stop
         }
     }
 }
+
+/// Copies the dynamically linked executable `exe` into `root` at the same path,
+/// with every shared library `ldd` names for it (the dynamic loader included),
+/// each at its own path: enough for the program to run in an image that has no
+/// libc of its own.
+pub fn copy_with_libraries(root: &Path, exe: &Path) {
+    assert!(
+        exe.is_file(),
+        "{} is not installed on this host (Debian: apt-get install the package that ships it)",
+        exe.display()
+    );
+    let out = run(Command::new("ldd").arg(exe));
+    let libs = out
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(PathBuf::from);
+    for file in std::iter::once(exe.to_path_buf()).chain(libs) {
+        let rel = file.strip_prefix("/").unwrap();
+        let dest = root.join(rel);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        // fs::copy follows symlinks (libfoo.so.1 -> libfoo.so.1.2.3) and keeps
+        // the mode, so the executable stays executable.
+        std::fs::copy(&file, &dest)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", file.display(), dest.display()));
+    }
+}
