@@ -79,9 +79,10 @@ fn sha256_hex(data: &[u8]) -> String {
 
 /// Debian programs in the test image's tools layer, at their Debian paths.
 const GUEST_TOOLS: &[&str] = &["/usr/sbin/mke2fs", "/usr/bin/socat"];
-/// Debian programs the scenarios run on the VM's host (L1 in the rig), carried in
-/// the payload's `bin/` (the rig adds their libraries).
-const HOST_TOOLS: &[&str] = &["/usr/sbin/debugfs"];
+/// Debian programs the scenarios and the product run on the VM's host (L1 in the
+/// rig), carried in the payload's `bin/` (the rig adds their libraries): debugfs
+/// for the disk scenarios, passt for `run`'s default network.
+const HOST_TOOLS: &[&str] = &["/usr/sbin/debugfs", "/usr/bin/passt"];
 
 /// A two-layer image built with umoci from Debian's busybox-static: the lower
 /// layer has busybox with every applet, a setuid file, a symlink, a hardlink, a
@@ -973,6 +974,63 @@ fn run_vsock_echo_both_directions_many_connections(env: &Env) -> Result<(), Stri
     expect(o.code == Some(0), "exit 0", &o)
 }
 
+/// The `sm.net=` value on the guest's kernel command line, its eth0 address,
+/// its default route, resolv.conf, the localhost lines of /etc/hosts and the
+/// interfaces, one item per line.
+const NET_REPORT: &str = "tr ' ' '\\n' < /proc/cmdline | grep '^sm.net=' || echo no-sm-net; \
+    ip addr show dev eth0 2>/dev/null | grep -o 'inet [0-9./]*' || echo no-inet; \
+    ip route | grep '^default' || echo no-default-route; \
+    grep '^nameserver' /etc/resolv.conf 2>/dev/null || echo no-resolv-conf; \
+    grep -c 'localhost' /etc/hosts; echo $(ls /sys/class/net)";
+
+fn run_network_default_is_configured_by_guest_init(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let o = run_out(env, &[&img.oci, "sh", "-c", NET_REPORT])?;
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    let Some(value) = lines.first().and_then(|l| l.strip_prefix("sm.net=")) else {
+        return expect(false, "the runner put sm.net= on the command line", &o);
+    };
+    let mut parts = value.split(',');
+    let (cidr, gw, dns) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let mut want = vec![format!("inet {cidr}")];
+    want.push(if gw.is_empty() {
+        "no-default-route".to_string()
+    } else {
+        format!("default via {gw} dev eth0")
+    });
+    want.push(if dns.is_empty() {
+        "no-resolv-conf".to_string()
+    } else {
+        format!("nameserver {dns}")
+    });
+    want.push("2".into());
+    want.push("eth0 lo".into());
+    let got: Vec<String> = lines[1..].iter().map(|l| l.trim().to_string()).collect();
+    expect(
+        got == want,
+        &format!("eth0, the route, resolv.conf and hosts follow {value:?}; want {want:?}"),
+        &o,
+    )?;
+    expect(o.code == Some(0), "exit 0", &o)
+}
+
+fn run_network_none_has_only_loopback(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let o = run_out(
+        env,
+        &[NO_NET[0], NO_NET[1], &img.oci, "sh", "-c", NET_REPORT],
+    )?;
+    expect(
+        o.stdout == "no-sm-net\nno-inet\nno-default-route\nno-resolv-conf\n2\nlo\n",
+        "--network none: no sm.net=, no eth0, only lo (and /etc/hosts)",
+        &o,
+    )
+}
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "boot_default_reaches_guest_init",
@@ -1025,6 +1083,14 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "run_vsock_echo_both_directions_many_connections",
         run: run_vsock_echo_both_directions_many_connections,
+    },
+    Scenario {
+        name: "run_network_default_is_configured_by_guest_init",
+        run: run_network_default_is_configured_by_guest_init,
+    },
+    Scenario {
+        name: "run_network_none_has_only_loopback",
+        run: run_network_none_has_only_loopback,
     },
 ];
 
