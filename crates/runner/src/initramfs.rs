@@ -574,9 +574,6 @@ fn cache_key(kernel: &KernelAssets, init: &[u8], wanted: &[&str]) -> u64 {
     // version names the module files.
     h.field(kernel.version.as_bytes());
     h.field(init);
-    // With and without a modules dir the archives differ (modules or none): a
-    // kernel found without its modules must not reuse the other one's archive.
-    h.field(&[u8::from(kernel.modules_dir.is_some())]);
     for w in wanted {
         h.field(normalize(w).as_bytes());
     }
@@ -856,11 +853,6 @@ mod tests {
             ..k.clone()
         };
         assert_ne!(base, cache_key(&k2, b"init", &["a"]));
-        let k3 = KernelAssets {
-            modules_dir: Some("m".into()),
-            ..k.clone()
-        };
-        assert_ne!(base, cache_key(&k3, b"init", &["a"]));
     }
 
     #[test]
