@@ -1031,6 +1031,153 @@ fn run_network_none_has_only_loopback(env: &Env) -> Result<(), String> {
     )
 }
 
+/// The name the test's DNS server answers, with the gateway address: through
+/// passt, the gateway is the host (L1), where the test's HTTP server listens.
+const WEB_NAME: &str = "web.supermachine.test";
+
+/// A DNS answer for `query`: `WEB_NAME` A -> `addr`; anything else gets no
+/// answer records (NOERROR, empty). `None` for something that is not a query.
+fn dns_answer(query: &[u8], addr: std::net::Ipv4Addr) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None;
+    }
+    // The question: labels up to a zero byte, then type and class.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    while *query.get(i)? != 0 {
+        let n = usize::from(query[i]);
+        labels.push(String::from_utf8_lossy(query.get(i + 1..i + 1 + n)?).to_lowercase());
+        i += 1 + n;
+    }
+    let qtype = u16::from_be_bytes([*query.get(i + 1)?, *query.get(i + 2)?]);
+    let question = query.get(12..i + 5)?;
+    let hit = labels.join(".") == WEB_NAME && qtype == 1;
+    let mut r = Vec::new();
+    r.extend_from_slice(&query[..2]);
+    r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(hit), 0, 0, 0, 0]);
+    r.extend_from_slice(question);
+    if hit {
+        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        r.extend_from_slice(&addr.octets());
+    }
+    Some(r)
+}
+
+/// Serves DNS on `bind` until the process ends; counts queries for `WEB_NAME`.
+fn start_dns(
+    bind: &str,
+    answer: std::net::Ipv4Addr,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicUsize>, String> {
+    let sock = std::net::UdpSocket::bind(bind).map_err(|e| format!("bind DNS {bind}: {e}"))?;
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if let Some(r) = dns_answer(&buf[..n], answer) {
+                if r[7] == 1 {
+                    h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let _ = sock.send_to(&r, from);
+            }
+        }
+    });
+    Ok(hits)
+}
+
+/// Serves one fixed page over HTTP/1.0 on 127.0.0.1; returns the port and a
+/// count of requests for `/hello`.
+fn start_http(
+    body: &'static str,
+    big: Vec<u8>,
+) -> Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>), String> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind HTTP: {e}"))?;
+    let port = l.local_addr().map_err(|e| e.to_string())?.port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let payload: &[u8] = if req.starts_with(b"GET /big ") {
+                &big
+            } else {
+                if req.starts_with(b"GET /hello ") {
+                    h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                body.as_bytes()
+            };
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                payload.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(payload);
+        }
+    });
+    Ok((port, hits))
+}
+
+/// The rig's L1 has no NIC: a dummy0 with 192.0.2.1/24, a default route via
+/// 192.0.2.254 and resolv.conf naming 192.0.2.53 (tests/nested/rig). passt
+/// copies those to the guest; the test's DNS server takes 192.0.2.53 itself.
+fn run_network_passt_reaches_l1_http_by_name(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    if std::env::var_os(IN_RIG).is_none() {
+        // Directly on a host, its real network and resolver are not the test's to
+        // take over; the rig's L1 is a machine of its own.
+        println!("  skipped: needs the rig's private L1 network (dummy0, 192.0.2.0/24)");
+        return Ok(());
+    }
+    let gw: std::net::Ipv4Addr = [192, 0, 2, 254].into();
+    // Adding the address may fail if an earlier scenario added it already.
+    let _ = Command::new("busybox")
+        .args(["ip", "addr", "add", "192.0.2.53/32", "dev", "dummy0"])
+        .status();
+    let dns_hits = start_dns("192.0.2.53:53", gw)?;
+    let body = "hello from L1 through passt\n";
+    let big: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect();
+    let big_sha = sha256_hex(&big);
+    let (port, http_hits) = start_http(body, big)?;
+    // The name is resolved by busybox's nslookup (its own resolver, reading
+    // /etc/resolv.conf); wget gets the address it found, since busybox-static's
+    // wget resolves through glibc's NSS from a static binary (and its -T option
+    // crashed on this image). Then a small page, and 4 MiB whose SHA-256 must match.
+    let script = format!(
+        "cat /etc/resolv.conf; \
+         addr=$(nslookup {WEB_NAME} | grep -A2 '^Name:' | grep -o '192\\.0\\.2\\.[0-9]*' | head -1); \
+         echo \"$addr\"; wget -qO- http://$addr:{port}/hello && \
+         wget -qO- http://$addr:{port}/big | sha256sum"
+    );
+    let o = run_out(env, &[&img.oci, "sh", "-c", &script])?;
+    let want = format!("nameserver 192.0.2.53\n192.0.2.254\n{body}{big_sha}  -\n");
+    expect(
+        o.stdout == want && o.code == Some(0),
+        &format!("the guest resolves {WEB_NAME} through passt's DNS and fetches the page from L1; want:\n{want}"),
+        &o,
+    )?;
+    let (d, h) = (
+        dns_hits.load(std::sync::atomic::Ordering::SeqCst),
+        http_hits.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    expect(
+        d >= 1 && h == 1,
+        &format!("L1's DNS server answered {d} queries for the name, its HTTP server saw {h} requests (want >= 1 and 1)"),
+        &o,
+    )
+}
+
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "boot_default_reaches_guest_init",
@@ -1087,6 +1234,10 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "run_network_default_is_configured_by_guest_init",
         run: run_network_default_is_configured_by_guest_init,
+    },
+    Scenario {
+        name: "run_network_passt_reaches_l1_http_by_name",
+        run: run_network_passt_reaches_l1_http_by_name,
     },
     Scenario {
         name: "run_network_none_has_only_loopback",
