@@ -261,7 +261,6 @@ mod linux {
     use std::os::fd::{AsRawFd, RawFd};
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::net::UnixStream;
-    use std::os::unix::process::CommandExt;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
@@ -269,9 +268,6 @@ mod linux {
 
     use super::NetError;
     use crate::resources::GuestIpConfig;
-
-    /// The fd number passt gets its end of the socketpair on.
-    const PASST_FD: RawFd = 3;
 
     /// A running passt and the stream to it.
     #[derive(Debug)]
@@ -285,8 +281,18 @@ mod linux {
         pub fn start(guest: Option<GuestIpConfig>) -> Result<Self, NetError> {
             let (ours, theirs) = UnixStream::pair().map_err(NetError::SocketPair)?;
             let program = super::passt_program();
+            let fd = theirs.as_raw_fd();
+            // passt inherits `theirs` under its own number. Clearing FD_CLOEXEC
+            // here (instead of a dup2 in a pre_exec hook) keeps std on its
+            // posix_spawn path: no fork of this process, whose address space
+            // already holds guest memory (a fork cost ~2 ms here).
+            // SAFETY: fcntl(F_SETFD) on an fd this function owns; no memory involved.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+                return Err(NetError::SocketPair(io::Error::last_os_error()));
+            }
             let mut cmd = Command::new(&program);
-            cmd.args(["--foreground", "--quiet", "--fd", "3"]);
+            cmd.args(["--foreground", "--quiet", "--fd"])
+                .arg(fd.to_string());
             if let Some(g) = guest {
                 cmd.arg("--address").arg(g.addr.to_string());
                 cmd.arg("--netmask").arg(g.prefix.to_string());
@@ -303,25 +309,10 @@ mod linux {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
-            let fd = theirs.as_raw_fd();
-            // SAFETY: the closure runs in the child between fork and exec and only
-            // calls dup2/fcntl, which are async-signal-safe; `fd` is open in the
-            // child (inherited from the parent, which keeps `theirs` alive until
-            // spawn returns).
-            unsafe {
-                cmd.pre_exec(move || {
-                    if fd == PASST_FD {
-                        // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
-                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(fd, PASST_FD) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let mut child = cmd.spawn().map_err(|source| NetError::PasstMissing {
+            let spawned = cmd.spawn();
+            // Another process spawned meanwhile could inherit the fd; that only
+            // delays passt's exit until that process closes it.
+            let mut child = spawned.map_err(|source| NetError::PasstMissing {
                 program: program.display().to_string(),
                 source,
             })?;

@@ -1,6 +1,7 @@
 //! Host-side cost of `supermachine run` before the first vCPU entry, with the image
 //! already pulled and converted: store lookup, initramfs lookup, disk and vsock
-//! attach, VM build, kernel and initramfs load. Measured in-process from `main`'s
+//! attach, passt start (default network; also measured with `--network none`), VM
+//! build, kernel and initramfs load. Measured in-process from `main`'s
 //! start to the first vCPU entry (`SUPERMACHINE_TIMINGS`), median of N runs (default
 //! 20, `SM_BENCH_RUNS`); the guest is killed right after it starts.
 //!
@@ -63,9 +64,9 @@ fn main() {
         .unwrap();
     assert!(pulled.success(), "supermachine pull failed");
 
-    let one = || -> Option<(u64, Vec<(String, u64)>)> {
+    let one = |network: &str| -> Option<(u64, Vec<(String, u64)>)> {
         let mut child = Command::new(&bin)
-            .args(["run", &image, "true"])
+            .args(["run", "--network", network, &image, "true"])
             .env("XDG_CACHE_HOME", &cache)
             .env("SUPERMACHINE_TIMINGS", "1")
             .env("SUPERMACHINE_ALLOW_EMULATED", "1")
@@ -95,28 +96,41 @@ fn main() {
         let _ = child.wait();
         result.map(|r| (r, phases))
     };
-    one().expect("a warm-up run reached the first vCPU entry");
-    let mut samples = Vec::new();
-    let mut last_phases = Vec::new();
-    for _ in 0..runs {
-        if let Some((us, phases)) = one() {
-            samples.push(us);
-            last_phases = phases;
-        }
+    // The default network starts passt (a fork and exec before the VM is built);
+    // `--network none` in the same run shows what that costs.
+    let have_passt = Command::new("passt").arg("--version").output().is_ok();
+    let variants: &[&str] = if have_passt {
+        &["passt", "none"]
+    } else {
+        &["none"]
+    };
+    if !have_passt {
+        println!("  (passt is not installed: only --network none is measured)");
     }
-    samples.sort();
-    let ms = |us: u64| us as f64 / 1000.0;
-    println!(
-        "supermachine run, image cached, process start -> first vCPU entry ({} runs): median {:.2} ms (min {:.2}, max {:.2}); target <= 15 ms",
-        samples.len(),
-        ms(samples[samples.len() / 2]),
-        ms(samples[0]),
-        ms(samples[samples.len() - 1])
-    );
-    let phases: Vec<String> = last_phases
-        .iter()
-        .map(|(n, us)| format!("{n}={:.2}ms", ms(*us)))
-        .collect();
-    println!("  phases of the last run: {}", phases.join(" "));
+    for &network in variants {
+        one(network).expect("a warm-up run reached the first vCPU entry");
+        let mut samples = Vec::new();
+        let mut last_phases = Vec::new();
+        for _ in 0..runs {
+            if let Some((us, phases)) = one(network) {
+                samples.push(us);
+                last_phases = phases;
+            }
+        }
+        samples.sort();
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "supermachine run --network {network}, image cached, process start -> first vCPU entry ({} runs): median {:.2} ms (min {:.2}, max {:.2}); target <= 15 ms",
+            samples.len(),
+            ms(samples[samples.len() / 2]),
+            ms(samples[0]),
+            ms(samples[samples.len() - 1])
+        );
+        let phases: Vec<String> = last_phases
+            .iter()
+            .map(|(n, us)| format!("{n}={:.2}ms", ms(*us)))
+            .collect();
+        println!("  phases of the last run: {}", phases.join(" "));
+    }
     let _ = std::fs::remove_dir_all(&cache);
 }
