@@ -1117,7 +1117,7 @@ fn start_dns(
 ///
 /// TCP through passt (an HTTP fetch from L1's loopback via the gateway address,
 /// 4 MiB SHA-256-checked) works in the rig but left the nested guest in a soft
-/// lockup in ksoftirqd around connection close in 7 of 16 runs with Debian 12's
+/// lockup in ksoftirqd around connection close in 7 of 24 runs with Debian 12's
 /// passt; until that is understood it is not part of this suite (see the closing
 /// note of 2026-11-27 and commit f18fc1c for the scenario).
 fn run_network_passt_resolves_through_host_dns(env: &Env) -> Result<(), String> {
