@@ -29,43 +29,13 @@ use std::time::{Duration, Instant};
 #[path = "../../image/tests/support/mod.rs"]
 mod support;
 
+#[path = "../../devices/benches/common/stats.rs"]
+mod stats;
+use stats::{env_usize, mib_per_s, report};
+
 const MIB: usize = 1 << 20;
 const BLK_START: &[u8] = b"sm-blk-start\n";
 const BLK_END: &[u8] = b"sm-blk-end\n";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(default)
-}
-
-fn mib_per_s(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / MIB as f64 / d.as_secs_f64()
-}
-
-/// Median, min and max.
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    let median = if v.len() % 2 == 0 {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    };
-    (median, v[0], v[v.len() - 1])
-}
-
-fn report(what: &str, ours: Vec<f64>, peer_name: &str, peer: Vec<f64>) {
-    let (m, lo, hi) = stats(ours);
-    let (pm, plo, phi) = stats(peer);
-    println!(
-        "{what:<28} {m:>8.0} MiB/s (min {lo:.0}, max {hi:.0})   {peer_name}: {pm:.0} MiB/s \
-         (min {plo:.0}, max {phi:.0})   ratio {:.2}",
-        m / pm
-    );
-}
 
 /// Why Linux guests cannot be measured here, if they cannot.
 fn skip_reason() -> Option<String> {
