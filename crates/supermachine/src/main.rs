@@ -90,7 +90,7 @@ enum Command {
         /// Verify TLS certificates of registries not on loopback.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         tls_verify: bool,
-        /// Show the guest kernel's console on stderr.
+        /// Show the guest kernel's console on stderr, with every kernel message.
         #[arg(long)]
         console: bool,
         /// Guest kernel (default: the provisioned one).

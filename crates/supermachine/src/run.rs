@@ -46,7 +46,7 @@ pub struct RunOptions {
     pub memory: Option<u64>,
     /// Verify TLS for registries that are not on loopback.
     pub tls_verify: bool,
-    /// Show the guest kernel's console on stderr.
+    /// Show the guest kernel's console on stderr, at full log level.
     pub console: bool,
     /// Guest kernel (default: the provisioned one).
     pub kernel: Option<PathBuf>,
@@ -342,6 +342,11 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| dir.join("vsock.sock"));
     res.cmdline.push_str(" sm.mode=container sm.agent=vsock");
+    if opts.console {
+        // Whoever asks for the console wants all of it: `quiet` hides warnings and
+        // the call traces that follow them (a later loglevel= wins).
+        res.cmdline.push_str(" loglevel=7");
+    }
     res.disks = vec![runner::resources::DiskSpec {
         path: img.rootfs.clone(),
         read_only: true,
