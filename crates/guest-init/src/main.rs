@@ -322,6 +322,7 @@ mod pid1 {
     /// would panic the kernel.
     pub fn finish(status: u32) -> ! {
         report_status(status);
+        quiesce_network();
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
         // SAFETY: reboot(2) with a valid command; as PID 1 we hold CAP_SYS_BOOT.
@@ -333,6 +334,28 @@ mod pid1 {
         loop {
             // SAFETY: pause has no preconditions; it only sleeps.
             unsafe { libc::pause() };
+        }
+    }
+
+    /// Takes every interface but loopback down before the kernel's shutdown
+    /// path runs, as a distribution's shutdown does. Debian's 6.1 kernel breaks
+    /// each virtqueue in device_shutdown(); a virtio-net NAPI poll that runs
+    /// after that, with transmit buffers completed but not yet reclaimed, spins
+    /// forever in virtnet_poll_cleantx (fixed upstream by 0d0eff39ceb3, not in
+    /// 6.1). Seen here as a ksoftirqd soft lockup after TCP traffic; a down
+    /// interface has its NAPI disabled, so nothing polls the broken queue.
+    fn quiesce_network() {
+        let names = match crate::sys::interface_names() {
+            Ok(n) => n,
+            Err(e) => {
+                fail!("listing network interfaces: {e}");
+                return;
+            }
+        };
+        for name in names.iter().filter(|n| n.as_str() != "lo") {
+            if let Err(e) = crate::sys::interface_down(name) {
+                fail!("taking {name} down: {e}");
+            }
         }
     }
 

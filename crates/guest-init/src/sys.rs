@@ -211,16 +211,58 @@ fn sockaddr_v4(addr: std::net::Ipv4Addr) -> libc::sockaddr {
     sa
 }
 
-/// Sets IFF_UP on interface `name`.
-pub fn interface_up(name: &str) -> io::Result<()> {
+/// Sets (`up`) or clears IFF_UP on interface `name`.
+fn set_interface_up(name: &str, up: bool) -> io::Result<()> {
     let sock = inet_socket()?;
     let mut req = ifreq_for(name)?;
     // SAFETY: SIOCGIFFLAGS fills the flags of the named interface in req.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) })?;
     // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS wrote.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    let flags = unsafe { &mut req.ifr_ifru.ifru_flags };
+    if up {
+        *flags |= libc::IFF_UP as libc::c_short;
+    } else {
+        *flags &= !(libc::IFF_UP as libc::c_short);
+    }
     // SAFETY: SIOCSIFFLAGS reads req, which names the interface with its flags.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) }).map(drop)
+}
+
+/// Sets IFF_UP on interface `name`.
+pub fn interface_up(name: &str) -> io::Result<()> {
+    set_interface_up(name, true)
+}
+
+/// Clears IFF_UP on interface `name` (as `ip link set NAME down`).
+pub fn interface_down(name: &str) -> io::Result<()> {
+    set_interface_up(name, false)
+}
+
+/// The names of the network interfaces (if_nameindex(3)).
+pub fn interface_names() -> io::Result<Vec<String>> {
+    // SAFETY: if_nameindex has no preconditions; NULL means failure (errno set).
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    let mut entry = list;
+    loop {
+        // SAFETY: the array ends with an entry whose index is 0 and name NULL;
+        // `entry` never passes it.
+        let e = unsafe { &*entry };
+        if e.if_index == 0 || e.if_name.is_null() {
+            break;
+        }
+        // SAFETY: if_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(e.if_name) };
+        names.push(name.to_string_lossy().into_owned());
+        // SAFETY: this entry was not the terminator, so the next one exists.
+        entry = unsafe { entry.add(1) };
+    }
+    // SAFETY: `list` came from if_nameindex and is freed once.
+    unsafe { libc::if_freenameindex(list) };
+    Ok(names)
 }
 
 /// Brings the loopback interface up (a fresh kernel has it down, and programs
@@ -425,6 +467,54 @@ mod tests {
 
     /// The ioctls for real, in a fresh network namespace on this thread (root
     /// only): address, netmask, up, default route, read back from /proc.
+    #[test]
+    fn interfaces_are_listed_and_taken_down_in_a_private_netns() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        let flags = |name: &str| -> Result<libc::c_short, String> {
+            let sock = inet_socket().map_err(|e| e.to_string())?;
+            let mut req = ifreq_for(name).map_err(|e| e.to_string())?;
+            // SAFETY: SIOCGIFFLAGS fills the flags of the named interface in req.
+            let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) };
+            if rc != 0 {
+                return Err(format!("SIOCGIFFLAGS: {}", io::Error::last_os_error()));
+            }
+            // SAFETY: the union member SIOCGIFFLAGS wrote.
+            Ok(unsafe { req.ifr_ifru.ifru_flags })
+        };
+        let t = std::thread::spawn(move || {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this thread (which ends
+            // with the test) into a new network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("unshare: {}", io::Error::last_os_error()));
+            }
+            // A new namespace holds exactly `lo`, down.
+            let names = interface_names().map_err(|e| e.to_string())?;
+            interface_up("lo").map_err(|e| e.to_string())?;
+            let up = flags("lo")?;
+            interface_down("lo").map_err(|e| e.to_string())?;
+            let down = flags("lo")?;
+            let missing = interface_down("nosuchif0").is_err();
+            Ok((names, up, down, missing))
+        });
+        let (names, up, down, missing) = match t.join().unwrap() {
+            Ok(r) => r,
+            Err(e) if e.starts_with("unshare") => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(names, vec!["lo".to_string()]);
+        let iff_up = libc::IFF_UP as libc::c_short;
+        assert_eq!(up & iff_up, iff_up, "lo is up after interface_up");
+        assert_eq!(down & iff_up, 0, "lo is down after interface_down");
+        assert!(missing, "taking a missing interface down is an error");
+    }
+
     #[test]
     fn set_ipv4_up_and_default_route_in_a_private_netns() {
         // SAFETY: geteuid has no preconditions.
