@@ -101,6 +101,9 @@ pub enum GuestExit {
     Reset,
     /// Every vCPU halted with nothing left to wake it.
     Halted,
+    /// The VMM ended the run through a [`StopHandle`] (a deadline or a stop
+    /// request), whatever the guest was doing.
+    Stopped,
 }
 
 /// The result of a run.
@@ -121,8 +124,8 @@ impl RunOutcome {
         let code = (self.status & 0xff) as i32;
         match self.exit {
             GuestExit::PowerOff => code,
-            GuestExit::Reset | GuestExit::Halted if code == 0 => 1,
-            GuestExit::Reset | GuestExit::Halted => code,
+            GuestExit::Reset | GuestExit::Halted | GuestExit::Stopped if code == 0 => 1,
+            GuestExit::Reset | GuestExit::Halted | GuestExit::Stopped => code,
         }
     }
 }
@@ -205,6 +208,76 @@ impl Stop {
     }
 }
 
+/// Ends a run from another thread: every vCPU leaves the guest and the run
+/// returns [`GuestExit::Stopped`]. A stop requested before the run starts (or
+/// between runs given the same handle) takes effect as soon as it does.
+#[derive(Clone, Default)]
+pub struct StopHandle(Arc<StopShared>);
+
+#[derive(Default)]
+struct StopShared {
+    /// `(stop requested, the run it reaches)`, under one lock so a request cannot
+    /// fall between a run registering and checking.
+    state: Mutex<(bool, Option<Arc<Stop>>)>,
+}
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("StopHandle")
+            .field("requested", &st.0)
+            .field("running", &st.1.is_some())
+            .finish()
+    }
+}
+
+impl StopHandle {
+    /// A handle with no stop requested.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the run to end now.
+    pub fn stop(&self) {
+        let mut st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.0 = true;
+        if let Some(run) = &st.1 {
+            run.finish(Ok(RunOutcome {
+                exit: GuestExit::Stopped,
+                status: 0,
+            }));
+        }
+    }
+
+    /// Whether [`StopHandle::stop`] was called.
+    pub fn stop_requested(&self) -> bool {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    fn attach(&self, run: &Arc<Stop>) {
+        let mut st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if st.0 {
+            run.finish(Ok(RunOutcome {
+                exit: GuestExit::Stopped,
+                status: 0,
+            }));
+        }
+        st.1 = Some(run.clone());
+    }
+
+    fn detach(&self) {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1 = None;
+    }
+}
+
 /// Holds vCPU threads until all of them created their vCPU (or the run failed).
 struct Gate {
     expected: u32,
@@ -261,6 +334,17 @@ pub fn run<H: Hypervisor>(
     console: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<RunOutcome, RunError> {
+    run_with_stop(hv, res, console, timings, &StopHandle::new())
+}
+
+/// [`run`], which `stop` can also end from another thread.
+pub fn run_with_stop<H: Hypervisor>(
+    hv: &H,
+    res: &VmResources,
+    console: Box<dyn Write + Send>,
+    timings: Arc<Timings>,
+    stop_handle: &StopHandle,
+) -> Result<RunOutcome, RunError> {
     res.validate()?;
     refuse_on_pvm(hv.capabilities().pvm_host, &res.kernel)?;
     // The guest's network addresses, and `sm.net=` on its command line.
@@ -313,11 +397,12 @@ pub fn run<H: Hypervisor>(
     let _device_events = crate::virtio::DeviceEvents::start(&vm, &virtio)
         .map_err(|e| RunError::DeviceEvents(Box::new(e)))?;
 
-    let stop = Stop {
+    let stop = Arc::new(Stop {
         flag: AtomicBool::new(false),
         outcome: Mutex::new(None),
         kickers: Mutex::new(Vec::new()),
-    };
+    });
+    stop_handle.attach(&stop);
     let ready = Gate::new(res.vcpus);
     let ctx = VcpuCtx {
         vm: &vm,
@@ -345,17 +430,25 @@ pub fn run<H: Hypervisor>(
         }
     });
     timings.phase("exit");
+    stop_handle.detach();
+    let status = power
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .exit_status();
     let outcome = stop
         .outcome
-        .into_inner()
+        .lock()
         .unwrap_or_else(PoisonError::into_inner)
+        .take()
         .unwrap_or(Ok(RunOutcome {
             exit: GuestExit::Halted,
-            status: power
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .exit_status(),
-        }));
+            status,
+        }))
+        .map(|o| match o.exit {
+            // Whatever the guest wrote to the power device before it was stopped.
+            GuestExit::Stopped => RunOutcome { status, ..o },
+            _ => o,
+        });
     // Stop serving devices (which unregisters the queue-notify events; they hold
     // the VM open), then the hypervisor must release guest memory before it is
     // unmapped.

@@ -242,6 +242,13 @@ pub fn process_spec(cfg: &ImageConfig, opts: &RunOptions) -> Result<ProcessSpec,
 /// How long the host keeps trying to reach the guest agent.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long the guest may take to power off after its process exited and the
+/// host closed the agent connection, before the VMM stops it. A guest powers off
+/// in milliseconds on hardware and in a few seconds under nested emulation; one
+/// that does not is stuck (seen: a guest kernel spinning in its shutdown path),
+/// and `run` must not wait for it forever: the process's status is known.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
+
 /// Connects to guest vsock `port` through the VMM's UNIX socket (Firecracker's
 /// `CONNECT <port>\n` / `OK <host port>\n` handshake), retrying while the guest is
 /// not listening yet, until `deadline` or `vm_done`.
@@ -364,8 +371,12 @@ pub fn run(
         Box::new(std::io::sink())
     };
     let vm_done = Arc::new(AtomicBool::new(false));
+    let stop = runner::vmm::StopHandle::new();
+    // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
+    let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     let agent = {
         let vm_done = vm_done.clone();
+        let stop = stop.clone();
         let uds = uds.clone();
         std::thread::Builder::new()
             .name("sm-agent".into())
@@ -380,13 +391,25 @@ pub fn run(
                     .map_err(|e| e.to_string());
                 // Closing tells the guest it may power off now.
                 drop(conn);
+                if r.is_ok() {
+                    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        vm_ended_rx.recv_timeout(POWER_OFF_GRACE)
+                    {
+                        eprintln!(
+                            "supermachine: warning: the guest did not power off within {} s of its process exiting; stopping the VM",
+                            POWER_OFF_GRACE.as_secs()
+                        );
+                        stop.stop();
+                    }
+                }
                 r
             })
             .map_err(|e| Error::Image(format!("cannot start the agent thread: {e}")))?
     };
     let hv = runner::backend::open()?;
-    let vm_result = runner::vmm::run(&hv, &res, console, timings);
+    let vm_result = runner::vmm::run_with_stop(&hv, &res, console, timings, &stop);
     vm_done.store(true, Ordering::SeqCst);
+    drop(vm_ended_tx);
     let agent_result = agent
         .join()
         .unwrap_or_else(|_| Err("agent thread panicked".into()));
