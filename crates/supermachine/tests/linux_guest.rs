@@ -1428,6 +1428,10 @@ fn run_in_rig(p: &Payload, filter: Option<&str>) -> bool {
                 p.images.env_line()
             ),
         );
+        // The whole suite takes 5-10 min in the rig. An L1 that stops making
+        // progress (seen once: no output for 25 min, cause not found) is cut off
+        // well before the rig's own 30 min and counts as an L1 that died.
+        cmd.args(["--timeout", "1200"]);
         cmd.arg(&p.dir).arg("--").arg("./linux_guest");
         cmd.stdout(Stdio::piped());
         let Ok(mut child) = cmd.spawn() else {
