@@ -1217,8 +1217,15 @@ fn big_payload() -> Vec<u8> {
         .collect()
 }
 
+/// TAP interfaces are Linux's (the scenario runs in the rig's L1 only).
+#[cfg(not(target_os = "linux"))]
+fn make_persistent_tap(name: &str) -> Result<(), String> {
+    Err(format!("cannot create TAP interface {name}: not Linux"))
+}
+
 /// Makes a persistent TAP interface `name` (TUNSETIFF, TUNSETPERSIST) that
 /// outlives this process's file descriptor, as `ip tuntap add` does.
+#[cfg(target_os = "linux")]
 fn make_persistent_tap(name: &str) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
