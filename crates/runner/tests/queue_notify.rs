@@ -6,6 +6,8 @@
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +15,9 @@ use devices::virtio::mmio::{reg, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{status, GuestMemoryMmap};
 use devices::Bus;
 use hypervisor::x86_64::{BootState as X86BootState, DescriptorTable, Regs, Segment, Sregs};
-use hypervisor::{
-    BootState, Hypervisor, HypervisorError, MemoryRegion, Vcpu, VcpuExit, Vm, VmConfig,
-};
+use hypervisor::{BootState, Hypervisor, MemoryRegion, Vcpu, VcpuExit, Vm, VmConfig};
 
-use kvm_backend::KvmHypervisor;
+use common::hypervisor;
 use runner::resources::VmResources;
 use runner::virtio::{attach, DeviceEvents};
 use runner::x86_64::layout::VIRTIO_SLOTS;
@@ -33,17 +33,6 @@ const BUFFER_LEN: u32 = 64;
 const CODE: u64 = 0x10_0000;
 /// The port the guest writes after its notification, to hand control back.
 const DONE_PORT: u16 = 0x10;
-
-fn hypervisor() -> Option<KvmHypervisor> {
-    match KvmHypervisor::new() {
-        Ok(h) => Some(h),
-        Err(e @ HypervisorError::Open { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("KVM is present but unusable: {e}"),
-    }
-}
 
 fn segment(entry: u64, selector: u16) -> Segment {
     Segment {

@@ -4,26 +4,17 @@
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hypervisor::HypervisorError;
+use common::hypervisor;
 use kvm_backend::KvmHypervisor;
 use runner::resources::VmResources;
 use runner::timings::Timings;
 use runner::vmm::{run_with_stop, GuestExit, StopHandle};
-
-fn hypervisor() -> Option<KvmHypervisor> {
-    match KvmHypervisor::new() {
-        Ok(h) => Some(h),
-        Err(e @ HypervisorError::Open { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("KVM is present but unusable: {e}"),
-    }
-}
 
 /// A PVH guest whose code is `code`, in a file of its own.
 fn guest(tag: &str, code: &[u8]) -> PathBuf {
@@ -32,6 +23,18 @@ fn guest(tag: &str, code: &[u8]) -> PathBuf {
     let path = dir.join("guest.elf");
     std::fs::write(&path, test_guests::pvh_elf(code)).unwrap();
     path
+}
+
+/// Runs `res` until it ends or `handle` stops it.
+fn run(hv: &KvmHypervisor, res: &VmResources, handle: &StopHandle) -> runner::vmm::RunOutcome {
+    run_with_stop(
+        hv,
+        res,
+        Box::new(std::io::sink()),
+        Arc::new(Timings::start()),
+        handle,
+    )
+    .unwrap()
 }
 
 fn resources(kernel: PathBuf) -> VmResources {
@@ -52,14 +55,7 @@ fn stopped_after(tag: &str, code: &[u8], after: Duration) -> Option<(GuestExit, 
         h.stop();
     });
     let t0 = Instant::now();
-    let outcome = run_with_stop(
-        &hv,
-        &res,
-        Box::new(std::io::sink()),
-        Arc::new(Timings::start()),
-        &handle,
-    )
-    .unwrap();
+    let outcome = run(&hv, &res, &handle);
     let took = t0.elapsed();
     stopper.join().unwrap();
     Some((outcome.exit, outcome.status, took))
@@ -110,13 +106,6 @@ fn a_stop_requested_before_the_run_starts_ends_it_at_once() {
     let handle = StopHandle::new();
     handle.stop();
     assert!(handle.stop_requested());
-    let outcome = run_with_stop(
-        &hv,
-        &res,
-        Box::new(std::io::sink()),
-        Arc::new(Timings::start()),
-        &handle,
-    )
-    .unwrap();
+    let outcome = run(&hv, &res, &handle);
     assert_eq!(outcome.exit, GuestExit::Stopped);
 }
