@@ -71,6 +71,26 @@ impl Write for ConsoleOut {
     }
 }
 
+/// The console UART on interrupt line `line` of `vm`, writing to `out`: in its
+/// power-on state, or restored from `saved`.
+pub(crate) fn serial<V: hypervisor::Vm>(
+    vm: &V,
+    line: u32,
+    out: ConsoleOut,
+    saved: Option<&devices::serial::SerialState>,
+) -> Result<devices::serial::Serial<ConsoleOut>, crate::vmm::RunError> {
+    let irq = Arc::new(crate::vmm::LineInterrupt::new(line, vm.irq_line(line)?));
+    match saved {
+        None => Ok(devices::serial::Serial::new(irq, out)),
+        Some(s) => devices::serial::Serial::from_state(s, irq, out).map_err(|source| {
+            crate::vmm::RunError::RestoreDevice {
+                what: "the serial console".into(),
+                source: Box::new(source),
+            }
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use devices::virtio::{HostFd, HostWaker, MmioTransport, TOKEN_WAKE};
@@ -68,6 +68,42 @@ pub enum EventLoopError {
 struct Control {
     fd: EventFd,
     stop: AtomicBool,
+    hold: Mutex<Hold>,
+    held: Condvar,
+}
+
+/// Whether the loop is asked to hold, and whether it does.
+#[derive(Debug, Default)]
+struct Hold {
+    requested: bool,
+    holding: bool,
+    /// The loop's thread is alive (or about to be): a hold request waits for it.
+    alive: bool,
+}
+
+impl Control {
+    fn hold_state(&self) -> std::sync::MutexGuard<'_, Hold> {
+        self.hold.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Holds the calling loop while a hold is requested (and no stop).
+    fn hold_while_requested(&self) {
+        let mut h = self.hold_state();
+        if !h.requested {
+            return;
+        }
+        h.holding = true;
+        self.held.notify_all();
+        while h.requested && !self.stop.load(Ordering::SeqCst) {
+            h = self.held.wait(h).unwrap_or_else(PoisonError::into_inner);
+        }
+        h.holding = false;
+    }
+
+    fn set_alive(&self, alive: bool) {
+        self.hold_state().alive = alive;
+        self.held.notify_all();
+    }
 }
 
 impl HostWaker for Control {
@@ -87,11 +123,36 @@ impl EventLoopHandle {
     /// Ends the loop after the events it is handling.
     pub fn stop(&self) {
         self.control.stop.store(true, Ordering::SeqCst);
+        // Under the hold lock, so a loop about to wait for a resume sees it.
+        drop(self.control.hold_state());
+        self.control.held.notify_all();
         self.control.wake();
     }
 
     /// Makes the loop re-read every device's fd set and kick the devices.
     pub fn wake(&self) {
+        self.control.wake();
+    }
+
+    /// Holds the loop after the events it is handling and returns once it is
+    /// held (or has ended): until [`EventLoopHandle::resume`] no device runs.
+    pub fn pause(&self) {
+        let mut h = self.control.hold_state();
+        h.requested = true;
+        self.control.wake();
+        while !h.holding && h.alive && !self.control.stop.load(Ordering::SeqCst) {
+            h = self
+                .control
+                .held
+                .wait(h)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Lets a held loop go on; it then re-reads every device's fd set.
+    pub fn resume(&self) {
+        self.control.hold_state().requested = false;
+        self.control.held.notify_all();
         self.control.wake();
     }
 }
@@ -151,6 +212,8 @@ impl EventLoop {
             control: Arc::new(Control {
                 fd,
                 stop: AtomicBool::new(false),
+                hold: Mutex::new(Hold::default()),
+                held: Condvar::new(),
             }),
             sources: Vec::new(),
         })
@@ -202,16 +265,35 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Runs the loop on a thread named `sm-devices`.
-    pub fn spawn(self) -> Result<JoinHandle<Result<(), EventLoopError>>, EventLoopError> {
+    /// Runs the loop on a thread named `sm-devices`; if it fails, `on_error`
+    /// gets the error on that thread.
+    pub fn spawn(
+        self,
+        on_error: impl FnOnce(EventLoopError) + Send + 'static,
+    ) -> Result<JoinHandle<()>, EventLoopError> {
+        let control = self.control.clone();
+        control.set_alive(true);
         std::thread::Builder::new()
             .name("sm-devices".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                if let Err(e) = self.run() {
+                    on_error(e);
+                }
+            })
+            .inspect_err(|_| control.set_alive(false))
             .map_err(EventLoopError::Spawn)
     }
 
     /// Runs the loop on this thread until [`EventLoopHandle::stop`].
-    pub fn run(mut self) -> Result<(), EventLoopError> {
+    pub fn run(self) -> Result<(), EventLoopError> {
+        let control = self.control.clone();
+        control.set_alive(true);
+        let r = self.serve();
+        control.set_alive(false);
+        r
+    }
+
+    fn serve(mut self) -> Result<(), EventLoopError> {
         let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -234,6 +316,10 @@ impl EventLoop {
                 return Ok(());
             }
             if woken {
+                self.control.hold_while_requested();
+                if self.control.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
                 for index in 0..self.sources.len() {
                     self.sync(index)?;
                     if let Some(Source::Transport { transport, .. }) = self.sources.get(index) {
@@ -476,7 +562,7 @@ mod tests {
         let mut el = EventLoop::new().unwrap();
         el.add_transport(t).unwrap();
         let handle = el.handle();
-        let thread = el.spawn().unwrap();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
         theirs.write_all(b"hello").unwrap();
         // The first event may be the initial "writable" edge with nothing to read.
         loop {
@@ -485,7 +571,7 @@ mod tests {
             }
         }
         handle.stop();
-        thread.join().unwrap().unwrap();
+        thread.join().unwrap();
     }
 
     #[test]
@@ -495,7 +581,7 @@ mod tests {
         let mut el = EventLoop::new().unwrap();
         el.add_transport(t.clone()).unwrap();
         let handle = el.handle();
-        let thread = el.spawn().unwrap();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
         let (new_ours, mut new_theirs) = UnixStream::pair().unwrap();
         lock(&t)
             .device_mut::<SocketDevice>()
@@ -509,7 +595,7 @@ mod tests {
             }
         }
         handle.stop();
-        thread.join().unwrap().unwrap();
+        thread.join().unwrap();
     }
 
     #[test]
@@ -525,19 +611,56 @@ mod tests {
         el.add_ioevent(IoEvent::new(file, Box::new(())), t, 0)
             .unwrap();
         let handle = el.handle();
-        let thread = el.spawn().unwrap();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
         trigger.write(1).unwrap();
         assert_eq!(next(&seen), "queue 0");
         handle.stop();
-        thread.join().unwrap().unwrap();
+        thread.join().unwrap();
     }
 
     #[test]
     fn event_loop_stop_ends_thread() {
         let el = EventLoop::new().unwrap();
         let handle = el.handle();
-        let thread = el.spawn().unwrap();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
         handle.stop();
-        thread.join().unwrap().unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn event_loop_paused_delivers_nothing_until_resumed() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (t, seen) = transport(ours);
+        let mut el = EventLoop::new().unwrap();
+        el.add_transport(t).unwrap();
+        let handle = el.handle();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
+        handle.pause();
+        // Whatever the loop saw before the hold (the first writable edge, the
+        // pause's own wake) is out by now.
+        while seen.recv_timeout(Duration::from_millis(50)).is_ok() {}
+        theirs.write_all(b"held").unwrap();
+        assert!(
+            seen.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a held loop served a device"
+        );
+        handle.resume();
+        loop {
+            if next(&seen) == "7: held" {
+                break;
+            }
+        }
+        handle.stop();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn event_loop_stop_ends_a_held_loop() {
+        let el = EventLoop::new().unwrap();
+        let handle = el.handle();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
+        handle.pause();
+        handle.stop();
+        thread.join().unwrap();
     }
 }

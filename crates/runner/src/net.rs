@@ -192,19 +192,29 @@ fn getrandom_fill(buf: &mut [u8]) -> io::Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
-/// The virtio-net device for `spec` (already [`prepare`]d).
+/// The virtio-net device for `spec` (already [`prepare`]d), with `mac` (a restored
+/// device keeps the one its guest knows) or a random one.
 #[cfg(target_os = "linux")]
-pub fn create_device(spec: &NetSpec) -> Result<devices::virtio::net::Net, NetError> {
+pub fn create_device(
+    spec: &NetSpec,
+    mac: Option<[u8; 6]>,
+) -> Result<devices::virtio::net::Net, NetError> {
     let backend: Box<dyn devices::virtio::net::NetBackend> = match &spec.backend {
         NetBackendSpec::Passt => Box::new(linux::Passt::start(spec.guest)?),
         NetBackendSpec::Tap { name } => Box::new(linux::Tap::open(name)?),
     };
-    Ok(devices::virtio::net::Net::new(random_mac(), backend))
+    Ok(devices::virtio::net::Net::new(
+        mac.unwrap_or_else(random_mac),
+        backend,
+    ))
 }
 
 /// No backends on this host OS yet.
 #[cfg(not(target_os = "linux"))]
-pub fn create_device(spec: &NetSpec) -> Result<devices::virtio::net::Net, NetError> {
+pub fn create_device(
+    spec: &NetSpec,
+    _mac: Option<[u8; 6]>,
+) -> Result<devices::virtio::net::Net, NetError> {
     Err(NetError::Unsupported {
         what: match spec.backend {
             NetBackendSpec::Passt => "passt",

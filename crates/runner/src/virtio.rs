@@ -5,16 +5,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+use devices::virtio::block::{Block, BlockError};
+use devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::{IrqMode, VirtioDevice};
 use devices::Bus;
 use hypervisor::Vm;
 use thiserror::Error;
 
 use crate::resources::VmResources;
-use crate::vmm::{LineInterrupt, RunError};
+use crate::vmm::{LineInterrupt, RunError, VirtioDeviceState, VirtioState};
 
 /// Errors attaching virtio devices.
 #[derive(Debug, Error)]
@@ -108,48 +109,155 @@ pub struct Attached {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
-/// The devices `res` asks for, in guest discovery order: disks first (the first one
-/// is `/dev/vda`), then vsock, the network device and the entropy device.
-/// A device to attach and its name for messages.
-type NamedDevice = (String, Box<dyn VirtioDevice>);
+/// A device to attach, its name for messages, and the transport state to restore
+/// it with (when restoring).
+struct NamedDevice {
+    what: String,
+    device: Box<dyn VirtioDevice>,
+    transport: Option<MmioTransportState>,
+}
 
-fn devices_for(res: &VmResources) -> Result<Vec<NamedDevice>, RunError> {
+/// The devices `res` asks for, in guest discovery order: disks first (the first one
+/// is `/dev/vda`), then vsock, the network device and the entropy device. With
+/// `saved`, each is rebuilt from its saved state, which must list the same devices
+/// in the same order.
+fn devices_for(
+    res: &VmResources,
+    saved: Option<&[VirtioState]>,
+) -> Result<Vec<NamedDevice>, RunError> {
+    let mut saved = saved.map(|s| s.iter());
+    let mut next_saved = |what: &str| -> Result<Option<&VirtioState>, RunError> {
+        match saved.as_mut() {
+            None => Ok(None),
+            Some(it) => it.next().map(Some).ok_or_else(|| RunError::StateMismatch {
+                what: format!("no saved state for the {what}"),
+            }),
+        }
+    };
+    let mismatch = |what: &str, s: &VirtioState| RunError::StateMismatch {
+        what: format!(
+            "the saved {} device is where this VM has its {what}",
+            s.device.kind()
+        ),
+    };
     let mut out: Vec<NamedDevice> = Vec::new();
     for (i, d) in res.disks.iter().enumerate() {
-        let serial = format!("sm-disk{i}");
-        let blk = Block::open(&d.path, d.read_only, &serial).map_err(|source| {
-            VirtioAttachError::Disk {
-                path: d.path.display().to_string(),
-                source,
+        let what = format!("disk {}", d.path.display());
+        let disk_error = |source| VirtioAttachError::Disk {
+            path: d.path.display().to_string(),
+            source,
+        };
+        let (blk, transport) = match next_saved(&what)? {
+            None => (
+                Block::open(&d.path, d.read_only, &format!("sm-disk{i}")).map_err(disk_error)?,
+                None,
+            ),
+            Some(s) => {
+                let VirtioDeviceState::Block(b) = &s.device else {
+                    return Err(mismatch(&what, s));
+                };
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!b.read_only)
+                    .open(&d.path)
+                    .map_err(|source| BlockError::Open {
+                        path: d.path.clone(),
+                        read_only: b.read_only,
+                        source,
+                    })
+                    .map_err(disk_error)?;
+                (
+                    Block::from_state(b, file).map_err(disk_error)?,
+                    Some(s.transport.clone()),
+                )
             }
-        })?;
-        out.push((format!("disk {}", d.path.display()), Box::new(blk)));
+        };
+        out.push(NamedDevice {
+            what,
+            device: Box::new(blk),
+            transport,
+        });
     }
     if let Some(v) = &res.vsock {
-        let dev = devices::virtio::vsock::Vsock::new(v.cid, v.uds_path.as_deref())
-            .map_err(|source| VirtioAttachError::Vsock { cid: v.cid, source })?;
-        out.push((format!("vsock (CID {})", v.cid), Box::new(dev)));
+        let what = format!("vsock (CID {})", v.cid);
+        let vsock_error = |source| VirtioAttachError::Vsock { cid: v.cid, source };
+        let (dev, transport) = match next_saved(&what)? {
+            None => (
+                Vsock::new(v.cid, v.uds_path.as_deref()).map_err(vsock_error)?,
+                None,
+            ),
+            Some(s) => {
+                let VirtioDeviceState::Vsock(vs) = &s.device else {
+                    return Err(mismatch(&what, s));
+                };
+                (
+                    Vsock::from_state(vs, v.uds_path.as_deref()).map_err(vsock_error)?,
+                    Some(s.transport.clone()),
+                )
+            }
+        };
+        out.push(NamedDevice {
+            what,
+            device: Box::new(dev),
+            transport,
+        });
     }
     if let Some(n) = &res.network {
-        let dev = crate::net::create_device(n).map_err(VirtioAttachError::Net)?;
-        out.push(("network device".to_string(), Box::new(dev)));
+        let what = "network device".to_string();
+        let (mac, transport) = match next_saved(&what)? {
+            None => (None, None),
+            Some(s) => {
+                let VirtioDeviceState::Net { mac } = &s.device else {
+                    return Err(mismatch(&what, s));
+                };
+                (Some(*mac), Some(s.transport.clone()))
+            }
+        };
+        let dev = crate::net::create_device(n, mac).map_err(VirtioAttachError::Net)?;
+        out.push(NamedDevice {
+            what,
+            device: Box::new(dev),
+            transport,
+        });
     }
     if res.rng {
-        out.push(("entropy device".to_string(), Box::new(Rng::new())));
+        let what = "entropy device".to_string();
+        let transport = match next_saved(&what)? {
+            None => None,
+            Some(s) if s.device == VirtioDeviceState::Rng => Some(s.transport.clone()),
+            Some(s) => return Err(mismatch(&what, s)),
+        };
+        out.push(NamedDevice {
+            what,
+            device: Box::new(Rng::new()),
+            transport,
+        });
+    }
+    if let Some(mut rest) = saved {
+        if let Some(s) = rest.next() {
+            return Err(RunError::StateMismatch {
+                what: format!(
+                    "the saved state has a {} device this VM does not",
+                    s.device.kind()
+                ),
+            });
+        }
     }
     Ok(out)
 }
 
 /// Creates a transport for every virtio device `res` asks for and puts it on `mmio`
-/// in the platform's `slots`.
+/// in the platform's `slots`; with `saved`, each device and transport is restored
+/// from its saved state.
 pub fn attach<V: Vm>(
     vm: &V,
     mem: &Arc<devices::virtio::GuestMemoryMmap>,
     res: &VmResources,
     mmio: &mut Bus,
     slots: &Slots,
+    saved: Option<&[VirtioState]>,
 ) -> Result<Vec<Attached>, RunError> {
-    let devs = devices_for(res)?;
+    let devs = devices_for(res, saved)?;
     if devs.len() > slots.max {
         return Err(VirtioAttachError::TooMany {
             count: devs.len(),
@@ -158,7 +266,7 @@ pub fn attach<V: Vm>(
         .into());
     }
     let mut attached = Vec::with_capacity(devs.len());
-    for (i, (what, dev)) in devs.into_iter().enumerate() {
+    for (i, d) in devs.into_iter().enumerate() {
         let placement = slots.place(i).ok_or(VirtioAttachError::TooMany {
             count: i + 1,
             max: slots.max,
@@ -167,13 +275,16 @@ pub fn attach<V: Vm>(
             placement.irq,
             vm.irq_line(placement.irq)?,
         ));
-        let transport =
-            MmioTransport::new(dev, mem.clone(), irq, IrqMode::Edge).map_err(|source| {
-                VirtioAttachError::Transport {
-                    what: what.clone(),
-                    source,
-                }
-            })?;
+        let transport_error = |source| VirtioAttachError::Transport {
+            what: d.what.clone(),
+            source,
+        };
+        let transport = match &d.transport {
+            None => MmioTransport::new(d.device, mem.clone(), irq, IrqMode::Edge)
+                .map_err(transport_error)?,
+            Some(state) => MmioTransport::from_state(state, d.device, mem.clone(), irq)
+                .map_err(transport_error)?,
+        };
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(placement.base, MMIO_WINDOW_SIZE, transport.clone())
             .map_err(|source| RunError::Device {
@@ -183,7 +294,7 @@ pub fn attach<V: Vm>(
         attached.push(Attached {
             placement,
             len: MMIO_WINDOW_SIZE,
-            what,
+            what: d.what,
             transport,
         });
     }
@@ -198,7 +309,7 @@ pub struct DeviceEvents {
     #[cfg(target_os = "linux")]
     handle: crate::event_loop::EventLoopHandle,
     #[cfg(target_os = "linux")]
-    thread: Option<std::thread::JoinHandle<Result<(), crate::event_loop::EventLoopError>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// Queue notifications that reach the devices without a vCPU exit.
     ioevents: usize,
 }
@@ -208,11 +319,13 @@ impl DeviceEvents {
     /// `vm` at the device's `QueueNotify` (datamatch: the queue index, which is
     /// what the driver writes there, virtio 1.2 §4.2.3.3). A backend without
     /// them, or a registration it refuses, leaves that queue's notifications on
-    /// the MMIO-exit path, which handles them the same way.
+    /// the MMIO-exit path, which handles them the same way. If the loop fails
+    /// later, `on_error` gets its error (the VMM ends the run with it).
     #[cfg(target_os = "linux")]
     pub fn start<V: Vm>(
         vm: &V,
         attached: &[Attached],
+        on_error: impl FnOnce(Box<dyn std::error::Error + Send + Sync>) + Send + 'static,
     ) -> Result<Self, crate::event_loop::EventLoopError> {
         let mut el = crate::event_loop::EventLoop::new()?;
         let mut ioevents = 0;
@@ -224,7 +337,7 @@ impl DeviceEvents {
             }
         }
         let handle = el.handle();
-        let thread = Some(el.spawn()?);
+        let thread = Some(el.spawn(move |e| on_error(Box::new(e)))?);
         Ok(Self {
             handle,
             thread,
@@ -235,13 +348,30 @@ impl DeviceEvents {
     /// No host-side device events on this platform yet; queue notifications
     /// arrive as MMIO exits (Hypervisor.framework has no ioeventfd).
     #[cfg(not(target_os = "linux"))]
-    pub fn start<V: Vm>(_vm: &V, _attached: &[Attached]) -> Result<Self, std::convert::Infallible> {
+    pub fn start<V: Vm>(
+        _vm: &V,
+        _attached: &[Attached],
+        _on_error: impl FnOnce(Box<dyn std::error::Error + Send + Sync>) + Send + 'static,
+    ) -> Result<Self, std::convert::Infallible> {
         Ok(Self { ioevents: 0 })
     }
 
     /// How many queues are notified through I/O events rather than MMIO exits.
     pub fn ioevents(&self) -> usize {
         self.ioevents
+    }
+
+    /// Holds the loop between events and returns once it is held: no device
+    /// touches guest memory from the host side until [`DeviceEvents::resume`].
+    pub fn pause(&self) {
+        #[cfg(target_os = "linux")]
+        self.handle.pause();
+    }
+
+    /// Lets a held loop go on.
+    pub fn resume(&self) {
+        #[cfg(target_os = "linux")]
+        self.handle.resume();
     }
 }
 
@@ -279,9 +409,7 @@ impl Drop for DeviceEvents {
         {
             self.handle.stop();
             if let Some(t) = self.thread.take() {
-                if let Ok(Err(e)) = t.join() {
-                    tracing::warn!("device event loop: {e}");
-                }
+                let _ = t.join();
             }
         }
     }

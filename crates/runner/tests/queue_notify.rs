@@ -145,9 +145,9 @@ fn queue_notify_write_reaches_device_without_vcpu_exit() {
     // Only the entropy device: one queue.
     let res = VmResources::new("unused-kernel");
     let mut bus = Bus::new();
-    let attached = attach(&vm, &mem, &res, &mut bus, &VIRTIO_SLOTS).unwrap();
+    let attached = attach(&vm, &mem, &res, &mut bus, &VIRTIO_SLOTS, None).unwrap();
     assert_eq!(attached.len(), 1);
-    let events = DeviceEvents::start(&vm, &attached).unwrap();
+    let events = DeviceEvents::start(&vm, &attached, |e| panic!("device event loop: {e}")).unwrap();
     assert_eq!(events.ioevents(), 1, "one I/O event per queue");
     set_up_driver(&mut attached[0].transport.lock().unwrap(), &mem);
 

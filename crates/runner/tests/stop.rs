@@ -1,6 +1,7 @@
 //! `vmm::StopHandle` ends a run from another thread on `/dev/kvm`, whatever the
 //! guest is doing: spinning in a loop, or halted with interrupts off (nothing
-//! left to wake it). Without a usable `/dev/kvm` the tests print why and return.
+//! left to wake it), or not started yet. Without a usable `/dev/kvm` the tests
+//! print why and return.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,7 +15,7 @@ use common::hypervisor;
 use kvm_backend::KvmHypervisor;
 use runner::resources::VmResources;
 use runner::timings::Timings;
-use runner::vmm::{run_with_stop, GuestExit, StopHandle};
+use runner::vmm::{GuestExit, StopHandle, Vmm};
 
 /// A PVH guest whose code is `code`, in a file of its own.
 fn guest(tag: &str, code: &[u8]) -> PathBuf {
@@ -25,16 +26,26 @@ fn guest(tag: &str, code: &[u8]) -> PathBuf {
     path
 }
 
-/// Runs `res` until it ends or `handle` stops it.
-fn run(hv: &KvmHypervisor, res: &VmResources, handle: &StopHandle) -> runner::vmm::RunOutcome {
-    run_with_stop(
+/// Builds `res`, hands its stop handle to `with_handle`, starts it and waits for
+/// its end.
+fn run(
+    hv: &KvmHypervisor,
+    res: &VmResources,
+    with_handle: impl FnOnce(StopHandle),
+) -> runner::vmm::RunOutcome {
+    let vmm = Vmm::build(
         hv,
         res,
         Box::new(std::io::sink()),
         Arc::new(Timings::start()),
-        handle,
     )
-    .unwrap()
+    .unwrap();
+    with_handle(vmm.stop_handle());
+    match vmm.start() {
+        Ok(()) | Err(runner::vmm::ControlError::Ended) => {}
+        Err(e) => panic!("start: {e}"),
+    }
+    vmm.wait().unwrap()
 }
 
 fn resources(kernel: PathBuf) -> VmResources {
@@ -48,16 +59,16 @@ fn resources(kernel: PathBuf) -> VmResources {
 fn stopped_after(tag: &str, code: &[u8], after: Duration) -> Option<(GuestExit, u32, Duration)> {
     let hv = hypervisor()?;
     let res = resources(guest(tag, code));
-    let handle = StopHandle::new();
-    let h = handle.clone();
-    let stopper = std::thread::spawn(move || {
-        std::thread::sleep(after);
-        h.stop();
-    });
+    let mut stopper = None;
     let t0 = Instant::now();
-    let outcome = run(&hv, &res, &handle);
+    let outcome = run(&hv, &res, |h| {
+        stopper = Some(std::thread::spawn(move || {
+            std::thread::sleep(after);
+            h.stop();
+        }));
+    });
     let took = t0.elapsed();
-    stopper.join().unwrap();
+    stopper.unwrap().join().unwrap();
     Some((outcome.exit, outcome.status, took))
 }
 
@@ -103,9 +114,9 @@ fn stop_ends_a_guest_halted_with_interrupts_off_and_keeps_its_status() {
 fn a_stop_requested_before_the_run_starts_ends_it_at_once() {
     let Some(hv) = hypervisor() else { return };
     let res = resources(guest("early", &[0xeb, 0xfe]));
-    let handle = StopHandle::new();
-    handle.stop();
-    assert!(handle.stop_requested());
-    let outcome = run(&hv, &res, &handle);
+    let outcome = run(&hv, &res, |h| {
+        h.stop();
+        assert!(h.is_ending());
+    });
     assert_eq!(outcome.exit, GuestExit::Stopped);
 }

@@ -46,6 +46,9 @@ pub enum Error {
     /// Building or running the VM failed.
     #[error(transparent)]
     Run(#[from] runner::vmm::RunError),
+    /// The guest's network could not be resolved (host route, resolver).
+    #[error("cannot set up the guest's network")]
+    Network(#[from] runner::net::NetError),
     /// Resolving, pulling or converting an image failed.
     #[error("{0}")]
     Image(String),
@@ -136,7 +139,9 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
             (assets.kernel.clone(), initrd)
         }
     };
-    Ok(VmResources {
+    // The guest's network addresses are resolved here, once, into the resources
+    // (`sm.net=` on the command line); the VMM only reads them.
+    let res = VmResources {
         kernel,
         initrd,
         cmdline: cfg
@@ -149,7 +154,8 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
         rng: true,
         vsock: cfg.vsock.clone(),
         network: cfg.network.clone(),
-    })
+    };
+    Ok(runner::net::prepare(&res)?)
 }
 
 /// Boots `cfg` to completion with the guest console on this process's stdout.

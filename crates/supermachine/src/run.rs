@@ -13,7 +13,6 @@
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -251,15 +250,15 @@ const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
 
 /// Connects to guest vsock `port` through the VMM's UNIX socket (Firecracker's
 /// `CONNECT <port>\n` / `OK <host port>\n` handshake), retrying while the guest is
-/// not listening yet, until `deadline` or `vm_done`.
+/// not listening yet, until `deadline` or the end of the VM.
 fn connect_agent(
     uds: &Path,
     port: u32,
     deadline: Instant,
-    vm_done: &AtomicBool,
+    vm: &runner::vmm::StopHandle,
 ) -> Option<UnixStream> {
     let debug = std::env::var_os("SUPERMACHINE_DEBUG").is_some();
-    while Instant::now() < deadline && !vm_done.load(Ordering::SeqCst) {
+    while Instant::now() < deadline && !vm.is_ending() {
         match UnixStream::connect(uds) {
             Ok(mut s) => {
                 // A guest that never answers must not hold us: bound the handshake.
@@ -370,12 +369,12 @@ pub fn run(
     } else {
         Box::new(std::io::sink())
     };
-    let vm_done = Arc::new(AtomicBool::new(false));
-    let stop = runner::vmm::StopHandle::new();
+    let hv = runner::backend::open()?;
+    let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
+    let stop = vmm.stop_handle();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     let agent = {
-        let vm_done = vm_done.clone();
         let stop = stop.clone();
         let uds = uds.clone();
         std::thread::Builder::new()
@@ -384,9 +383,8 @@ pub fn run(
                 let mut out = out;
                 let mut err = err;
                 let deadline = Instant::now() + AGENT_CONNECT_TIMEOUT;
-                let mut conn =
-                    connect_agent(&uds, agent_protocol::CONTROL_PORT, deadline, &vm_done)
-                        .ok_or_else(|| "the guest agent never answered on vsock".to_string())?;
+                let mut conn = connect_agent(&uds, agent_protocol::CONTROL_PORT, deadline, &stop)
+                    .ok_or_else(|| "the guest agent never answered on vsock".to_string())?;
                 let r = agent::run_process(&mut conn, spec, &mut *out, &mut *err)
                     .map_err(|e| e.to_string());
                 // Closing tells the guest it may power off now.
@@ -406,9 +404,15 @@ pub fn run(
             })
             .map_err(|e| Error::Image(format!("cannot start the agent thread: {e}")))?
     };
-    let hv = runner::backend::open()?;
-    let vm_result = runner::vmm::run_with_stop(&hv, &res, console, timings, &stop);
-    vm_done.store(true, Ordering::SeqCst);
+    let vm_result = match vmm.start() {
+        // Stopped before it started: `wait` says so.
+        Ok(()) | Err(runner::vmm::ControlError::Ended) => vmm.wait(),
+        Err(e) => {
+            stop.stop();
+            drop(vmm);
+            Err(runner::vmm::RunError::from(e))
+        }
+    };
     drop(vm_ended_tx);
     let agent_result = agent
         .join()

@@ -60,6 +60,105 @@ pub fn print_and_poweroff_code(text: &[u8], exit_status: u32) -> Vec<u8> {
     c
 }
 
+/// Where [`heartbeat_code`] keeps its COM1 lock (a byte) and, from
+/// `HEARTBEAT_COUNTERS`, each vCPU's counter (a `u32` per vCPU index).
+pub const HEARTBEAT_LOCK: u64 = 0x1_1000;
+/// See [`HEARTBEAT_LOCK`].
+pub const HEARTBEAT_COUNTERS: u64 = 0x1_1004;
+/// Where [`heartbeat_code`] copies its application-processor trampoline (SIPI
+/// vector 0x10); free RAM in supermachine's x86_64 layout.
+pub const HEARTBEAT_AP_TRAMPOLINE: u64 = 0x1_0000;
+
+/// 32-bit code for a heartbeat guest of one or two vCPUs: every vCPU counts
+/// 1, 2, 3, ... forever, and for each count prints a line `<vcpu>:<count as 8
+/// lowercase hex digits>\n` on COM1 (under a spinlock in guest memory, so lines
+/// never interleave) and stores the count at `HEARTBEAT_COUNTERS + 4 * vcpu`, then
+/// spins `delay_loops` iterations of `loop`. The boot CPU first copies a real-mode
+/// trampoline to [`HEARTBEAT_AP_TRAMPOLINE`], enables its local APIC and sends
+/// INIT and a start-up IPI to all other CPUs; the trampoline enters 32-bit
+/// protected mode with its own flat GDT and joins the loop as vCPU 1. With one
+/// vCPU the IPIs reach nobody.
+///
+/// ```text
+/// _start:  mov esi, tramp ; mov edi, 0x10000 ; mov ecx, tramp_len ; cld ; rep movsb
+///          mov dword [0xfee000f0], 0x1ff            ; APIC software enable
+///          mov dword [0xfee00300], 0x000c4500       ; INIT, all but self
+///          mov dword [0xfee00300], 0x000c4610       ; SIPI vector 0x10, all but self
+///          xor ebp, ebp ; jmp heartbeat
+/// ap32:    mov ax, 0x10 ; mov ds, ax ; mov es, ax ; mov ss, ax ; mov ebp, 1
+/// heartbeat: xor esi, esi
+/// beat:    inc esi ; mov [0x11004 + ebp*4], esi
+/// acquire: mov al, 1 ; xchg al, [0x11000] ; test al, al ; jz locked ; pause ; jmp acquire
+/// locked:  mov dx, 0x3f8 ; mov eax, ebp ; add al, '0' ; out dx, al ; mov al, ':' ; out dx, al
+///          mov ecx, 8 ; mov edi, esi
+/// digit:   rol edi, 4 ; mov eax, edi ; and al, 0xf ; cmp al, 10 ; jb dec ; add al, 0x27
+/// dec:     add al, '0' ; out dx, al ; loop digit
+///          mov al, 10 ; out dx, al ; mov byte [0x11000], 0
+///          mov ecx, delay_loops
+/// delay:   loop delay ; jmp beat
+/// tramp (16-bit, copied to 0x10000, entered at 1000:0000):
+///          cli ; mov ax, cs ; mov ds, ax ; lgdt [gdtr - tramp]
+///          mov eax, cr0 ; or eax, 1 ; mov cr0, eax ; jmp dword 0x08:ap32
+///          gdt: null, flat 32-bit code (0x08), flat data (0x10) ; gdtr: 23, 0x10000 + gdt - tramp
+/// ```
+pub fn heartbeat_code(delay_loops: u32) -> Vec<u8> {
+    // Assembled for LOAD_ADDR (absolute addresses of `tramp` and `ap32` inside).
+    const CODE: [u8; 214] = [
+        0xbe, 0x95, 0x00, 0x10, 0x00, 0xbf, 0x00, 0x00, 0x01, 0x00, 0xb9, 0x41, 0x00, 0x00, 0x00,
+        0xfc, 0xf3, 0xa4, 0xc7, 0x05, 0xf0, 0x00, 0xe0, 0xfe, 0xff, 0x01, 0x00, 0x00, 0xc7, 0x05,
+        0x00, 0x03, 0xe0, 0xfe, 0x00, 0x45, 0x0c, 0x00, 0xc7, 0x05, 0x00, 0x03, 0xe0, 0xfe, 0x10,
+        0x46, 0x0c, 0x00, 0x31, 0xed, 0xeb, 0x0f, 0x66, 0xb8, 0x10, 0x00, 0x8e, 0xd8, 0x8e, 0xc0,
+        0x8e, 0xd0, 0xbd, 0x01, 0x00, 0x00, 0x00, 0x31, 0xf6, 0x46, 0x89, 0x34, 0xad, 0x04, 0x10,
+        0x01, 0x00, 0xb0, 0x01, 0x86, 0x05, 0x00, 0x10, 0x01, 0x00, 0x84, 0xc0, 0x74, 0x04, 0xf3,
+        0x90, 0xeb, 0xf0, 0x66, 0xba, 0xf8, 0x03, 0x89, 0xe8, 0x04, 0x30, 0xee, 0xb0, 0x3a, 0xee,
+        0xb9, 0x08, 0x00, 0x00, 0x00, 0x89, 0xf7, 0xc1, 0xc7, 0x04, 0x89, 0xf8, 0x24, 0x0f, 0x3c,
+        0x0a, 0x72, 0x02, 0x04, 0x27, 0x04, 0x30, 0xee, 0xe2, 0xee, 0xb0, 0x0a, 0xee, 0xc6, 0x05,
+        0x00, 0x10, 0x01, 0x00, 0x00, 0xb9, 0x78, 0x56, 0x34, 0x12, 0xe2, 0xfe, 0xeb, 0xb0, 0xfa,
+        0x8c, 0xc8, 0x8e, 0xd8, 0x66, 0x0f, 0x01, 0x16, 0x3b, 0x00, 0x0f, 0x20, 0xc0, 0x66, 0x83,
+        0xc8, 0x01, 0x0f, 0x22, 0xc0, 0x66, 0xea, 0x34, 0x00, 0x10, 0x00, 0x08, 0x00, 0x8d, 0xb4,
+        0x00, 0x00, 0x66, 0x90, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0x00,
+        0x00, 0x00, 0x9a, 0xcf, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x92, 0xcf, 0x00, 0x17, 0x00,
+        0x23, 0x00, 0x01, 0x00,
+    ];
+    /// Offset of the `mov ecx, delay_loops` immediate.
+    const DELAY_IMM: usize = 0x8d;
+    let mut c = CODE.to_vec();
+    c[DELAY_IMM..DELAY_IMM + 4].copy_from_slice(&delay_loops.to_le_bytes());
+    c
+}
+
+/// One heartbeat line: which vCPU printed it and its count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    /// vCPU index.
+    pub vcpu: u32,
+    /// The count (1 for the first line).
+    pub count: u32,
+}
+
+/// Parses the complete lines of [`heartbeat_code`]'s output; a trailing partial
+/// line is left out. `None` if a complete line is malformed.
+pub fn parse_heartbeats(output: &[u8]) -> Option<Vec<Beat>> {
+    let complete = match output.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &output[..end],
+        None => return Some(Vec::new()),
+    };
+    complete
+        .split(|&b| b == b'\n')
+        .map(|line| {
+            let line = std::str::from_utf8(line).ok()?;
+            let (vcpu, count) = line.split_once(':')?;
+            if count.len() != 8 {
+                return None;
+            }
+            Some(Beat {
+                vcpu: vcpu.parse().ok()?,
+                count: u32::from_str_radix(count, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
 /// Builds an ELF64 x86-64 executable that loads `code` at [`LOAD_ADDR`] and declares
 /// it as the PVH 32-bit entry point.
 pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
@@ -130,6 +229,31 @@ fn pvh_note(entry: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_code_patches_the_delay_immediate() {
+        let c = heartbeat_code(0xdead_beef);
+        // `mov ecx, imm32` (0xb9) right before the delay's `loop $` (0xe2 0xfe).
+        assert_eq!(c[0x8c], 0xb9);
+        assert_eq!(&c[0x8d..0x91], &0xdead_beefu32.to_le_bytes());
+        assert_eq!(&c[0x91..0x93], &[0xe2, 0xfe]);
+    }
+
+    #[test]
+    fn parse_heartbeats_reads_complete_lines_only() {
+        let beats = parse_heartbeats(b"0:00000001\n1:0000000a\n0:0000").unwrap();
+        assert_eq!(
+            beats,
+            vec![Beat { vcpu: 0, count: 1 }, Beat { vcpu: 1, count: 10 }]
+        );
+        assert_eq!(parse_heartbeats(b"0:0000").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn parse_heartbeats_malformed_line_is_none() {
+        assert_eq!(parse_heartbeats(b"0:xyz\n"), None);
+        assert_eq!(parse_heartbeats(b"0:000000001\n"), None);
+    }
 
     #[test]
     fn pvh_elf_has_magic_entry_and_note() {

@@ -18,37 +18,41 @@ use super::layout;
 use crate::console::ConsoleOut;
 use crate::resources::VmResources;
 use crate::timings::Timings;
-use crate::vmm::{LineInterrupt, Platform, RunError};
+use crate::vmm::{DeviceStates, Platform, RunError};
 
 /// Builds the aarch64 platform in `mem` for `vm` (whose GIC exists): the 16550A at
 /// [`layout::UART_BASE`] (to `console`), the power block at [`layout::POWER_BASE`],
 /// the kernel Image, initramfs and device tree, and the boot CPU's entry state.
 /// Power-off and reset are PSCI calls the backend reports as `Shutdown`/`Reset`.
+/// With `saved`, the devices are restored from it instead, and guest memory (which
+/// already holds the saved RAM) is left alone: no kernel, no device tree, no boot
+/// state.
 pub fn setup_platform<V: Vm>(
     vm: &V,
     mem: &Arc<GuestMemoryMmap>,
     res: &VmResources,
     console: Box<dyn Write + Send>,
     timings: &Arc<Timings>,
+    saved: Option<&DeviceStates>,
 ) -> Result<Platform, RunError> {
     boot::check_vcpus(res.vcpus)?;
     let mut mmio = Bus::new();
-    let serial_irq = Arc::new(LineInterrupt::new(
+    let serial = Arc::new(Mutex::new(crate::console::serial(
+        vm,
         layout::UART_SPI,
-        vm.irq_line(layout::UART_SPI)?,
+        ConsoleOut::new(console, timings.clone()),
+        saved.map(|s| &s.serial),
+    )?));
+    mmio.insert(layout::UART_BASE, layout::UART_REG_LEN, serial.clone())
+        .map_err(|source| RunError::Device {
+            what: "serial console",
+            source,
+        })?;
+    let power = Arc::new(Mutex::new(
+        saved.map_or_else(devices::power::PowerDevice::new, |s| {
+            devices::power::PowerDevice::from_state(&s.power)
+        }),
     ));
-    let serial =
-        devices::serial::Serial::new(serial_irq, ConsoleOut::new(console, timings.clone()));
-    mmio.insert(
-        layout::UART_BASE,
-        layout::UART_REG_LEN,
-        Arc::new(Mutex::new(serial)),
-    )
-    .map_err(|source| RunError::Device {
-        what: "serial console",
-        source,
-    })?;
-    let power = Arc::new(Mutex::new(devices::power::PowerDevice::new()));
     mmio.insert(
         layout::POWER_BASE,
         devices::power::POWER_PORT_LEN,
@@ -59,7 +63,25 @@ pub fn setup_platform<V: Vm>(
         source,
     })?;
 
-    let virtio = crate::virtio::attach(vm, mem, res, &mut mmio, &layout::VIRTIO_SLOTS)?;
+    let virtio = crate::virtio::attach(
+        vm,
+        mem,
+        res,
+        &mut mmio,
+        &layout::VIRTIO_SLOTS,
+        saved.map(|s| s.virtio.as_slice()),
+    )?;
+    if saved.is_some() {
+        return Ok(Platform {
+            pio: Bus::new(),
+            mmio,
+            serial,
+            i8042: None,
+            power,
+            boot: None,
+            virtio,
+        });
+    }
     let mem = mem.as_ref();
 
     let (image, header) = boot::read_kernel(&res.kernel)?;
@@ -126,8 +148,10 @@ pub fn setup_platform<V: Vm>(
     Ok(Platform {
         pio: Bus::new(),
         mmio,
+        serial,
+        i8042: None,
         power,
-        boot: BootState::Aarch64(boot::boot_state(&place)),
+        boot: Some(BootState::Aarch64(boot::boot_state(&place))),
         virtio,
     })
 }

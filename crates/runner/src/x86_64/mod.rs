@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::console::ConsoleOut;
 use crate::resources::VmResources;
 use crate::timings::Timings;
-use crate::vmm::{LineInterrupt, Platform, RunError};
+use crate::vmm::{DeviceStates, Platform, RunError};
 
 pub use layout::ram_ranges;
 
@@ -33,31 +33,38 @@ pub enum PlatformError {
 
 /// Builds the x86_64 platform in `mem` for `vm` (whose interrupt controller exists):
 /// COM1 (to `console`), the power block and i8042 on the port bus, the ACPI tables,
-/// the kernel and initramfs, and the boot CPU's entry state.
+/// the kernel and initramfs, and the boot CPU's entry state. With `saved`, the
+/// devices are restored from it instead, and guest memory (which already holds
+/// the saved RAM) is left alone: no tables, no kernel, no boot state.
 pub fn setup_platform<V: Vm>(
     vm: &V,
     mem: &Arc<GuestMemoryMmap>,
     res: &VmResources,
     console: Box<dyn Write + Send>,
     timings: &Arc<Timings>,
+    saved: Option<&DeviceStates>,
 ) -> Result<Platform, RunError> {
     let mut pio = Bus::new();
-    let serial_irq = Arc::new(LineInterrupt::new(
+    let serial = Arc::new(Mutex::new(crate::console::serial(
+        vm,
         devices::serial::COM1_GSI,
-        vm.irq_line(devices::serial::COM1_GSI)?,
-    ));
-    let serial =
-        devices::serial::Serial::new(serial_irq, ConsoleOut::new(console, timings.clone()));
+        ConsoleOut::new(console, timings.clone()),
+        saved.map(|s| &s.serial),
+    )?));
     pio.insert(
         devices::serial::COM1_PORT_BASE,
         devices::serial::COM1_PORT_LEN,
-        Arc::new(Mutex::new(serial)),
+        serial.clone(),
     )
     .map_err(|source| RunError::Device {
         what: "serial console",
         source,
     })?;
-    let power = Arc::new(Mutex::new(devices::power::PowerDevice::new()));
+    let power = Arc::new(Mutex::new(
+        saved.map_or_else(devices::power::PowerDevice::new, |s| {
+            devices::power::PowerDevice::from_state(&s.power)
+        }),
+    ));
     pio.insert(
         devices::power::POWER_PORT_BASE,
         devices::power::POWER_PORT_LEN,
@@ -67,10 +74,14 @@ pub fn setup_platform<V: Vm>(
         what: "ACPI power device",
         source,
     })?;
+    let i8042 = Arc::new(Mutex::new(match saved.and_then(|s| s.i8042.as_ref()) {
+        Some(s) => devices::i8042::I8042::from_state(s),
+        None => devices::i8042::I8042::new(),
+    }));
     pio.insert(
         devices::i8042::I8042_PORT_BASE,
         devices::i8042::I8042_PORT_LEN,
-        Arc::new(Mutex::new(devices::i8042::I8042::new())),
+        i8042.clone(),
     )
     .map_err(|source| RunError::Device {
         what: "i8042",
@@ -78,7 +89,25 @@ pub fn setup_platform<V: Vm>(
     })?;
 
     let mut mmio = Bus::new();
-    let virtio = crate::virtio::attach(vm, mem, res, &mut mmio, &layout::VIRTIO_SLOTS)?;
+    let virtio = crate::virtio::attach(
+        vm,
+        mem,
+        res,
+        &mut mmio,
+        &layout::VIRTIO_SLOTS,
+        saved.map(|s| s.virtio.as_slice()),
+    )?;
+    if saved.is_some() {
+        return Ok(Platform {
+            pio,
+            mmio,
+            serial,
+            i8042: Some(i8042),
+            power,
+            boot: None,
+            virtio,
+        });
+    }
     let rsdp = acpi::write_acpi_tables(
         mem.as_ref(),
         &acpi::AcpiConfig {
@@ -111,8 +140,10 @@ pub fn setup_platform<V: Vm>(
     Ok(Platform {
         pio,
         mmio,
+        serial,
+        i8042: Some(i8042),
         power,
-        boot: BootState::X86_64(boot_state),
+        boot: Some(BootState::X86_64(boot_state)),
         virtio,
     })
 }

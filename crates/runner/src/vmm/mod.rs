@@ -1,0 +1,910 @@
+//! The VMM core: a [`Vmm`] is a built VM (guest memory, interrupt controller,
+//! buses, virtio transports, one parked thread per vCPU, the device event loop)
+//! that other code holds and acts on: start it, pause and resume it, read its
+//! whole state, stop it, wait for its end. [`Vmm::restore`] builds one from a
+//! saved [`VmmState`] and a RAM image instead of from a kernel. [`run`] is build +
+//! start + wait.
+
+mod state;
+mod vcpu;
+
+pub use state::{DeviceStates, RamImage, VirtioDeviceState, VirtioState, VmmState};
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+
+use devices::{Bus, Interrupt, InterruptError};
+use hypervisor::{BootState, Hypervisor, IrqLine, MemoryRegion, VcpuKicker, Vm, VmConfig};
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch;
+use crate::console::ConsoleOut;
+use crate::resources::{ResourceError, VmResources};
+use crate::timings::Timings;
+use vcpu::{VcpuEvent, VcpuResponse};
+
+/// Errors building or running a VM.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The VM description is invalid.
+    #[error(transparent)]
+    Resources(#[from] ResourceError),
+    /// The hypervisor refused to create the VM.
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    /// A VM-level operation failed.
+    #[error(transparent)]
+    Vm(#[from] hypervisor::VmError),
+    /// A vCPU operation failed.
+    #[error(transparent)]
+    Vcpu(#[from] hypervisor::VcpuError),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {size} bytes of guest memory")]
+    Memory {
+        /// Bytes requested.
+        size: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Setting up the architecture's platform (kernel and initramfs loading,
+    /// firmware tables or device tree) failed.
+    #[error(transparent)]
+    Platform(#[from] arch::PlatformError),
+    /// Wiring a device failed.
+    #[error("cannot attach {what}")]
+    Device {
+        /// Which device.
+        what: &'static str,
+        /// The bus error.
+        #[source]
+        source: devices::BusError,
+    },
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioAttachError),
+    /// The device event loop could not be started, or failed while the VM ran.
+    #[error("the device event loop failed")]
+    DeviceEvents(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A saved state does not fit the VM built from these resources.
+    #[error("the saved state does not fit this VM: {what}")]
+    StateMismatch {
+        /// What differs.
+        what: String,
+    },
+    /// Restoring a device from its saved state failed.
+    #[error("cannot restore {what}")]
+    RestoreDevice {
+        /// Which device.
+        what: String,
+        /// The device's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The RAM image does not fit guest memory.
+    #[error("cannot load the RAM image into guest memory")]
+    RamImage(#[source] vm_memory::GuestMemoryError),
+    /// Starting or restoring the built VM failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start vCPU thread {id}")]
+    Thread {
+        /// vCPU index.
+        id: u32,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did something the VMM cannot handle.
+    #[error("vCPU {id} stopped: {reason}")]
+    Unhandled {
+        /// vCPU index.
+        id: u32,
+        /// What happened.
+        reason: String,
+    },
+    /// The host runs PVM and the kernel cannot run at usable speed under it.
+    #[error(
+        "this host's /dev/kvm is PVM (kvm_pvm): a kernel without PVM-guest support runs in \
+         KVM's instruction emulator and never reaches userspace in reasonable time. Boot it on \
+         a host with hardware virtualization, in the nested test rig (tests/nested/rig), or use \
+         a kernel built with CONFIG_PVM_GUEST=y. Set SUPERMACHINE_ALLOW_EMULATED=1 to try anyway. \
+         (kernel: {kernel})"
+    )]
+    PvmHostUnsupportedKernel {
+        /// The kernel path.
+        kernel: String,
+    },
+}
+
+/// How the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off (ACPI S5 / PSCI SYSTEM_OFF).
+    PowerOff,
+    /// The guest reset (reboot, triple fault, or a kernel panic with `panic=-1`).
+    Reset,
+    /// Every vCPU halted with nothing left to wake it.
+    Halted,
+    /// The VMM ended the run through a [`StopHandle`] (a deadline or a stop
+    /// request), whatever the guest was doing.
+    Stopped,
+}
+
+/// The result of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// How the guest ended.
+    pub exit: GuestExit,
+    /// The exit status the guest wrote to the power device (0 if it wrote none).
+    pub status: u32,
+}
+
+impl RunOutcome {
+    /// The process exit code for this outcome: the guest's status (truncated to
+    /// 0..=255 as a process exit code is) for a power-off; for a reset or a halt,
+    /// which end a run only when something went wrong (the default command line
+    /// turns a kernel panic into a reset), the status or 1 if it is 0.
+    pub fn exit_code(&self) -> i32 {
+        let code = (self.status & 0xff) as i32;
+        match self.exit {
+            GuestExit::PowerOff => code,
+            GuestExit::Reset | GuestExit::Halted | GuestExit::Stopped if code == 0 => 1,
+            GuestExit::Reset | GuestExit::Halted | GuestExit::Stopped => code,
+        }
+    }
+}
+
+/// What an architecture's platform setup hands to the generic VMM: the device
+/// buses, the devices whose state a snapshot keeps, and the boot CPU's entry
+/// state.
+pub struct Platform {
+    /// x86 port-I/O bus (empty on aarch64).
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// The console UART.
+    pub serial: Arc<Mutex<devices::serial::Serial<ConsoleOut>>>,
+    /// The i8042 (x86 only).
+    pub i8042: Option<Arc<Mutex<devices::i8042::I8042>>>,
+    /// The power block; its exit-status register is read when the run ends.
+    pub power: Arc<Mutex<devices::power::PowerDevice>>,
+    /// The boot CPU's entry state; `None` when the platform was built from a
+    /// saved state (the vCPUs get theirs back instead).
+    pub boot: Option<BootState>,
+    /// The virtio devices on the MMIO bus.
+    pub virtio: Vec<crate::virtio::Attached>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform")
+            .field("boot", &self.boot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adapts a backend interrupt line to the devices' [`Interrupt`] trait.
+pub(crate) struct LineInterrupt<L: IrqLine> {
+    gsi: u32,
+    line: L,
+}
+
+impl<L: IrqLine> LineInterrupt<L> {
+    /// Wraps `line`, which is wired to interrupt controller input `gsi`.
+    pub(crate) fn new(gsi: u32, line: L) -> Self {
+        Self { gsi, line }
+    }
+}
+
+impl<L: IrqLine> Interrupt for LineInterrupt<L> {
+    fn trigger(&self) -> Result<(), InterruptError> {
+        self.line
+            .trigger()
+            .map_err(|e| InterruptError::new(self.gsi, e))
+    }
+    fn set_level(&self, asserted: bool) -> Result<(), InterruptError> {
+        self.line
+            .set_level(asserted)
+            .map_err(|e| InterruptError::new(self.gsi, e))
+    }
+}
+
+/// Errors of the operations on a built [`Vmm`].
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The VM has ended (the guest powered off, a vCPU failed, or it was stopped);
+    /// [`Vmm::wait`] says how.
+    #[error("the VM has ended")]
+    Ended,
+    /// The operation needs a paused VM.
+    #[error("the VM must be paused to {what}")]
+    NotPaused {
+        /// The operation.
+        what: &'static str,
+    },
+    /// A vCPU refused the request.
+    #[error("vCPU {id} could not {what}")]
+    Vcpu {
+        /// vCPU index.
+        id: u32,
+        /// The operation.
+        what: &'static str,
+        /// The backend's error.
+        #[source]
+        source: hypervisor::VcpuError,
+    },
+    /// Reading or loading VM-wide state failed.
+    #[error("cannot {what} the VM-wide state")]
+    Vm {
+        /// The operation.
+        what: &'static str,
+        /// The backend's error.
+        #[source]
+        source: hypervisor::VmError,
+    },
+    /// A vCPU answered out of turn (a VMM bug).
+    #[error("vCPU {id} answered {answer} to a request to {what}")]
+    Protocol {
+        /// vCPU index.
+        id: u32,
+        /// The operation.
+        what: &'static str,
+        /// What it answered.
+        answer: String,
+    },
+}
+
+/// How a run ends, shared by the vCPU threads, the device event loop, the
+/// [`Vmm`] and every [`StopHandle`]. The first outcome recorded wins; recording
+/// one parks nothing: it tells every vCPU thread to end and kicks it out of the
+/// guest.
+struct End {
+    ending: AtomicBool,
+    outcome: Mutex<Option<Result<RunOutcome, RunError>>>,
+    ended: Condvar,
+    /// Set once every vCPU exists.
+    kickers: OnceLock<Vec<Box<dyn VcpuKicker>>>,
+    /// Each vCPU thread's request channel.
+    events: OnceLock<Vec<Sender<VcpuEvent>>>,
+}
+
+impl End {
+    fn new() -> Self {
+        Self {
+            ending: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            ended: Condvar::new(),
+            kickers: OnceLock::new(),
+            events: OnceLock::new(),
+        }
+    }
+
+    fn is_ending(&self) -> bool {
+        self.ending.load(Ordering::Relaxed)
+    }
+
+    /// Records `r` if nothing was recorded yet and ends every vCPU thread.
+    fn finish(&self, r: Result<RunOutcome, RunError>) {
+        {
+            let mut o = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+            if o.is_none() {
+                *o = Some(r);
+            }
+            self.ending.store(true, Ordering::SeqCst);
+        }
+        self.ended.notify_all();
+        if let Some(events) = self.events.get() {
+            for tx in events {
+                // A thread that already ended has dropped its receiver.
+                let _ = tx.send(VcpuEvent::Stop);
+            }
+        }
+        self.kick_all();
+    }
+
+    fn kick_all(&self) {
+        for k in self.kickers.get().into_iter().flatten() {
+            k.kick();
+        }
+    }
+
+    /// Blocks until an outcome is recorded.
+    fn wait(&self) {
+        let mut o = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        while o.is_none() {
+            o = self.ended.wait(o).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Ends a run from another thread: every vCPU leaves the guest and the run
+/// ends with [`GuestExit::Stopped`] (unless it had already ended otherwise).
+#[derive(Clone)]
+pub struct StopHandle(Arc<End>);
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopHandle")
+            .field("ending", &self.0.is_ending())
+            .finish()
+    }
+}
+
+impl StopHandle {
+    /// Asks the run to end now.
+    pub fn stop(&self) {
+        self.0.finish(Ok(RunOutcome {
+            exit: GuestExit::Stopped,
+            status: 0,
+        }));
+    }
+
+    /// Whether the run has ended or is ending.
+    pub fn is_ending(&self) -> bool {
+        self.0.is_ending()
+    }
+}
+
+/// What the vCPU threads share: the VM and the buses their exits go to.
+pub(crate) struct Core<V: Vm> {
+    vm: V,
+    pio: Bus,
+    mmio: Bus,
+    power: Arc<Mutex<devices::power::PowerDevice>>,
+    end: Arc<End>,
+    timings: Arc<Timings>,
+}
+
+/// Where the vCPUs are in their life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Built, never run.
+    Created,
+    /// In the guest.
+    Running,
+    /// Parked by [`Vmm::pause`].
+    Paused,
+}
+
+/// The controller's side of the vCPU threads, under one lock so that requests
+/// and their answers never interleave.
+struct Control {
+    phase: Phase,
+    responses: Vec<Receiver<VcpuResponse>>,
+}
+
+/// A built VM. Dropping it stops the VM and joins its threads.
+pub struct Vmm<V: Vm + 'static> {
+    // Field order is drop order: the device event loop (which holds I/O event
+    // registrations on the VM) ends first, then the VM and the devices (`core`),
+    // and guest memory is unmapped last, so the hypervisor has let go of it.
+    threads: Vec<JoinHandle<()>>,
+    device_events: Option<crate::virtio::DeviceEvents>,
+    core: Arc<Core<V>>,
+    serial: Arc<Mutex<devices::serial::Serial<ConsoleOut>>>,
+    i8042: Option<Arc<Mutex<devices::i8042::I8042>>>,
+    virtio: Vec<crate::virtio::Attached>,
+    control: Mutex<Control>,
+    boot: Mutex<Option<BootState>>,
+    end: Arc<End>,
+    vcpus: u32,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl<V: Vm + 'static> std::fmt::Debug for Vmm<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus)
+            .field("virtio", &self.virtio)
+            .field("ending", &self.end.is_ending())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Is this host PVM and the kernel a Linux kernel that lacks PVM-guest support?
+fn refuse_on_pvm(pvm_host: bool, kernel: &Path) -> Result<(), RunError> {
+    if !pvm_host || std::env::var_os("SUPERMACHINE_ALLOW_EMULATED").is_some_and(|v| v != "0") {
+        return Ok(());
+    }
+    if crate::pvm::is_linux_kernel(kernel) && crate::pvm::supports_pvm_guest(kernel) != Some(true) {
+        return Err(RunError::PvmHostUnsupportedKernel {
+            kernel: kernel.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Builds the VM described by `res` on `hv`, runs it until the guest powers off or
+/// resets (or a vCPU fails), and returns how it ended. Guest console output goes to
+/// `console`.
+pub fn run<H: Hypervisor>(
+    hv: &H,
+    res: &VmResources,
+    console: Box<dyn Write + Send>,
+    timings: Arc<Timings>,
+) -> Result<RunOutcome, RunError>
+where
+    H::Vm: 'static,
+{
+    let vmm = Vmm::build(hv, res, console, timings)?;
+    vmm.start_or_ended()?;
+    vmm.wait()
+}
+
+impl<V: Vm + 'static> Vmm<V> {
+    /// Builds the VM described by `res`: guest memory, devices, firmware tables and
+    /// kernel, and one thread per vCPU with its vCPU created and parked. Nothing
+    /// runs in the guest until [`Vmm::start`].
+    pub fn build<H: Hypervisor<Vm = V>>(
+        hv: &H,
+        res: &VmResources,
+        console: Box<dyn Write + Send>,
+        timings: Arc<Timings>,
+    ) -> Result<Self, RunError> {
+        res.validate()?;
+        refuse_on_pvm(hv.capabilities().pvm_host, &res.kernel)?;
+        Self::assemble(hv, res, console, timings, None)
+    }
+
+    /// Builds a VM from a saved state: the same resources the saved VM was built
+    /// from (its disks, sockets and network are opened again), guest RAM from
+    /// `ram`, every device and vCPU from `state`. The VM is left paused:
+    /// [`Vmm::resume`] (or [`Vmm::start`]) continues the guest where it was saved.
+    pub fn restore<H: Hypervisor<Vm = V>>(
+        hv: &H,
+        res: &VmResources,
+        console: Box<dyn Write + Send>,
+        timings: Arc<Timings>,
+        state: &VmmState,
+        ram: &RamImage,
+    ) -> Result<Self, RunError> {
+        res.validate()?;
+        if state.vcpus.len() != res.vcpus as usize {
+            return Err(RunError::StateMismatch {
+                what: format!(
+                    "{} vCPUs saved, {} in the resources",
+                    state.vcpus.len(),
+                    res.vcpus
+                ),
+            });
+        }
+        let vmm = Self::assemble(hv, res, console, timings, Some((state, ram)))?;
+        vmm.core
+            .vm
+            .restore_state(&state.vm)
+            .map_err(|source| ControlError::Vm {
+                what: "restore",
+                source,
+            })?;
+        {
+            let mut ctl = vmm.lock_control();
+            for (id, s) in state.vcpus.iter().enumerate() {
+                vmm.request(
+                    &mut ctl,
+                    id,
+                    VcpuEvent::RestoreState(Box::new(s.clone())),
+                    "restore its state",
+                    |r| matches!(r, VcpuResponse::Restored),
+                )?;
+            }
+            ctl.phase = Phase::Paused;
+        }
+        vmm.timings().phase("restored");
+        Ok(vmm)
+    }
+
+    fn assemble<H: Hypervisor<Vm = V>>(
+        hv: &H,
+        res: &VmResources,
+        console: Box<dyn Write + Send>,
+        timings: Arc<Timings>,
+        saved: Option<(&VmmState, &RamImage)>,
+    ) -> Result<Self, RunError> {
+        // Guest RAM: anonymous private mappings, handed to the hypervisor.
+        let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(res.memory)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        // Shared with the virtio devices, which read and write guest memory directly.
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| RunError::Memory {
+                size: res.memory,
+                source,
+            })?,
+        );
+        if let Some((_, ram)) = saved {
+            ram.load_into(&mem)?;
+        }
+        let vm = hv.create_vm(&VmConfig { vcpus: res.vcpus })?;
+        timings.phase("vm_created");
+        for (slot, region) in mem.iter().enumerate() {
+            let r = MemoryRegion {
+                slot: slot as u32,
+                guest_addr: region.start_addr().0,
+                size: region.len(),
+                host_addr: region.as_ptr() as usize,
+                read_only: false,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`. The VM is dropped
+            // before `mem` on every path: on an error below `vm` is a local declared
+            // after `mem`; once built, `Vmm`'s field order drops `core` (the VM) and
+            // joins every thread holding it before `mem`; device clones of the `Arc`
+            // only delay the unmap further. Nothing else uses that host range.
+            unsafe { vm.map_memory(&r)? };
+        }
+        timings.phase("memory_ready");
+        vm.create_irqchip()?;
+
+        let Platform {
+            pio,
+            mmio,
+            serial,
+            i8042,
+            power,
+            boot,
+            virtio,
+        } = arch::setup_platform(
+            &vm,
+            &mem,
+            res,
+            console,
+            &timings,
+            saved.map(|(s, _)| &s.devices),
+        )?;
+
+        let end = Arc::new(End::new());
+        let core = Arc::new(Core {
+            vm,
+            pio,
+            mmio,
+            power,
+            end: end.clone(),
+            timings: timings.clone(),
+        });
+
+        // Every vCPU is created (on its own thread) before any runs: the boot CPU's
+        // INIT/SIPI to the others must find them.
+        let mut threads = Vec::with_capacity(res.vcpus as usize);
+        let mut senders = Vec::with_capacity(res.vcpus as usize);
+        let mut responses = Vec::with_capacity(res.vcpus as usize);
+        let mut kickers: Vec<Box<dyn VcpuKicker>> = Vec::with_capacity(res.vcpus as usize);
+        let mut failure = None;
+        for id in 0..res.vcpus {
+            let (ev_tx, ev_rx) = mpsc::channel();
+            let (resp_tx, resp_rx) = mpsc::channel();
+            let c = core.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::vcpu_main(id, c, ev_rx, resp_tx));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    failure = Some(RunError::Thread { id, source });
+                    break;
+                }
+            }
+            match resp_rx.recv() {
+                Ok(VcpuResponse::Created(k)) => kickers.push(k),
+                Ok(VcpuResponse::CreateFailed(e)) => {
+                    failure = Some(e.into());
+                    break;
+                }
+                other => {
+                    failure = Some(RunError::Unhandled {
+                        id,
+                        reason: format!("the vCPU thread answered {other:?} at creation"),
+                    });
+                    break;
+                }
+            }
+            senders.push(ev_tx);
+            responses.push(resp_rx);
+        }
+        // Cannot fail: set once, here.
+        let _ = end.kickers.set(kickers);
+        let _ = end.events.set(senders);
+        let mut vmm = Self {
+            threads,
+            device_events: None,
+            core,
+            serial,
+            i8042,
+            virtio,
+            control: Mutex::new(Control {
+                phase: Phase::Created,
+                responses,
+            }),
+            boot: Mutex::new(boot),
+            end: end.clone(),
+            vcpus: res.vcpus,
+            mem,
+        };
+        if let Some(e) = failure {
+            // Dropping `vmm` ends the threads already started.
+            return Err(e);
+        }
+        // Serves the devices' host side (vsock sockets) and their queue
+        // notifications (ioeventfd, where the backend has it); a failure there
+        // ends the run.
+        let on_error = {
+            let end = end.clone();
+            move |e: Box<dyn std::error::Error + Send + Sync>| {
+                end.finish(Err(RunError::DeviceEvents(e)));
+            }
+        };
+        vmm.device_events = Some(
+            crate::virtio::DeviceEvents::start(&vmm.core.vm, &vmm.virtio, on_error)
+                .map_err(|e| RunError::DeviceEvents(Box::new(e)))?,
+        );
+        Ok(vmm)
+    }
+
+    fn timings(&self) -> &Timings {
+        &self.core.timings
+    }
+
+    fn lock_control(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `event` to vCPU `id` (kicking it out of the guest) and waits for its
+    /// answer, which `ok` must accept.
+    fn request(
+        &self,
+        ctl: &mut Control,
+        id: usize,
+        event: VcpuEvent,
+        what: &'static str,
+        ok: impl Fn(&VcpuResponse) -> bool,
+    ) -> Result<VcpuResponse, ControlError> {
+        self.send(id, event)?;
+        self.answer(ctl, id, what, ok)
+    }
+
+    fn send(&self, id: usize, event: VcpuEvent) -> Result<(), ControlError> {
+        if self.end.is_ending() {
+            return Err(ControlError::Ended);
+        }
+        let tx = self
+            .end
+            .events
+            .get()
+            .and_then(|e| e.get(id))
+            .ok_or(ControlError::Ended)?;
+        tx.send(event).map_err(|_| ControlError::Ended)?;
+        if let Some(k) = self.end.kickers.get().and_then(|k| k.get(id)) {
+            k.kick();
+        }
+        Ok(())
+    }
+
+    fn answer(
+        &self,
+        ctl: &mut Control,
+        id: usize,
+        what: &'static str,
+        ok: impl Fn(&VcpuResponse) -> bool,
+    ) -> Result<VcpuResponse, ControlError> {
+        let rx = ctl.responses.get(id).ok_or(ControlError::Ended)?;
+        // A thread that ended dropped its sender: the VM is over.
+        let r = rx.recv().map_err(|_| ControlError::Ended)?;
+        match r {
+            r if ok(&r) => Ok(r),
+            VcpuResponse::Failed(source) => Err(ControlError::Vcpu {
+                id: id as u32,
+                what,
+                source,
+            }),
+            VcpuResponse::NotPaused => Err(ControlError::NotPaused { what }),
+            other => Err(ControlError::Protocol {
+                id: id as u32,
+                what,
+                answer: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Starts the guest: a built VM boots (the boot CPU gets its entry state), a
+    /// restored one continues. Starting a running VM does nothing.
+    pub fn start(&self) -> Result<(), ControlError> {
+        let boot = self
+            .boot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(boot) = boot {
+            let mut ctl = self.lock_control();
+            self.request(
+                &mut ctl,
+                0,
+                VcpuEvent::Boot(Box::new(boot)),
+                "set its boot state",
+                |r| matches!(r, VcpuResponse::Booted),
+            )?;
+        }
+        self.resume()
+    }
+
+    /// [`Vmm::start`], where a VM that has already ended (stopped before it
+    /// started) is not an error: [`Vmm::wait`] reports its end.
+    fn start_or_ended(&self) -> Result<(), RunError> {
+        match self.start() {
+            Ok(()) | Err(ControlError::Ended) => Ok(()),
+            Err(e) => {
+                self.end.finish(Err(e.into()));
+                Ok(())
+            }
+        }
+    }
+
+    /// Parks every vCPU outside the guest and holds the device event loop, and
+    /// returns once all of them are parked: from then on the guest runs no
+    /// instruction and no device touches guest memory until [`Vmm::resume`].
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut ctl = self.lock_control();
+        if ctl.phase == Phase::Paused {
+            return Ok(());
+        }
+        if ctl.phase == Phase::Created {
+            return Err(ControlError::NotPaused {
+                what: "pause before it started",
+            });
+        }
+        // All the requests go out before any answer is awaited: the vCPUs leave
+        // the guest together.
+        for id in 0..self.vcpus as usize {
+            self.send(id, VcpuEvent::Pause)?;
+        }
+        for id in 0..self.vcpus as usize {
+            self.answer(&mut ctl, id, "pause", |r| matches!(r, VcpuResponse::Paused))?;
+        }
+        if let Some(d) = &self.device_events {
+            d.pause();
+        }
+        ctl.phase = Phase::Paused;
+        Ok(())
+    }
+
+    /// Lets a paused (or restored) VM run again.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut ctl = self.lock_control();
+        if ctl.phase == Phase::Running {
+            return Ok(());
+        }
+        if let Some(d) = &self.device_events {
+            d.resume();
+        }
+        for id in 0..self.vcpus as usize {
+            self.send(id, VcpuEvent::Resume)?;
+        }
+        for id in 0..self.vcpus as usize {
+            self.answer(&mut ctl, id, "resume", |r| {
+                matches!(r, VcpuResponse::Resumed)
+            })?;
+        }
+        ctl.phase = Phase::Running;
+        Ok(())
+    }
+
+    /// The whole state of a paused VM: every vCPU (read on its own thread), the
+    /// VM-wide interrupt controller and clock, every device. Guest RAM stays where
+    /// it is ([`Vmm::guest_memory`], [`RamImage::capture`]).
+    pub fn save_state(&self) -> Result<VmmState, ControlError> {
+        let mut ctl = self.lock_control();
+        if ctl.phase != Phase::Paused {
+            return Err(ControlError::NotPaused { what: "save it" });
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus as usize);
+        for id in 0..self.vcpus as usize {
+            let r = self.request(&mut ctl, id, VcpuEvent::SaveState, "save its state", |r| {
+                matches!(r, VcpuResponse::Saved(_))
+            })?;
+            if let VcpuResponse::Saved(s) = r {
+                vcpus.push(*s);
+            }
+        }
+        let vm = self
+            .core
+            .vm
+            .save_state()
+            .map_err(|source| ControlError::Vm {
+                what: "save",
+                source,
+            })?;
+        Ok(VmmState {
+            vcpus,
+            vm,
+            devices: self.device_states(),
+        })
+    }
+
+    fn device_states(&self) -> DeviceStates {
+        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            m.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+        DeviceStates {
+            serial: lock(&self.serial).state(),
+            i8042: self.i8042.as_ref().map(|d| lock(d).state()),
+            power: lock(&self.core.power).state(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|a| state::save_virtio(&lock(&a.transport)))
+                .collect(),
+        }
+    }
+
+    /// Guest RAM (for a RAM image of a paused VM, or reading guest memory).
+    pub fn guest_memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+
+    /// The virtio devices, in guest discovery order (their transports are what
+    /// the host side of a vsock connection or a disk is reached through).
+    pub fn virtio_devices(&self) -> &[crate::virtio::Attached] {
+        &self.virtio
+    }
+
+    /// A handle that ends the run from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.end.clone())
+    }
+
+    /// Ends the run now ([`GuestExit::Stopped`], unless it had already ended).
+    pub fn stop(&self) {
+        self.stop_handle().stop();
+    }
+
+    /// Waits for the VM to end and returns how it ended; every thread is joined.
+    pub fn wait(mut self) -> Result<RunOutcome, RunError> {
+        self.end.wait();
+        self.timings().phase("exit");
+        self.shutdown();
+        let status = self
+            .core
+            .power
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .exit_status();
+        let outcome = self
+            .end
+            .outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or(Ok(RunOutcome {
+                exit: GuestExit::Halted,
+                status,
+            }));
+        outcome.map(|o| match o.exit {
+            // Whatever the guest wrote to the power device before it was stopped.
+            GuestExit::Stopped => RunOutcome { status, ..o },
+            _ => o,
+        })
+    }
+
+    /// Ends every thread: the vCPUs, then the device event loop.
+    fn shutdown(&mut self) {
+        self.end.finish(Ok(RunOutcome {
+            exit: GuestExit::Stopped,
+            status: 0,
+        }));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.device_events = None;
+    }
+}
+
+impl<V: Vm + 'static> Drop for Vmm<V> {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,144 @@
+//! The state a [`super::Vmm`] saves and is restored from: plain serializable
+//! structs (no backend type crosses the hypervisor seam), and a RAM image that a
+//! test or a snapshot writer can copy out of a paused VM and into a new one.
+
+use devices::virtio::block::{Block, BlockState};
+use devices::virtio::mmio::{MmioTransport, MmioTransportState};
+use devices::virtio::net::Net;
+use devices::virtio::vsock::{Vsock, VsockState};
+use hypervisor::{VcpuState, VmState};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::RunError;
+
+/// Everything of a paused VM but its RAM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmmState {
+    /// Each vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers, timers and clock.
+    pub vm: VmState,
+    /// Every device.
+    pub devices: DeviceStates,
+}
+
+/// The devices' state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// The console UART.
+    pub serial: devices::serial::SerialState,
+    /// The i8042 (x86 only).
+    pub i8042: Option<devices::i8042::I8042State>,
+    /// The power block.
+    pub power: devices::power::PowerState,
+    /// The virtio devices, in guest discovery order.
+    pub virtio: Vec<VirtioState>,
+}
+
+/// One virtio-mmio device: its transport and the device behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioState {
+    /// Registers and queues.
+    pub transport: MmioTransportState,
+    /// The device's own state.
+    pub device: VirtioDeviceState,
+}
+
+/// The state of the device behind a virtio-mmio transport, by kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    /// A disk (the image is reopened from the resources).
+    Block(BlockState),
+    /// The vsock device (its host sockets are made anew; the guest gets a
+    /// transport reset).
+    Vsock(VsockState),
+    /// The network device: its MAC (the backend is started anew).
+    Net {
+        /// The guest-visible MAC address.
+        mac: [u8; 6],
+    },
+    /// The entropy device, which keeps no state of its own.
+    Rng,
+}
+
+impl VirtioDeviceState {
+    /// The kind's name, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Block(_) => "block",
+            Self::Vsock(_) => "vsock",
+            Self::Net { .. } => "net",
+            Self::Rng => "rng",
+        }
+    }
+}
+
+/// Saves one attached virtio device.
+pub(crate) fn save_virtio(t: &MmioTransport) -> VirtioState {
+    let device = if let Some(b) = t.device::<Block>() {
+        VirtioDeviceState::Block(b.state())
+    } else if let Some(v) = t.device::<Vsock>() {
+        VirtioDeviceState::Vsock(v.state())
+    } else if let Some(n) = t.device::<Net>() {
+        VirtioDeviceState::Net { mac: n.mac() }
+    } else {
+        VirtioDeviceState::Rng
+    };
+    VirtioState {
+        transport: t.state(),
+        device,
+    }
+}
+
+/// A copy of guest RAM, region by region.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RamImage {
+    /// `(guest address, bytes)` of each RAM region.
+    pub regions: Vec<(u64, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RamImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.regions
+                    .iter()
+                    .map(|(a, b)| format!("{a:#x}+{:#x}", b.len())),
+            )
+            .finish()
+    }
+}
+
+impl RamImage {
+    /// Copies every region of `mem`.
+    pub fn capture(mem: &GuestMemoryMmap) -> Result<Self, vm_memory::GuestMemoryError> {
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            let mut bytes = vec![0u8; r.len() as usize];
+            mem.read_slice(&mut bytes, r.start_addr())?;
+            regions.push((r.start_addr().0, bytes));
+        }
+        Ok(Self { regions })
+    }
+
+    /// Writes the image into `mem`, which must have the same regions.
+    pub(crate) fn load_into(&self, mem: &GuestMemoryMmap) -> Result<(), RunError> {
+        let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let saved: Vec<(u64, u64)> = self
+            .regions
+            .iter()
+            .map(|(a, b)| (*a, b.len() as u64))
+            .collect();
+        if layout != saved {
+            return Err(RunError::StateMismatch {
+                what: format!("RAM regions {saved:x?} saved, {layout:x?} in this VM"),
+            });
+        }
+        for (addr, bytes) in &self.regions {
+            mem.write_slice(bytes, GuestAddress(*addr))
+                .map_err(RunError::RamImage)?;
+        }
+        Ok(())
+    }
+}

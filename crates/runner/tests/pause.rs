@@ -1,0 +1,302 @@
+//! The `Vmm` handle on `/dev/kvm` with the heartbeat guest (each vCPU prints an
+//! increasing counter on COM1): pause and resume many times in a row without a
+//! lost, repeated or reordered beat; nothing runs while paused, on every vCPU;
+//! a saved state restored into a fresh `Vmm` continues the count; a vCPU that
+//! hits an exit the VMM cannot handle ends the run with that error at once.
+//! Without a usable `/dev/kvm` the tests print why and return.
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::hypervisor;
+use kvm_backend::KvmHypervisor;
+use runner::resources::VmResources;
+use runner::timings::Timings;
+use runner::vmm::{GuestExit, RamImage, RunError, Vmm};
+use test_guests::{parse_heartbeats, Beat, HEARTBEAT_COUNTERS};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Spins between beats. On a PVM host KVM emulates every instruction of this
+/// guest, at about a microsecond each: a few hundred lines a second there.
+const DELAY_LOOPS: u32 = 500;
+
+/// The guest console, readable while the VM runs.
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+fn resources(tag: &str, code: &[u8], vcpus: u32) -> VmResources {
+    let dir = std::env::temp_dir().join(format!("sm-pause-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path: PathBuf = dir.join("guest.elf");
+    std::fs::write(&path, test_guests::pvh_elf(code)).unwrap();
+    let mut res = VmResources::new(path);
+    res.memory = 16 << 20;
+    res.vcpus = vcpus;
+    res
+}
+
+fn heartbeat(tag: &str, vcpus: u32) -> VmResources {
+    resources(tag, &test_guests::heartbeat_code(DELAY_LOOPS), vcpus)
+}
+
+fn build(hv: &KvmHypervisor, res: &VmResources, console: &Console) -> Vmm<kvm_backend::KvmVm> {
+    Vmm::build(
+        hv,
+        res,
+        Box::new(console.clone()),
+        Arc::new(Timings::start()),
+    )
+    .unwrap()
+}
+
+/// The counter vCPU `id` last stored in guest memory.
+fn counter(vmm: &Vmm<kvm_backend::KvmVm>, id: u32) -> u32 {
+    vmm.guest_memory()
+        .read_obj::<u32>(GuestAddress(HEARTBEAT_COUNTERS + 4 * u64::from(id)))
+        .unwrap()
+}
+
+/// Waits (up to 10 s) until every vCPU of `vcpus` has printed a beat past `after`.
+fn wait_for_beats(console: &Console, vcpus: u32, after: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = last_counts(&parse_heartbeats(&console.bytes()).unwrap(), vcpus);
+        if (0..vcpus as usize).all(|i| last[i] > after.get(i).copied().unwrap_or(0)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new beats from every vCPU: last {last:?}, waited for more than {after:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn last_counts(beats: &[Beat], vcpus: u32) -> Vec<u32> {
+    let mut last = vec![0; vcpus as usize];
+    for b in beats {
+        last[b.vcpu as usize] = b.count;
+    }
+    last
+}
+
+/// Every vCPU's counts are exactly 1, 2, 3, ...: nothing lost, repeated or
+/// reordered. Returns the last count of each.
+fn assert_consecutive(output: &[u8], vcpus: u32) -> Vec<u32> {
+    let beats = parse_heartbeats(output).expect("malformed heartbeat output");
+    let mut last = vec![0u32; vcpus as usize];
+    for (i, b) in beats.iter().enumerate() {
+        let l = last
+            .get_mut(b.vcpu as usize)
+            .unwrap_or_else(|| panic!("line {i}: a beat from vCPU {}", b.vcpu));
+        assert_eq!(
+            b.count,
+            *l + 1,
+            "line {i}: vCPU {} went from {} to {}",
+            b.vcpu,
+            l,
+            b.count
+        );
+        *l = b.count;
+    }
+    last
+}
+
+/// While paused: no console byte and no counter change for 200 ms, on any vCPU;
+/// each memory counter is the last printed count or the one being printed.
+fn assert_quiet_while_paused(vmm: &Vmm<kvm_backend::KvmVm>, console: &Console, vcpus: u32) {
+    let len = console.len();
+    let counters: Vec<u32> = (0..vcpus).map(|i| counter(vmm, i)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(console.len(), len, "console output while paused");
+    let after: Vec<u32> = (0..vcpus).map(|i| counter(vmm, i)).collect();
+    assert_eq!(after, counters, "a vCPU counted while paused");
+    let printed = last_counts(&parse_heartbeats(&console.bytes()).unwrap(), vcpus);
+    for i in 0..vcpus as usize {
+        assert!(
+            counters[i] == printed[i] || counters[i] == printed[i] + 1,
+            "vCPU {i}: counter {} in memory, {} printed",
+            counters[i],
+            printed[i]
+        );
+    }
+}
+
+fn pause_resume_cycles(tag: &str, vcpus: u32, cycles: u32) {
+    let Some(hv) = hypervisor() else { return };
+    let res = heartbeat(tag, vcpus);
+    let console = Console::default();
+    let vmm = build(&hv, &res, &console);
+    vmm.start().unwrap();
+    wait_for_beats(&console, vcpus, &[]);
+    for i in 0..cycles {
+        vmm.pause().unwrap();
+        if i == 0 || i == cycles / 2 || i == cycles - 1 {
+            assert_quiet_while_paused(&vmm, &console, vcpus);
+        }
+        vmm.resume().unwrap();
+    }
+    // Still alive after the cycles, on every vCPU.
+    let before = assert_consecutive(&console.bytes(), vcpus);
+    wait_for_beats(&console, vcpus, &before);
+    vmm.stop();
+    let outcome = vmm.wait().unwrap();
+    assert_eq!(outcome.exit, GuestExit::Stopped);
+    let last = assert_consecutive(&console.bytes(), vcpus);
+    eprintln!("{tag}: {cycles} pause/resume cycles, last counts {last:?}");
+}
+
+#[test]
+fn pause_resume_1000_times_keeps_every_beat_in_order() {
+    pause_resume_cycles("one", 1, 1000);
+}
+
+#[test]
+fn pause_resume_with_two_vcpus_stops_both_and_keeps_their_beats_in_order() {
+    pause_resume_cycles("two", 2, 1000);
+}
+
+#[test]
+fn saved_state_restored_into_a_fresh_vmm_continues_the_count() {
+    let Some(hv) = hypervisor() else { return };
+    let vcpus = 2;
+    let res = heartbeat("restore", vcpus);
+    let first = Console::default();
+    let vmm = build(&hv, &res, &first);
+    vmm.start().unwrap();
+    wait_for_beats(&first, vcpus, &[3, 3]);
+    vmm.pause().unwrap();
+    let state = vmm.save_state().unwrap();
+    let ram = RamImage::capture(vmm.guest_memory()).unwrap();
+    let saved_counters: Vec<u32> = (0..vcpus).map(|i| counter(&vmm, i)).collect();
+    vmm.stop();
+    vmm.wait().unwrap();
+    let before = assert_consecutive(&first.bytes(), vcpus);
+
+    let second = Console::default();
+    let restored = Vmm::restore(
+        &hv,
+        &res,
+        Box::new(second.clone()),
+        Arc::new(Timings::start()),
+        &state,
+        &ram,
+    )
+    .unwrap();
+    // Restored paused: the counters are where they were saved.
+    let counters: Vec<u32> = (0..vcpus).map(|i| counter(&restored, i)).collect();
+    assert_eq!(counters, saved_counters);
+    restored.resume().unwrap();
+    let mut joined = first.bytes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        joined.truncate(first.len());
+        joined.extend_from_slice(&second.bytes());
+        let last = last_counts(&parse_heartbeats(&joined).unwrap(), vcpus);
+        if (0..vcpus as usize).all(|i| last[i] > before[i] + 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restored VM did not count on"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    restored.stop();
+    assert_eq!(restored.wait().unwrap().exit, GuestExit::Stopped);
+    // The first VM's output and the restored one's read as one run: each vCPU
+    // picks up mid-line, at the next count.
+    joined.truncate(first.len());
+    joined.extend_from_slice(&second.bytes());
+    let last = assert_consecutive(&joined, vcpus);
+    eprintln!("restore: saved at {before:?}, restored VM reached {last:?}");
+}
+
+#[test]
+fn saved_state_for_another_vcpu_count_is_refused() {
+    let Some(hv) = hypervisor() else { return };
+    let res = heartbeat("mismatch", 1);
+    let console = Console::default();
+    let vmm = build(&hv, &res, &console);
+    vmm.start().unwrap();
+    wait_for_beats(&console, 1, &[]);
+    vmm.pause().unwrap();
+    let state = vmm.save_state().unwrap();
+    let ram = RamImage::capture(vmm.guest_memory()).unwrap();
+    drop(vmm);
+    let mut two = res.clone();
+    two.vcpus = 2;
+    let err = Vmm::restore(
+        &hv,
+        &two,
+        Box::new(std::io::sink()),
+        Arc::new(Timings::start()),
+        &state,
+        &ram,
+    )
+    .unwrap_err();
+    assert!(matches!(err, RunError::StateMismatch { .. }), "{err}");
+}
+
+#[test]
+fn save_state_of_a_running_vm_is_refused() {
+    let Some(hv) = hypervisor() else { return };
+    let res = heartbeat("running", 1);
+    let console = Console::default();
+    let vmm = build(&hv, &res, &console);
+    vmm.start().unwrap();
+    let err = vmm.save_state().unwrap_err();
+    assert!(
+        matches!(err, runner::vmm::ControlError::NotPaused { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn unhandled_exit_ends_the_run_with_its_error_within_a_second() {
+    let Some(hv) = hypervisor() else { return };
+    // mov eax, 0xd0000000 ; jmp eax: run code from the MMIO gap, where nothing is
+    // mapped, which KVM cannot emulate (an internal error).
+    let code = [0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0];
+    // Two vCPUs: the second never leaves wait-for-SIPI, and must end too.
+    let res = resources("unhandled", &code, 2);
+    let t0 = Instant::now();
+    let err = runner::vmm::run(
+        &hv,
+        &res,
+        Box::new(std::io::sink()),
+        Arc::new(Timings::start()),
+    )
+    .unwrap_err();
+    let took = t0.elapsed();
+    assert!(
+        matches!(err, RunError::Unhandled { id: 0, .. }),
+        "unexpected error: {err}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
