@@ -162,14 +162,103 @@ pub struct VcpuState {
 /// The whole VM-wide x86-64 state: legacy PICs, IOAPIC, PIT and the guest clock.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
-    /// Master 8259 PIC register state.
-    pub pic_master: Vec<u8>,
-    /// Slave 8259 PIC register state.
-    pub pic_slave: Vec<u8>,
-    /// IOAPIC register state.
-    pub ioapic: Vec<u8>,
-    /// 8254 PIT state.
-    pub pit: Vec<u8>,
+    /// The interrupt controllers and PIT, when the VM has them (an in-kernel
+    /// irqchip on KVM).
+    pub irqchip: Option<IrqchipState>,
     /// kvmclock / guest clock in nanoseconds.
     pub clock_ns: u64,
+}
+
+/// The legacy interrupt controllers and timer of a PC.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IrqchipState {
+    /// Master 8259A.
+    pub pic_master: PicState,
+    /// Slave 8259A.
+    pub pic_slave: PicState,
+    /// The I/O APIC.
+    pub ioapic: IoapicState,
+    /// The 8254 PIT.
+    pub pit: PitState,
+}
+
+/// One 8259A programmable interrupt controller (its registers and the
+/// initialization sequence's progress, as the 8259A datasheet names them).
+#[allow(missing_docs)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PicState {
+    pub last_irr: u8,
+    /// Interrupt request register.
+    pub irr: u8,
+    /// Interrupt mask register.
+    pub imr: u8,
+    /// In-service register.
+    pub isr: u8,
+    pub priority_add: u8,
+    /// Vector of IRQ 0 (ICW2).
+    pub irq_base: u8,
+    pub read_reg_select: u8,
+    pub poll: u8,
+    pub special_mask: u8,
+    /// Which ICW the chip expects next.
+    pub init_state: u8,
+    pub auto_eoi: u8,
+    pub rotate_on_auto_eoi: u8,
+    pub special_fully_nested_mode: u8,
+    /// ICW4 expected.
+    pub init4: u8,
+    /// Edge/level control register.
+    pub elcr: u8,
+    /// Which ELCR bits are writable.
+    pub elcr_mask: u8,
+}
+
+/// Redirection-table entries of the I/O APIC (82093AA).
+pub const IOAPIC_PINS: usize = 24;
+
+/// The I/O APIC (82093AA datasheet §3.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoapicState {
+    /// Guest-physical base of its registers.
+    pub base_address: u64,
+    /// The register-select register.
+    pub ioregsel: u32,
+    /// APIC ID.
+    pub id: u32,
+    /// Pending level-triggered requests, one bit per pin.
+    pub irr: u32,
+    /// Each pin's redirection entry, in the datasheet's §3.2.4 bit layout.
+    pub redirection: [u64; IOAPIC_PINS],
+}
+
+/// One 8254 counter (8254 datasheet: count, latch and mode state).
+#[allow(missing_docs)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitChannelState {
+    /// The count loaded.
+    pub count: u32,
+    pub latched_count: u16,
+    pub count_latched: u8,
+    pub status_latched: u8,
+    pub status: u8,
+    pub read_state: u8,
+    pub write_state: u8,
+    pub write_latch: u8,
+    pub rw_mode: u8,
+    /// Counter mode 0-5.
+    pub mode: u8,
+    pub bcd: u8,
+    /// The gate input.
+    pub gate: u8,
+    /// When the count was loaded (host monotonic nanoseconds, KVM's meaning).
+    pub count_load_time: i64,
+}
+
+/// The 8254 programmable interval timer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitState {
+    /// Counters 0-2.
+    pub channels: [PitChannelState; 3],
+    /// Backend flags (KVM: HPET legacy mode).
+    pub flags: u32,
 }

@@ -307,7 +307,7 @@ impl Vm for KvmVm {
             clock_ns: clock.clock,
             ..Default::default()
         };
-        // Without an irqchip there is no PIC/IOAPIC/PIT: the blobs stay empty.
+        // Without an irqchip there is no PIC/IOAPIC/PIT.
         if self.has_irqchip() {
             let master = self.get_irqchip(KVM_IRQCHIP_PIC_MASTER)?;
             let slave = self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
@@ -320,12 +320,15 @@ impl Vm for KvmVm {
             // SAFETY: chip_id selected which union member KVM filled in: PIC
             // for the two PIC chips, IOAPIC for the IOAPIC; all members are plain
             // integer structs valid for any bit pattern.
-            unsafe {
-                state.pic_master = vm_state::pic_to_bytes(&master.chip.pic);
-                state.pic_slave = vm_state::pic_to_bytes(&slave.chip.pic);
-                state.ioapic = vm_state::ioapic_to_bytes(&ioapic.chip.ioapic);
-            }
-            state.pit = vm_state::pit_to_bytes(&pit);
+            let irqchip = unsafe {
+                hypervisor::x86_64::IrqchipState {
+                    pic_master: vm_state::pic_from_kvm(&master.chip.pic),
+                    pic_slave: vm_state::pic_from_kvm(&slave.chip.pic),
+                    ioapic: vm_state::ioapic_from_kvm(&ioapic.chip.ioapic),
+                    pit: vm_state::pit_from_kvm(&pit),
+                }
+            };
+            state.irqchip = Some(irqchip);
         }
         Ok(VmState::X86_64(Box::new(state)))
     }
@@ -336,36 +339,27 @@ impl Vm for KvmVm {
                 "an aarch64 VM state cannot be restored into an x86-64 KVM VM".into(),
             ));
         };
-        let parts = [&s.pic_master, &s.pic_slave, &s.ioapic, &s.pit];
-        let present = parts.iter().filter(|p| !p.is_empty()).count();
-        if present != 0 && present != parts.len() {
-            return Err(VmError::StateMismatch(
-                "the VM state has only some of PIC, IOAPIC and PIT".into(),
-            ));
-        }
-        if present != 0 {
+        if let Some(chips) = &s.irqchip {
             if !self.has_irqchip() {
                 return Err(VmError::StateMismatch(
                     "the state has interrupt controllers but this VM has no irqchip".into(),
                 ));
             }
-            let mismatch = VmError::StateMismatch;
             let mut master = kvm_irqchip {
                 chip_id: KVM_IRQCHIP_PIC_MASTER,
                 ..Default::default()
             };
-            master.chip.pic = vm_state::pic_from_bytes(&s.pic_master).map_err(mismatch)?;
+            master.chip.pic = vm_state::pic_to_kvm(&chips.pic_master);
             let mut slave = kvm_irqchip {
                 chip_id: KVM_IRQCHIP_PIC_SLAVE,
                 ..Default::default()
             };
-            slave.chip.pic = vm_state::pic_from_bytes(&s.pic_slave).map_err(mismatch)?;
+            slave.chip.pic = vm_state::pic_to_kvm(&chips.pic_slave);
             let mut ioapic = kvm_irqchip {
                 chip_id: KVM_IRQCHIP_IOAPIC,
                 ..Default::default()
             };
-            ioapic.chip.ioapic = vm_state::ioapic_from_bytes(&s.ioapic).map_err(mismatch)?;
-            let pit = vm_state::pit_from_bytes(&s.pit).map_err(mismatch)?;
+            ioapic.chip.ioapic = vm_state::ioapic_to_kvm(&chips.ioapic);
             for chip in [&master, &slave, &ioapic] {
                 self.shared
                     .fd
@@ -374,7 +368,7 @@ impl Vm for KvmVm {
             }
             self.shared
                 .fd
-                .set_pit2(&pit)
+                .set_pit2(&vm_state::pit_to_kvm(&chips.pit))
                 .map_err(|e| state_error("restore PIT", e))?;
         }
         let clock = kvm_clock_data {
