@@ -6,7 +6,7 @@
 //! `x86_64-unknown-linux-musl`, aarch64 hosts (macOS with Hypervisor.framework, or
 //! Linux) for `aarch64-unknown-linux-musl`, linked with the toolchain's `rust-lld`
 //! so no C cross-toolchain is needed. Elsewhere the variable points at an empty file
-//! and the runner reports at run time that no guest-init is embedded.
+//! and building an initramfs reports that no guest-init is embedded.
 
 #![allow(clippy::expect_used)] // A build script reports failure by panicking.
 
@@ -30,7 +30,7 @@ fn main() {
     let workspace = manifest_dir
         .parent()
         .and_then(Path::parent)
-        .expect("crates/runner sits two levels below the workspace root")
+        .expect("crates/guest-assets sits two levels below the workspace root")
         .to_path_buf();
 
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();

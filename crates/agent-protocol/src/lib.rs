@@ -29,8 +29,10 @@
 //! runtime: the guest links it into a static musl binary.
 #![forbid(unsafe_code)]
 
+pub mod cmdline;
 mod frame;
 mod message;
+pub mod power;
 mod wire;
 
 pub use frame::{

@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{BusDevice, BusEvent};
 
-/// First port of the power block.
-pub const POWER_PORT_BASE: u64 = 0x600;
+/// First port of the power block on x86 (the guest ABI's,
+/// `agent_protocol::power`).
+pub const POWER_PORT_BASE: u64 = agent_protocol::power::X86_64_PORT_BASE as u64;
 /// Ports the power block decodes.
 pub const POWER_PORT_LEN: u64 = 8;
 /// Offset of the ACPI sleep control register.
@@ -33,8 +34,8 @@ pub const SLEEP_CONTROL_OFFSET: u64 = 0;
 pub const SLEEP_STATUS_OFFSET: u64 = 1;
 /// Offset of the ACPI reset register.
 pub const RESET_OFFSET: u64 = 2;
-/// Offset of the 32-bit little-endian exit status register.
-pub const EXIT_STATUS_OFFSET: u64 = 4;
+/// Offset of the 32-bit little-endian exit status register (the guest ABI's).
+pub const EXIT_STATUS_OFFSET: u64 = agent_protocol::power::EXIT_STATUS_OFFSET as u64;
 /// The value that, written to the reset register, resets the machine (FADT
 /// `RESET_VALUE`).
 pub const RESET_VALUE: u8 = 0x01;

@@ -23,7 +23,8 @@ use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::kernel::{self, KernelAssets, KernelError};
+use crate::cache::CacheLayout;
+use crate::kernel::{self, KernelAssets};
 
 /// The guest-init binary built by `build.rs` (empty on hosts that have no guest
 /// build yet).
@@ -121,9 +122,6 @@ pub enum InitramfsError {
         #[source]
         source: io::Error,
     },
-    /// Cache directory trouble.
-    #[error(transparent)]
-    Cache(#[from] KernelError),
 }
 
 // ---------------------------------------------------------------------------
@@ -515,9 +513,9 @@ pub fn write_archive<W: Write>(
 }
 
 /// The initramfs for `kernel` with the embedded guest-init and
-/// [`DEFAULT_MODULES`], from the cache (built on first use).
-pub fn ensure(kernel: &KernelAssets) -> Result<PathBuf, InitramfsError> {
-    ensure_in(&kernel::cache_dir()?, kernel, GUEST_INIT, DEFAULT_MODULES)
+/// [`DEFAULT_MODULES`], from `cache` (built on first use).
+pub fn ensure(cache: &CacheLayout, kernel: &KernelAssets) -> Result<PathBuf, InitramfsError> {
+    ensure_in(cache.initramfs_dir(), kernel, GUEST_INIT, DEFAULT_MODULES)
 }
 
 /// Like [`ensure`] with an explicit cache root, init binary and module list. A

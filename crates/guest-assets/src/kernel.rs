@@ -22,12 +22,13 @@
 //! A user kernel overrides all this: `SUPERMACHINE_KERNEL=<path>` or an explicit
 //! path (the CLI's `--kernel`), see [`KernelAssets::from_path`].
 
-use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::cache::CacheLayout;
 
 /// Environment variable naming a kernel image that replaces the provisioned one.
 pub const KERNEL_ENV: &str = "SUPERMACHINE_KERNEL";
@@ -62,9 +63,6 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
-    /// Neither `XDG_CACHE_HOME` nor `HOME` is set.
-    #[error("no cache directory: set XDG_CACHE_HOME or HOME")]
-    NoCacheDir,
     /// The host has no apt (not Debian-based), so the default kernel cannot be
     /// obtained.
     #[error(
@@ -206,46 +204,32 @@ pub fn kernel_has_pvm_guest_support(config: Option<&Path>) -> Option<bool> {
     Some(text.lines().any(|l| l.trim_end() == "CONFIG_PVM_GUEST=y"))
 }
 
-/// supermachine's cache directory: `$XDG_CACHE_HOME/supermachine`, else
-/// `$HOME/.cache/supermachine` (XDG Base Directory spec; an empty or relative
-/// `XDG_CACHE_HOME` is ignored as the spec says).
-pub fn cache_dir() -> Result<PathBuf, KernelError> {
-    cache_dir_from(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
-}
-
-fn cache_dir_from(xdg: Option<OsString>, home: Option<OsString>) -> Result<PathBuf, KernelError> {
-    if let Some(xdg) = xdg.map(PathBuf::from).filter(|p| p.is_absolute()) {
-        return Ok(xdg.join("supermachine"));
-    }
-    match home.filter(|h| !h.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home).join(".cache").join("supermachine")),
-        None => Err(KernelError::NoCacheDir),
-    }
-}
-
 /// The guest kernel to boot: `explicit` (the CLI's `--kernel`) if given, else
-/// `SUPERMACHINE_KERNEL`, else Debian's cloud kernel from the cache, obtained on
+/// `SUPERMACHINE_KERNEL`, else Debian's cloud kernel from `cache`, obtained on
 /// first use.
-pub fn provision_with(explicit: Option<&Path>) -> Result<KernelAssets, KernelError> {
+pub fn provision_with(
+    explicit: Option<&Path>,
+    cache: &CacheLayout,
+) -> Result<KernelAssets, KernelError> {
     match explicit {
         Some(path) => KernelAssets::from_path(path),
-        None => provision(),
+        None => provision(cache),
     }
 }
 
 /// The guest kernel to boot: `SUPERMACHINE_KERNEL` if set, else Debian's cloud
-/// kernel from [`cache_dir`], obtained through apt on first use.
-pub fn provision() -> Result<KernelAssets, KernelError> {
+/// kernel from `cache`, obtained through apt on first use.
+pub fn provision(cache: &CacheLayout) -> Result<KernelAssets, KernelError> {
     if let Some(path) = std::env::var_os(KERNEL_ENV).filter(|p| !p.is_empty()) {
         return KernelAssets::from_path(Path::new(&path));
     }
-    provision_debian(&cache_dir()?)
+    provision_debian(cache)
 }
 
-/// Debian's cloud kernel in `cache` (the supermachine cache root): reused when a
-/// previous provision finished, else resolved, downloaded and unpacked.
-pub fn provision_debian(cache: &Path) -> Result<KernelAssets, KernelError> {
-    let kernels = cache.join("kernels");
+/// Debian's cloud kernel in `cache`: reused when a previous provision finished,
+/// else resolved, downloaded and unpacked.
+pub fn provision_debian(cache: &CacheLayout) -> Result<KernelAssets, KernelError> {
+    let kernels = cache.kernels();
     if let Some(assets) = cached_default(&kernels) {
         return Ok(assets);
     }
@@ -298,6 +282,32 @@ fn cached_default(kernels: &Path) -> Option<KernelAssets> {
     dir.join(format!("vmlinuz-{version}"))
         .is_file()
         .then(|| assets_in(&dir, version))
+}
+
+/// Puts `assets` (the kernel image and its config, not its modules tree) and the
+/// initramfs built for it into another cache, `dst`, as its default kernel: a
+/// self-contained cache a test rig or a benchmark carries elsewhere. The
+/// initramfs keeps its name, which is its cache key, so `dst` reuses it instead of
+/// building one (it could not: the modules stay behind).
+pub fn seed(dst: &CacheLayout, assets: &KernelAssets, initramfs: &Path) -> io::Result<()> {
+    fn copy_named(from: &Path, to_dir: &Path) -> io::Result<()> {
+        let name = from.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} has no file name", from.display()),
+            )
+        })?;
+        fs::copy(from, to_dir.join(name)).map(|_| ())
+    }
+    let kernels = dst.kernels();
+    let dir = kernels.join(&assets.version);
+    fs::create_dir_all(&dir)?;
+    copy_named(&assets.kernel, &dir)?;
+    if let Some(c) = &assets.config {
+        copy_named(c, &dir)?;
+    }
+    fs::write(kernels.join("default"), &assets.version)?;
+    copy_named(initramfs, dst.initramfs_dir())
 }
 
 /// A version string is used as a directory name: refuse anything that could
@@ -531,31 +541,11 @@ pub(crate) mod tests {
         let cache = std::env::temp_dir().join("supermachine-test-cache");
         Some(
             KERNEL
-                .get_or_init(|| provision_debian(&cache).expect("provisioning the test kernel"))
+                .get_or_init(|| {
+                    provision_debian(&CacheLayout::at(cache)).expect("provisioning the test kernel")
+                })
                 .clone(),
         )
-    }
-
-    #[test]
-    fn cache_dir_from_xdg_wins() {
-        let d = cache_dir_from(Some("/x/cache".into()), Some("/home/u".into())).unwrap();
-        assert_eq!(d, Path::new("/x/cache/supermachine"));
-    }
-
-    #[test]
-    fn cache_dir_from_relative_or_empty_xdg_falls_back_to_home() {
-        let d = cache_dir_from(Some("rel".into()), Some("/home/u".into())).unwrap();
-        assert_eq!(d, Path::new("/home/u/.cache/supermachine"));
-        let d = cache_dir_from(Some("".into()), Some("/home/u".into())).unwrap();
-        assert_eq!(d, Path::new("/home/u/.cache/supermachine"));
-    }
-
-    #[test]
-    fn cache_dir_from_nothing_set_errors() {
-        assert!(matches!(
-            cache_dir_from(None, None),
-            Err(KernelError::NoCacheDir)
-        ));
     }
 
     #[test]
@@ -632,6 +622,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn seed_makes_the_kernel_the_default_of_another_cache() {
+        let src = TestDir::new("kernel-seed-src");
+        let dir = src.0.join("6.9-test");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("vmlinuz-6.9-test"), b"kernel").unwrap();
+        fs::write(dir.join("config-6.9-test"), b"CONFIG_X=y\n").unwrap();
+        let initramfs = src.0.join("initramfs-abc.cpio");
+        fs::write(&initramfs, b"cpio").unwrap();
+        let assets = assets_in(&dir, "6.9-test");
+        let dst = TestDir::new("kernel-seed-dst");
+        let layout = CacheLayout::at(&dst.0);
+        seed(&layout, &assets, &initramfs).unwrap();
+        let found = cached_default(&layout.kernels()).unwrap();
+        assert_eq!(found.version, "6.9-test");
+        assert_eq!(fs::read(&found.kernel).unwrap(), b"kernel");
+        assert_eq!(found.modules_dir, None);
+        assert_eq!(fs::read(dst.0.join("initramfs-abc.cpio")).unwrap(), b"cpio");
+    }
+
+    #[test]
     fn cached_default_incomplete_dir_not_reused() {
         let root = TestDir::new("kernel-incomplete");
         fs::create_dir_all(root.0.join("6.9")).unwrap();
@@ -693,7 +703,7 @@ pub(crate) mod tests {
             return;
         }
         let cache = TestDir::new("kernel-provision");
-        let a = provision_debian(&cache.0).unwrap();
+        let a = provision_debian(&CacheLayout::at(&cache.0)).unwrap();
         assert!(a.version.ends_with("-cloud-amd64") || a.version.ends_with("-cloud-arm64"));
         assert!(a.kernel.starts_with(cache.0.join("kernels")));
         assert!(
@@ -718,7 +728,7 @@ pub(crate) mod tests {
             .collect();
         assert!(leftovers.is_empty());
         // Second call: same assets, from the cache.
-        assert_eq!(provision_debian(&cache.0).unwrap(), a);
+        assert_eq!(provision_debian(&CacheLayout::at(&cache.0)).unwrap(), a);
         // And a user path to the cached kernel finds the same things beside it.
         assert_eq!(KernelAssets::from_path(&a.kernel).unwrap(), a);
     }

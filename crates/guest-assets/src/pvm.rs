@@ -2,12 +2,46 @@
 //!
 //! On a host whose KVM is PVM (`kvm_pvm`, no VMX/SVM), a guest kernel built without
 //! PVM-guest support is executed by KVM's instruction emulator: tiny guests work, a
-//! general-purpose kernel never reaches userspace in reasonable time. The runner
-//! refuses such a kernel up front instead of crawling.
+//! general-purpose kernel never reaches userspace in reasonable time. The product
+//! refuses such a kernel up front ([`refuse_emulated_kernel`]) instead of crawling.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+/// Environment variable that lets a kernel without PVM-guest support boot on a
+/// PVM host anyway (any value but `0`).
+pub const ALLOW_EMULATED_ENV: &str = "SUPERMACHINE_ALLOW_EMULATED";
+
+/// A Linux kernel without PVM-guest support, refused on a PVM host.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this host's /dev/kvm is PVM (kvm_pvm): a kernel without PVM-guest support runs in \
+     KVM's instruction emulator and never reaches userspace in reasonable time. Boot it on \
+     a host with hardware virtualization, in the nested test rig (tests/nested/rig), or use \
+     a kernel built with CONFIG_PVM_GUEST=y. Set {ALLOW_EMULATED_ENV}=1 to try anyway. \
+     (kernel: {})",
+    kernel.display()
+)]
+pub struct EmulatedKernelRefused {
+    /// The kernel path.
+    pub kernel: PathBuf,
+}
+
+/// Refuses `kernel` when the host is PVM (`pvm_host`, from the hypervisor's
+/// capabilities) and it is a Linux kernel not known to support PVM guests;
+/// tiny non-Linux guests and [`ALLOW_EMULATED_ENV`] pass.
+pub fn refuse_emulated_kernel(pvm_host: bool, kernel: &Path) -> Result<(), EmulatedKernelRefused> {
+    if !pvm_host || std::env::var_os(ALLOW_EMULATED_ENV).is_some_and(|v| v != "0") {
+        return Ok(());
+    }
+    if is_linux_kernel(kernel) && supports_pvm_guest(kernel) != Some(true) {
+        return Err(EmulatedKernelRefused {
+            kernel: kernel.to_owned(),
+        });
+    }
+    Ok(())
+}
 
 /// Whether the file is a Linux kernel: a bzImage, an arm64 `Image` (magic "ARM\x64" at
 /// 0x38, Documentation/arch/arm64/booting.rst), or an ELF carrying a `Linux` note.

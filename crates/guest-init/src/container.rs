@@ -16,11 +16,11 @@ use agent_protocol::{
 
 use crate::agent::{self, Channel, Incoming};
 use crate::config::{
-    container_env, decode_wait_status, spawn_failure_status, Agent, Network, Options,
-    STATUS_CONTAINER_INIT_FAILED,
+    container_env, decode_wait_status, spawn_failure_status, STATUS_CONTAINER_INIT_FAILED,
 };
 use crate::sys;
 use crate::user::{self, ExecUser};
+use agent_protocol::cmdline::{Agent, Network, Options};
 
 /// Spec file the host may put into the initramfs: agent frames, the first
 /// ProcessSpec of which is the process to run.

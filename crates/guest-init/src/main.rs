@@ -7,7 +7,7 @@
 //! VMM and powers the VM off.
 //!
 //! Options come from the kernel command line (`/proc/cmdline`, see
-//! [`config::parse_cmdline`]):
+//! [`agent_protocol::cmdline::parse_cmdline`]):
 //! - `sm.exit=N`: the status boot mode reports (u32, default 0); tests use it
 //!   to prove the status path end to end.
 //! - `sm.mode=container` (or `sm.run=1`): container mode ([`container`]): mount
@@ -85,17 +85,18 @@ fn module_names(order: &str) -> impl Iterator<Item = Result<&str, &str>> {
 #[cfg(target_os = "linux")]
 mod pid1 {
     use super::{count_cpu_list, module_names, STATUS_INIT_FAILED};
-    use crate::config::{parse_cmdline, Mode, STATUS_CONTAINER_INIT_FAILED};
+    use crate::config::STATUS_CONTAINER_INIT_FAILED;
+    use agent_protocol::cmdline::{parse_cmdline, Mode};
     use std::ffi::CStr;
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
     /// The VMM's exit-status register (x86_64): a 32-bit port write reports the
-    /// guest's status before power-off. It sits in the 8-port window at 0x600.
+    /// guest's status before power-off. It sits in the power block's 8-port window.
     #[cfg(target_arch = "x86_64")]
-    const STATUS_PORT_BASE: u64 = 0x600;
+    const STATUS_PORT_BASE: u16 = agent_protocol::power::X86_64_PORT_BASE;
     #[cfg(target_arch = "x86_64")]
-    const STATUS_PORT: u16 = 0x604;
+    const STATUS_PORT: u16 = agent_protocol::power::X86_64_EXIT_STATUS_PORT;
 
     const MODULES_DIR: &str = "/lib/modules";
     const ORDER_FILE: &str = "/lib/modules/supermachine.order";
@@ -364,10 +365,13 @@ mod pid1 {
         // SAFETY: ioperm only changes this process's I/O permission bitmap.
         // CONFIG_X86_IOPL_IOPERM=y in the guest kernel; there is no /dev/port.
         if unsafe { libc::ioperm(STATUS_PORT_BASE as libc::c_ulong, 8, 1) } != 0 {
-            fail!("ioperm(0x600): {}", std::io::Error::last_os_error());
+            fail!(
+                "ioperm({STATUS_PORT_BASE:#x}): {}",
+                std::io::Error::last_os_error()
+            );
             return;
         }
-        // SAFETY: ioperm above granted access to ports 0x600..0x608; the write
+        // SAFETY: ioperm above granted access to the power block's 8 ports; the write
         // goes to the VMM's exit-status register and touches no memory.
         unsafe {
             std::arch::asm!(
@@ -379,16 +383,16 @@ mod pid1 {
         }
     }
 
-    /// The VMM's exit-status register (aarch64): offset 4 of the power block the
-    /// runner maps at guest-physical 0x0902_0000 (`runner::aarch64::layout::POWER_BASE`).
+    /// The VMM's exit-status register (aarch64): in the power block the runner maps
+    /// at `agent_protocol::power::AARCH64_MMIO_BASE`.
     /// arm64 has no port I/O, so it is reached through /dev/mem: the guest kernel has
     /// CONFIG_DEVMEM=y, and STRICT_DEVMEM lets root map a page that is neither RAM nor
     /// claimed by a driver (arm64 `devmem_is_allowed`), which this one is not: the
     /// device tree does not describe it.
     #[cfg(target_arch = "aarch64")]
-    const STATUS_MMIO_PAGE: libc::off_t = 0x0902_0000;
+    const STATUS_MMIO_PAGE: libc::off_t = agent_protocol::power::AARCH64_MMIO_BASE as libc::off_t;
     #[cfg(target_arch = "aarch64")]
-    const STATUS_MMIO_OFFSET: usize = 4;
+    const STATUS_MMIO_OFFSET: usize = agent_protocol::power::EXIT_STATUS_OFFSET as usize;
 
     #[cfg(target_arch = "aarch64")]
     fn report_status(status: u32) {

@@ -1,6 +1,6 @@
 //! The content-addressed blob store and the image records that name its blobs.
 //!
-//! Layout under the root (`$XDG_CACHE_HOME/supermachine/store`):
+//! Layout under the root (the product puts it at `guest_assets::cache::CacheLayout::store`):
 //! - `blobs/sha256/<hex>`: a blob whose SHA-256 was verified while it was
 //!   written. Blobs are written to `tmp/` and renamed into place only after the
 //!   digest (and size, when known) matched, so a file under `blobs/` is always
@@ -11,7 +11,6 @@
 //!   concurrent garbage collection keeps them.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -36,8 +35,6 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Errors of the blob store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("no cache directory: set XDG_CACHE_HOME or HOME")]
-    NoCacheDir,
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -121,17 +118,6 @@ pub struct GcStats {
 }
 
 impl Store {
-    /// The default store: `$XDG_CACHE_HOME/supermachine/store`, else
-    /// `~/.cache/supermachine/store` (the same root as the kernel cache).
-    pub fn default_root() -> Result<PathBuf, StoreError> {
-        default_root_from(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
-    }
-
-    /// Opens (creating if needed) the default store.
-    pub fn open_default() -> Result<Store, StoreError> {
-        Store::open(Store::default_root()?)
-    }
-
     /// Opens (creating if needed) the store at `root`, and removes temp files
     /// that interrupted writers left behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
@@ -470,19 +456,6 @@ fn read_record(path: &Path) -> Result<ImageRecord, StoreError> {
     })
 }
 
-fn default_root_from(xdg: Option<OsString>, home: Option<OsString>) -> Result<PathBuf, StoreError> {
-    if let Some(xdg) = xdg.map(PathBuf::from).filter(|p| p.is_absolute()) {
-        return Ok(xdg.join("supermachine").join("store"));
-    }
-    match home.filter(|h| !h.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home)
-            .join(".cache")
-            .join("supermachine")
-            .join("store")),
-        None => Err(StoreError::NoCacheDir),
-    }
-}
-
 fn unique_name(stem: &str) -> String {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -575,18 +548,6 @@ mod tests {
         };
         store.save_image(&r).unwrap();
         r
-    }
-
-    #[test]
-    fn default_root_xdg_wins_over_home() {
-        let r = default_root_from(Some("/x".into()), Some("/h".into())).unwrap();
-        assert_eq!(r, PathBuf::from("/x/supermachine/store"));
-        let r = default_root_from(Some("rel".into()), Some("/h".into())).unwrap();
-        assert_eq!(r, PathBuf::from("/h/.cache/supermachine/store"));
-        assert!(matches!(
-            default_root_from(None, None),
-            Err(StoreError::NoCacheDir)
-        ));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Builds, boots and runs supermachine VMs: resources and their validation, guest
 //! memory, kernel and initramfs loading, ACPI (x86_64) or FDT (aarch64), the device
-//! bus, vCPU threads and their exit dispatch.
+//! bus and event loop, the host network backends, and the [`vmm::Vmm`] with its vCPU
+//! threads. Where the kernel and initramfs come from is `guest-assets`' business:
+//! the runner boots the paths it is given.
 //!
 //! The runner sees a backend only through the `hypervisor` traits; the one place
 //! that chooses a backend by `target_os` is the `backend` module, and the one place
@@ -11,10 +13,7 @@ pub mod backend;
 pub mod console;
 #[cfg(target_os = "linux")]
 pub mod event_loop;
-pub mod initramfs;
-pub mod kernel;
 pub mod net;
-pub mod pvm;
 pub mod resources;
 pub mod timings;
 pub mod virtio;

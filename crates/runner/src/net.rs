@@ -168,8 +168,7 @@ pub fn prepare(res: &VmResources) -> Result<VmResources, NetError> {
         net.guest = Some(guest_config_from(&route, resolver));
     }
     if let Some(g) = net.guest {
-        out.cmdline.push(' ');
-        out.cmdline.push_str(&g.cmdline_arg());
+        agent_protocol::cmdline::append(&mut out.cmdline, &[agent_protocol::cmdline::Arg::Net(g)]);
     }
     Ok(out)
 }
@@ -548,10 +547,7 @@ mod tests {
         };
         let g = guest_config_from(&route, Some(Ipv4Addr::new(127, 0, 0, 53)));
         assert_eq!(g.dns, Some(DNS_FORWARD_ADDR));
-        assert_eq!(
-            g.cmdline_arg(),
-            "sm.net=192.0.2.1/24,192.0.2.254,169.254.1.1"
-        );
+        assert_eq!(g.to_string(), "192.0.2.1/24,192.0.2.254,169.254.1.1");
         let g = guest_config_from(&route, Some(Ipv4Addr::new(192, 0, 2, 53)));
         assert_eq!(g.dns, Some(Ipv4Addr::new(192, 0, 2, 53)));
         assert_eq!(guest_config_from(&route, None).dns, None);

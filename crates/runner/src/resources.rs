@@ -135,33 +135,9 @@ pub enum NetBackendSpec {
 }
 
 /// The guest's IPv4 configuration, applied by guest-init before the workload
-/// starts (kernel command line `sm.net=ADDR/PREFIX,GW,DNS`; GW and DNS may be
-/// empty).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestIpConfig {
-    /// The guest's address.
-    pub addr: std::net::Ipv4Addr,
-    /// Its prefix length (0-32).
-    pub prefix: u8,
-    /// Default gateway.
-    pub gateway: Option<std::net::Ipv4Addr>,
-    /// Name server for the guest's `/etc/resolv.conf`.
-    pub dns: Option<std::net::Ipv4Addr>,
-}
-
-impl GuestIpConfig {
-    /// The `sm.net=` kernel command-line argument guest-init reads.
-    pub fn cmdline_arg(&self) -> String {
-        let opt = |a: Option<std::net::Ipv4Addr>| a.map(|a| a.to_string()).unwrap_or_default();
-        format!(
-            "sm.net={}/{},{},{}",
-            self.addr,
-            self.prefix,
-            opt(self.gateway),
-            opt(self.dns)
-        )
-    }
-}
+/// starts; it reaches the guest as [`agent_protocol::cmdline::Arg::Net`]
+/// (`sm.net=ADDR/PREFIX,GW,DNS`).
+pub type GuestIpConfig = agent_protocol::cmdline::NetConfig;
 
 /// A virtio-net device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -380,7 +356,7 @@ mod tests {
             }
         );
         let g = t.guest.unwrap();
-        assert_eq!(g.cmdline_arg(), "sm.net=10.0.0.2/24,10.0.0.1,10.0.0.1");
+        assert_eq!(g.to_string(), "10.0.0.2/24,10.0.0.1,10.0.0.1");
         let bare = NetSpec::parse("tap:tap1").unwrap().unwrap();
         assert_eq!(bare.guest, None);
     }
@@ -402,17 +378,6 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
-    }
-
-    #[test]
-    fn guest_ip_config_cmdline_leaves_missing_parts_empty() {
-        let g = GuestIpConfig {
-            addr: "192.0.2.1".parse().unwrap(),
-            prefix: 24,
-            gateway: None,
-            dns: None,
-        };
-        assert_eq!(g.cmdline_arg(), "sm.net=192.0.2.1/24,,");
     }
 
     #[test]

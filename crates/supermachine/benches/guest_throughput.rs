@@ -95,19 +95,17 @@ fn build_image() -> PathBuf {
 /// A private supermachine cache under `dir` holding the provisioned kernel and
 /// its initramfs (so the user's image store is left alone) and the bench image.
 fn prepare_cache(bin: &Path, dir: &Path, image_ref: &str) -> PathBuf {
-    let assets = runner::kernel::provision().expect("provision the guest kernel");
-    let initramfs = runner::initramfs::ensure(&assets).expect("build the initramfs");
+    let user = supermachine::cache().expect("the user's cache directory");
+    let assets = guest_assets::kernel::provision(&user).expect("provision the guest kernel");
+    let initramfs = guest_assets::initramfs::ensure(&user, &assets).expect("build the initramfs");
+    // XDG_CACHE_HOME=<dir>/cache for the product.
     let cache = dir.join("cache");
-    let store = cache.join("supermachine");
-    let kdir = store.join("kernels").join(&assets.version);
-    std::fs::create_dir_all(&kdir).unwrap();
-    let name = |p: &Path| p.file_name().map(PathBuf::from).unwrap_or_default();
-    std::fs::copy(&assets.kernel, kdir.join(name(&assets.kernel))).unwrap();
-    if let Some(c) = &assets.config {
-        std::fs::copy(c, kdir.join(name(c))).unwrap();
-    }
-    std::fs::write(store.join("kernels/default"), &assets.version).unwrap();
-    std::fs::copy(&initramfs, store.join(name(&initramfs))).unwrap();
+    guest_assets::kernel::seed(
+        &guest_assets::cache::CacheLayout::at(cache.join("supermachine")),
+        &assets,
+        &initramfs,
+    )
+    .expect("seed the bench cache");
     let out = Command::new(bin)
         .args(["pull", image_ref])
         .env("XDG_CACHE_HOME", &cache)

@@ -39,22 +39,17 @@ fn main() {
         .unwrap_or(20);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_supermachine"));
     // A cache with the provisioned kernel, its initramfs, and the image pulled.
-    let assets = runner::kernel::provision().expect("provision the kernel");
-    let initramfs = runner::initramfs::ensure(&assets).expect("initramfs");
+    let user = supermachine::cache().expect("the user's cache directory");
+    let assets = guest_assets::kernel::provision(&user).expect("provision the kernel");
+    let initramfs = guest_assets::initramfs::ensure(&user, &assets).expect("initramfs");
+    // XDG_CACHE_HOME=<cache> for the product.
     let cache = std::env::temp_dir().join(format!("sm-bench-cache-{}", std::process::id()));
-    let store = cache.join("supermachine");
-    let kdir = store.join("kernels").join(&assets.version);
-    std::fs::create_dir_all(&kdir).unwrap();
-    std::fs::copy(
-        &assets.kernel,
-        kdir.join(assets.kernel.file_name().unwrap()),
+    guest_assets::kernel::seed(
+        &guest_assets::cache::CacheLayout::at(cache.join("supermachine")),
+        &assets,
+        &initramfs,
     )
-    .unwrap();
-    if let Some(c) = &assets.config {
-        std::fs::copy(c, kdir.join(c.file_name().unwrap())).unwrap();
-    }
-    std::fs::write(store.join("kernels/default"), &assets.version).unwrap();
-    std::fs::copy(&initramfs, store.join(initramfs.file_name().unwrap())).unwrap();
+    .expect("seed the bench cache");
     let layout = support::busybox_layout();
     let image = format!("oci:{}:{}", layout.display(), support::BUSYBOX_TAG);
     let pulled = Command::new(&bin)

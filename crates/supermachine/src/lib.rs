@@ -34,12 +34,21 @@ pub use runner::vmm::{GuestExit, RunOutcome};
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// There is no cache directory.
+    #[error(transparent)]
+    Cache(#[from] guest_assets::cache::NoCacheDir),
     /// The guest kernel could not be found or provisioned.
     #[error(transparent)]
-    Kernel(#[from] runner::kernel::KernelError),
+    Kernel(#[from] guest_assets::kernel::KernelError),
     /// The initramfs could not be built.
     #[error(transparent)]
-    Initramfs(#[from] runner::initramfs::InitramfsError),
+    Initramfs(#[from] guest_assets::initramfs::InitramfsError),
+    /// The kernel would only run in KVM's instruction emulator on this PVM host.
+    #[error(transparent)]
+    EmulatedKernel(#[from] guest_assets::pvm::EmulatedKernelRefused),
+    /// The image store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] image::store::StoreError),
     /// The hypervisor could not be opened.
     #[error(transparent)]
     Hypervisor(#[from] hypervisor::HypervisorError),
@@ -116,25 +125,27 @@ pub struct BootConfig {
 /// Resolves a [`BootConfig`] into concrete resources (provisioning the kernel and
 /// building the initramfs when needed).
 pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
-    let env_kernel = std::env::var_os("SUPERMACHINE_KERNEL").map(PathBuf::from);
+    use guest_assets::{initramfs, kernel};
+    let env_kernel = std::env::var_os(kernel::KERNEL_ENV).map(PathBuf::from);
     let explicit = cfg.kernel.clone().or(env_kernel);
     let (kernel, initrd) = match explicit {
         Some(k) => {
             let initrd = match &cfg.initrd {
                 Some(i) => Some(i.clone()),
-                None if runner::pvm::is_linux_kernel(&k) => {
-                    let assets = runner::kernel::KernelAssets::from_path(&k)?;
-                    Some(runner::initramfs::ensure(&assets)?)
+                None if guest_assets::pvm::is_linux_kernel(&k) => {
+                    let assets = kernel::KernelAssets::from_path(&k)?;
+                    Some(initramfs::ensure(&cache()?, &assets)?)
                 }
                 None => None,
             };
             (k, initrd)
         }
         None => {
-            let assets = runner::kernel::provision()?;
+            let cache = cache()?;
+            let assets = kernel::provision(&cache)?;
             let initrd = match &cfg.initrd {
                 Some(i) => Some(i.clone()),
-                None => Some(runner::initramfs::ensure(&assets)?),
+                None => Some(initramfs::ensure(&cache, &assets)?),
             };
             (assets.kernel.clone(), initrd)
         }
@@ -158,6 +169,22 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
     Ok(runner::net::prepare(&res)?)
 }
 
+/// The user's cache directory (kernels, initramfs, image store, root filesystems).
+pub fn cache() -> Result<guest_assets::cache::CacheLayout, Error> {
+    Ok(guest_assets::cache::CacheLayout::user()?)
+}
+
+/// Opens the host's hypervisor for booting `kernel`: on a PVM host a Linux kernel
+/// without PVM-guest support is refused here, before anything is built.
+pub fn open_hypervisor(
+    kernel: &std::path::Path,
+) -> Result<runner::backend::DefaultHypervisor, Error> {
+    use hypervisor::Hypervisor;
+    let hv = runner::backend::open()?;
+    guest_assets::pvm::refuse_emulated_kernel(hv.capabilities().pvm_host, kernel)?;
+    Ok(hv)
+}
+
 /// Boots `cfg` to completion with the guest console on this process's stdout.
 pub fn boot(cfg: &BootConfig) -> Result<RunOutcome, Error> {
     boot_with_console(cfg, Box::new(std::io::stdout()), Arc::new(Timings::start()))
@@ -172,7 +199,7 @@ pub fn boot_with_console(
     let res = resolve(cfg)?;
     res.validate().map_err(runner::vmm::RunError::from)?;
     timings.phase("resolved");
-    let hv = runner::backend::open()?;
+    let hv = open_hypervisor(&res.kernel)?;
     timings.phase("hypervisor_open");
     Ok(runner::vmm::run(&hv, &res, console, timings)?)
 }

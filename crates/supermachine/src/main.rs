@@ -297,7 +297,7 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        Command::Images => match image::store::Store::open_default().and_then(|s| s.list()) {
+        Command::Images => match supermachine::run::store().and_then(|s| Ok(s.list()?)) {
             Ok(list) => {
                 println!("{:<60} {:<20} {:>10}", "REFERENCE", "DIGEST", "SIZE");
                 for r in list {
@@ -311,7 +311,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Rmi { images } => {
-            let store = match image::store::Store::open_default() {
+            let store = match supermachine::run::store() {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
             };
@@ -343,11 +343,13 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Kernel => match runner::kernel::provision() {
-            Ok(k) => {
+        Command::Kernel => match supermachine::cache()
+            .and_then(|c| Ok((guest_assets::kernel::provision(&c)?, c)))
+        {
+            Ok((k, cache)) => {
                 // Build the initramfs for it too, so a later boot (or a copy of the
                 // cache carried elsewhere, without the module tree) has it ready.
-                if let Err(e) = runner::initramfs::ensure(&k) {
+                if let Err(e) = guest_assets::initramfs::ensure(&cache, &k) {
                     return fail(&e);
                 }
                 println!("{}", k.kernel.display());

@@ -73,8 +73,9 @@ pub struct PreparedImage {
     pub rootfs: PathBuf,
 }
 
-fn store() -> Result<Store, Error> {
-    Store::open_default().map_err(|e| Error::Image(e.to_string()))
+/// The image store in the user's cache.
+pub fn store() -> Result<Store, Error> {
+    Ok(Store::open(crate::cache()?.store())?)
 }
 
 /// Pulls `reference` into the store (always, verifying every blob) and builds its
@@ -155,9 +156,7 @@ impl image::source::PullProgress for TerminalProgress {
 /// Where the root filesystem of the image with manifest `digest` is cached.
 pub fn rootfs_path(digest: &str) -> Result<PathBuf, Error> {
     let hex = digest.trim_start_matches("sha256:");
-    Ok(runner::kernel::cache_dir()?
-        .join("rootfs")
-        .join(format!("{hex}.erofs")))
+    Ok(crate::cache()?.rootfs().join(format!("{hex}.erofs")))
 }
 
 fn prepare(
@@ -347,7 +346,13 @@ pub fn run(
         .vsock_uds
         .clone()
         .unwrap_or_else(|| dir.join("vsock.sock"));
-    res.cmdline.push_str(" sm.mode=container sm.agent=vsock");
+    {
+        use agent_protocol::cmdline::{append, Agent, Arg, Mode};
+        append(
+            &mut res.cmdline,
+            &[Arg::Mode(Mode::Container), Arg::Agent(Agent::Vsock)],
+        );
+    }
     if opts.console {
         // Whoever asks for the console wants all of it: `quiet` hides warnings and
         // the call traces that follow them (a later loglevel= wins).
@@ -369,7 +374,7 @@ pub fn run(
     } else {
         Box::new(std::io::sink())
     };
-    let hv = runner::backend::open()?;
+    let hv = crate::open_hypervisor(&res.kernel)?;
     let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
     let stop = vmm.stop_handle();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.

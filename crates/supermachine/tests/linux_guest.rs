@@ -1442,7 +1442,7 @@ fn make_ro_disk(path: &Path) -> Result<(), String> {
 /// module tree), and the test images pulled into its store.
 struct Payload {
     dir: PathBuf,
-    assets: runner::kernel::KernelAssets,
+    assets: guest_assets::kernel::KernelAssets,
     images: Images,
 }
 
@@ -1454,26 +1454,26 @@ impl Drop for Payload {
 
 fn prepare_payload() -> Result<Payload, String> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_supermachine"));
-    let assets = runner::kernel::provision()
+    let cache = supermachine::cache().map_err(|e| e.to_string())?;
+    let assets = guest_assets::kernel::provision(&cache)
         .map_err(|e| format!("cannot provision the kernel on the host: {e}"))?;
-    let initramfs = runner::initramfs::ensure(&assets)
+    let initramfs = guest_assets::initramfs::ensure(&cache, &assets)
         .map_err(|e| format!("cannot build the initramfs on the host: {e}"))?;
     let dir = std::env::temp_dir().join(format!("sm-guest-payload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // XDG_CACHE_HOME=/payload/cache in the rig.
     let store = dir.join("cache/supermachine");
-    let kdir = store.join("kernels").join(&assets.version);
     let copy = |from: &Path, to: &Path| {
         std::fs::copy(from, to)
             .map_err(|e| format!("copy {} to {}: {e}", from.display(), to.display()))
     };
-    std::fs::create_dir_all(&kdir).map_err(|e| e.to_string())?;
     let name = |p: &Path| p.file_name().map(PathBuf::from).unwrap_or_default();
-    copy(&assets.kernel, &kdir.join(name(&assets.kernel)))?;
-    if let Some(c) = &assets.config {
-        copy(c, &kdir.join(name(c)))?;
-    }
-    std::fs::write(store.join("kernels/default"), &assets.version).map_err(|e| e.to_string())?;
-    copy(&initramfs, &store.join(name(&initramfs)))?;
+    guest_assets::kernel::seed(
+        &guest_assets::cache::CacheLayout::at(&store),
+        &assets,
+        &initramfs,
+    )
+    .map_err(|e| format!("cannot seed the payload's cache: {e}"))?;
     copy(&bin, &dir.join("supermachine"))?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     copy(&me, &dir.join("linux_guest"))?;

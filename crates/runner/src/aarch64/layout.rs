@@ -36,7 +36,7 @@ pub const UART_CLOCK_HZ: u32 = 1_843_200;
 /// exit-status register at offset 4 is used on aarch64 (power-off and reset are PSCI
 /// calls); guest-init writes it through `/dev/mem`, so this address is part of the
 /// guest ABI and must not move.
-pub const POWER_BASE: u64 = 0x0902_0000;
+pub const POWER_BASE: u64 = agent_protocol::power::AARCH64_MMIO_BASE;
 /// First virtio-mmio window.
 pub const VIRTIO_MMIO_BASE: u64 = 0x0a00_0000;
 /// Size of one virtio-mmio window.
