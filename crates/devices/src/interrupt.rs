@@ -7,7 +7,7 @@ use std::error::Error as StdError;
 
 /// Raising or lowering an interrupt line failed in the VMM's backend.
 #[derive(Debug, thiserror::Error)]
-#[error("interrupt line {line}: {source}")]
+#[error("interrupt line {line}")]
 pub struct InterruptError {
     /// Which line (GSI / SPI number) failed, for the message.
     pub line: u32,

@@ -60,7 +60,7 @@ pub enum InitramfsError {
     #[error("this supermachine build embeds no guest-init binary for this host architecture")]
     NoGuestInit,
     /// The kernel's modules directory could not be read.
-    #[error("reading modules directory {path}: {source}")]
+    #[error("reading modules directory {path}")]
     ModulesDir {
         /// The directory.
         path: PathBuf,
@@ -90,7 +90,7 @@ pub enum InitramfsError {
         path: PathBuf,
     },
     /// A module file could not be read.
-    #[error("reading kernel module {path}: {source}")]
+    #[error("reading kernel module {path}")]
     ReadModule {
         /// The module file.
         path: PathBuf,
@@ -114,7 +114,7 @@ pub enum InitramfsError {
     #[error("initramfs entry {0} is larger than 4 GiB")]
     EntryTooLarge(String),
     /// Writing the archive failed.
-    #[error("writing initramfs {path}: {source}")]
+    #[error("writing initramfs {path}")]
     Write {
         /// The file being written.
         path: PathBuf,

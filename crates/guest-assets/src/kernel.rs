@@ -55,7 +55,7 @@ pub struct KernelAssets {
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// The user's kernel path does not name a readable file.
-    #[error("kernel image {path}: {source}")]
+    #[error("kernel image {path}")]
     KernelNotFound {
         /// The path given.
         path: PathBuf,
@@ -92,7 +92,7 @@ pub enum KernelError {
         package: &'static str,
     },
     /// A helper program could not be started.
-    #[error("running {program}: {source}")]
+    #[error("running {program}")]
     Spawn {
         /// The program.
         program: &'static str,
@@ -119,7 +119,7 @@ pub enum KernelError {
         missing: String,
     },
     /// A file system operation in the cache failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,

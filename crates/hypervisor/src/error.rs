@@ -6,7 +6,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum HypervisorError {
     /// The hypervisor device or framework could not be opened.
-    #[error("cannot open the hypervisor ({what}): {source}")]
+    #[error("cannot open the hypervisor ({what})")]
     Open {
         /// What was opened (e.g. `/dev/kvm`).
         what: String,
@@ -18,7 +18,7 @@ pub enum HypervisorError {
     #[error("the hypervisor lacks a required capability: {0}")]
     MissingCapability(String),
     /// Creating a VM failed.
-    #[error("cannot create a VM: {0}")]
+    #[error("cannot create a VM")]
     CreateVm(#[source] io::Error),
     /// The backend does not support this request.
     #[error("not supported by this hypervisor: {0}")]
@@ -29,7 +29,7 @@ pub enum HypervisorError {
 #[derive(Debug, Error)]
 pub enum VmError {
     /// Mapping or unmapping guest memory failed.
-    #[error("cannot map guest memory at {guest_addr:#x} ({size} bytes): {source}")]
+    #[error("cannot map guest memory at {guest_addr:#x} ({size} bytes)")]
     MapMemory {
         /// Guest-physical address of the region.
         guest_addr: u64,
@@ -40,10 +40,10 @@ pub enum VmError {
         source: io::Error,
     },
     /// Creating the interrupt controller failed.
-    #[error("cannot create the interrupt controller: {0}")]
+    #[error("cannot create the interrupt controller")]
     CreateIrqchip(#[source] io::Error),
     /// Setting up or driving an interrupt line failed.
-    #[error("interrupt line {gsi}: {source}")]
+    #[error("interrupt line {gsi}")]
     Irq {
         /// The interrupt number.
         gsi: u32,
@@ -52,7 +52,7 @@ pub enum VmError {
         source: io::Error,
     },
     /// Creating a vCPU failed.
-    #[error("cannot create vCPU {id}: {source}")]
+    #[error("cannot create vCPU {id}")]
     CreateVcpu {
         /// vCPU index.
         id: u32,
@@ -61,7 +61,7 @@ pub enum VmError {
         source: io::Error,
     },
     /// Saving or restoring VM state failed.
-    #[error("VM state {op}: {source}")]
+    #[error("VM state {op}")]
     State {
         /// What was being done.
         op: &'static str,
@@ -81,7 +81,7 @@ pub enum VmError {
 #[derive(Debug, Error)]
 pub enum VcpuError {
     /// Entering the guest failed.
-    #[error("vCPU {id} run failed: {source}")]
+    #[error("vCPU {id} run failed")]
     Run {
         /// vCPU index.
         id: u32,
@@ -90,7 +90,7 @@ pub enum VcpuError {
         source: io::Error,
     },
     /// Reading or writing a register set failed.
-    #[error("vCPU {id}: cannot {op}: {source}")]
+    #[error("vCPU {id}: cannot {op}")]
     Registers {
         /// vCPU index.
         id: u32,

@@ -17,7 +17,7 @@ const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1";
 /// Errors reading a manifest, index or config.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("{what} is not valid JSON of the expected shape: {source}")]
+    #[error("{what} is not valid JSON of the expected shape")]
     Json {
         what: &'static str,
         #[source]

@@ -64,7 +64,7 @@ impl Default for RegistryOptions {
 /// Errors talking to a registry.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{url}: {source}")]
+    #[error("{url}")]
     Transport {
         url: String,
         #[source]
@@ -85,7 +85,7 @@ pub enum RegistryError {
         status: u16,
         body: String,
     },
-    #[error("{url}: reading the reply: {source}")]
+    #[error("{url}: reading the reply")]
     Body {
         url: String,
         #[source]
@@ -103,7 +103,7 @@ pub enum RegistryError {
     Token { realm: String, why: String },
     #[error("docker config {path}: {why}")]
     DockerConfig { path: PathBuf, why: String },
-    #[error("setting up TLS: {0}")]
+    #[error("setting up TLS")]
     Tls(#[source] tls::SetupError),
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -32,13 +32,13 @@ pub enum SourceError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{reference}: {source}")]
+    #[error("{reference}")]
     Manifest {
         reference: String,
         #[source]
         source: ManifestError,
     },
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,

@@ -35,14 +35,14 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Errors of the blob store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("reading blob {digest}: {source}")]
+    #[error("reading blob {digest}")]
     Read {
         digest: Digest,
         #[source]
@@ -66,7 +66,7 @@ pub enum StoreError {
     },
     #[error("blob {0} is not in the store")]
     Missing(Digest),
-    #[error("image record {path} is corrupt: {source}")]
+    #[error("image record {path} is corrupt")]
     CorruptRecord {
         path: PathBuf,
         #[source]

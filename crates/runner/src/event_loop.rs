@@ -137,10 +137,21 @@ impl EventLoopHandle {
     /// Holds the loop after the events it is handling and returns once it is
     /// held (or has ended): until [`EventLoopHandle::resume`] no device runs.
     pub fn pause(&self) {
-        let mut h = self.control.hold_state();
-        h.requested = true;
+        self.request_pause();
+        self.wait_paused();
+    }
+
+    /// Asks the loop to hold, without waiting ([`EventLoopHandle::wait_paused`]
+    /// waits), so a caller can pause other threads meanwhile.
+    pub fn request_pause(&self) {
+        self.control.hold_state().requested = true;
         self.control.wake();
-        while !h.holding && h.alive && !self.control.stop.load(Ordering::SeqCst) {
+    }
+
+    /// Waits until a requested hold is in effect (or the loop has ended).
+    pub fn wait_paused(&self) {
+        let mut h = self.control.hold_state();
+        while h.requested && !h.holding && h.alive && !self.control.stop.load(Ordering::SeqCst) {
             h = self
                 .control
                 .held
@@ -266,34 +277,47 @@ impl EventLoop {
     }
 
     /// Runs the loop on a thread named `sm-devices`; if it fails, `on_error`
-    /// gets the error on that thread.
+    /// gets the error on that thread. The thread's result is the loop's I/O
+    /// events, still registered: whoever joins it decides when they are dropped
+    /// (a VMM tearing the VM down drops them after the VM, which releases them
+    /// without a grace period each).
     pub fn spawn(
         self,
         on_error: impl FnOnce(EventLoopError) + Send + 'static,
-    ) -> Result<JoinHandle<()>, EventLoopError> {
+    ) -> Result<JoinHandle<Vec<IoEvent>>, EventLoopError> {
         let control = self.control.clone();
         control.set_alive(true);
         std::thread::Builder::new()
             .name("sm-devices".into())
             .spawn(move || {
-                if let Err(e) = self.run() {
+                let (ioevents, r) = self.run();
+                if let Err(e) = r {
                     on_error(e);
                 }
+                ioevents
             })
             .inspect_err(|_| control.set_alive(false))
             .map_err(EventLoopError::Spawn)
     }
 
-    /// Runs the loop on this thread until [`EventLoopHandle::stop`].
-    pub fn run(self) -> Result<(), EventLoopError> {
+    /// Runs the loop on this thread until [`EventLoopHandle::stop`] (or until it
+    /// fails); returns its I/O events, still registered, and how it ended.
+    pub fn run(mut self) -> (Vec<IoEvent>, Result<(), EventLoopError>) {
         let control = self.control.clone();
         control.set_alive(true);
         let r = self.serve();
         control.set_alive(false);
-        r
+        let ioevents = std::mem::take(&mut self.sources)
+            .into_iter()
+            .filter_map(|s| match s {
+                Source::Ioevent { event, .. } => Some(event),
+                Source::Transport { .. } => None,
+            })
+            .collect();
+        (ioevents, r)
     }
 
-    fn serve(mut self) -> Result<(), EventLoopError> {
+    fn serve(&mut self) -> Result<(), EventLoopError> {
         let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {

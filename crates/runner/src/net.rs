@@ -69,7 +69,7 @@ pub enum NetError {
         source: io::Error,
     },
     /// The TAP device could not be opened.
-    #[error("cannot open TAP interface {name}: {source} (create it with `ip tuntap add {name} mode tap` and run as its owner or root)")]
+    #[error("cannot open TAP interface {name} (create it with `ip tuntap add {name} mode tap` and run as its owner or root)")]
     Tap {
         /// The interface name.
         name: String,

@@ -21,7 +21,7 @@ pub enum ResourceError {
     #[error("no kernel given")]
     NoKernel,
     /// The kernel file cannot be read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelUnreadable {
         /// The path given.
         path: PathBuf,
@@ -30,7 +30,7 @@ pub enum ResourceError {
         source: std::io::Error,
     },
     /// The initramfs file cannot be read.
-    #[error("cannot read initramfs {path}: {source}")]
+    #[error("cannot read initramfs {path}")]
     InitrdUnreadable {
         /// The path given.
         path: PathBuf,
@@ -57,7 +57,7 @@ pub enum ResourceError {
         got: u32,
     },
     /// A disk cannot be opened as asked.
-    #[error("cannot use disk {path}: {source}")]
+    #[error("cannot use disk {path}")]
     DiskUnusable {
         /// The path given.
         path: PathBuf,

@@ -21,7 +21,7 @@ use crate::vmm::{LineInterrupt, RunError, VirtioDeviceState, VirtioState};
 #[derive(Debug, Error)]
 pub enum VirtioAttachError {
     /// A disk image could not be opened.
-    #[error("cannot attach disk {path}: {source}")]
+    #[error("cannot attach disk {path}")]
     Disk {
         /// The image path.
         path: String,
@@ -30,7 +30,7 @@ pub enum VirtioAttachError {
         source: devices::virtio::block::BlockError,
     },
     /// The vsock device could not be created (its host socket).
-    #[error("cannot create the vsock device (CID {cid}): {source}")]
+    #[error("cannot create the vsock device (CID {cid})")]
     Vsock {
         /// The guest CID.
         cid: u64,
@@ -39,10 +39,10 @@ pub enum VirtioAttachError {
         source: devices::virtio::vsock::VsockError,
     },
     /// The network device could not be set up (passt, TAP).
-    #[error("cannot attach the network device: {0}")]
+    #[error("cannot attach the network device")]
     Net(#[source] crate::net::NetError),
     /// The transport refused the device.
-    #[error("cannot create the virtio-mmio transport for {what}: {source}")]
+    #[error("cannot create the virtio-mmio transport for {what}")]
     Transport {
         /// Which device.
         what: String,
@@ -309,7 +309,10 @@ pub struct DeviceEvents {
     #[cfg(target_os = "linux")]
     handle: crate::event_loop::EventLoopHandle,
     #[cfg(target_os = "linux")]
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Vec<hypervisor::IoEvent>>>,
+    /// The loop's I/O events once it has stopped, still registered until dropped.
+    #[cfg(target_os = "linux")]
+    stopped: Vec<hypervisor::IoEvent>,
     /// Queue notifications that reach the devices without a vCPU exit.
     ioevents: usize,
 }
@@ -341,6 +344,7 @@ impl DeviceEvents {
         Ok(Self {
             handle,
             thread,
+            stopped: Vec::new(),
             ioevents,
         })
     }
@@ -361,11 +365,41 @@ impl DeviceEvents {
         self.ioevents
     }
 
-    /// Holds the loop between events and returns once it is held: no device
-    /// touches guest memory from the host side until [`DeviceEvents::resume`].
-    pub fn pause(&self) {
+    /// Asks the loop to hold between events; [`DeviceEvents::wait_paused`] waits
+    /// until it does. From then on no device touches guest memory from the host
+    /// side until [`DeviceEvents::resume`].
+    pub fn request_pause(&self) {
         #[cfg(target_os = "linux")]
-        self.handle.pause();
+        self.handle.request_pause();
+    }
+
+    /// Waits until a requested hold is in effect.
+    pub fn wait_paused(&self) {
+        #[cfg(target_os = "linux")]
+        self.handle.wait_paused();
+    }
+
+    /// Ends the loop and joins its thread. Its queue notifications stay
+    /// registered until this is dropped: drop it after the VM, whose destruction
+    /// releases them at once, rather than one SRCU grace period each.
+    pub fn stop(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            self.handle.stop();
+            if let Some(t) = self.thread.take() {
+                if let Ok(events) = t.join() {
+                    self.stopped = events;
+                }
+            }
+        }
+    }
+
+    /// Whether [`DeviceEvents::stop`] has ended the loop.
+    pub fn stopped(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.thread.is_none();
+        #[cfg(not(target_os = "linux"))]
+        true
     }
 
     /// Lets a held loop go on.
@@ -405,13 +439,7 @@ fn register_queue_notify<V: Vm>(vm: &V, device: &Attached) -> Vec<(u32, hypervis
 
 impl Drop for DeviceEvents {
     fn drop(&mut self) {
-        #[cfg(target_os = "linux")]
-        {
-            self.handle.stop();
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
+        self.stop();
     }
 }
 

@@ -300,3 +300,57 @@ fn unhandled_exit_ends_the_run_with_its_error_within_a_second() {
     );
     assert!(took < Duration::from_secs(1), "took {took:?}");
 }
+
+/// This process's children that are still running (not zombies).
+fn running_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) == Some(&me.as_str()) && fields.first() != Some(&"Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_finished_vmm_is_destroyed_off_the_callers_path_and_nothing_lingers() {
+    let Some(hv) = hypervisor() else { return };
+    let res = resources(
+        "teardown",
+        &test_guests::print_and_poweroff_code(b"bye", 3),
+        1,
+    );
+    let console = Console::default();
+    let vmm = build(&hv, &res, &console);
+    vmm.start().unwrap();
+    let outcome = vmm.wait().unwrap();
+    assert_eq!((outcome.exit, outcome.status), (GuestExit::PowerOff, 3));
+    assert_eq!(console.bytes(), b"bye\n");
+    // The VM's destruction runs in a helper process that ends by itself soon
+    // after the Vmm is gone (other tests of this binary may run VMs meanwhile, so
+    // wait for every helper to be gone).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = running_children();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "helper processes still running 5 s after the VMs ended: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -13,13 +13,13 @@ use agent_protocol::{
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// Reading or writing the control connection failed.
-    #[error("agent connection: {0}")]
+    #[error("agent connection")]
     Io(#[from] std::io::Error),
     /// The guest sent bytes that are not protocol frames.
-    #[error("agent protocol: {0}")]
+    #[error("agent protocol")]
     Frame(#[from] agent_protocol::FrameError),
     /// A frame could not be encoded (too large).
-    #[error("agent protocol: {0}")]
+    #[error("agent protocol")]
     Encode(#[from] agent_protocol::EncodeError),
     /// The guest reported an error.
     #[error("the guest reported: {0}")]

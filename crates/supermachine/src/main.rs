@@ -176,16 +176,14 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     supermachine::parse_size(s).map_err(|e| e.to_string())
 }
 
-/// One line: the error and its causes, joined.
+/// One line: the error and its causes, joined (no message repeats its source,
+/// so each cause is printed once).
 fn report(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
+        s.push_str(": ");
+        s.push_str(&c.to_string());
         cur = c.source();
     }
     s

@@ -231,3 +231,21 @@ fn boot_vsock_uds_adds_a_device_whose_socket_errors_are_reported() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "vsock\n");
     assert_eq!(o.status.code(), Some(3));
 }
+
+#[test]
+fn boot_guest_with_an_exit_the_vmm_cannot_handle_is_one_line_error() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("unhandled");
+    let k = d.join("guest.elf");
+    // mov eax, 0xd0000000 ; jmp eax: runs code from the MMIO gap (KVM internal
+    // error); the second vCPU never leaves wait-for-SIPI and must end too.
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&[0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0]),
+    )
+    .unwrap();
+    let o = boot(&["--kernel", k.to_str().unwrap(), "--cpus", "2"]);
+    assert_one_line_error(&o, "vCPU 0 stopped: KVM internal error");
+}

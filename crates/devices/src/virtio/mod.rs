@@ -129,7 +129,7 @@ pub enum VirtioError {
     /// A virtqueue operation failed, usually because the driver put something
     /// invalid in the rings (an available index that jumped by more than the queue
     /// size, a head index past the end of the table).
-    #[error("virtqueue {index}: {source}")]
+    #[error("virtqueue {index}")]
     Queue {
         /// Queue index.
         index: u16,

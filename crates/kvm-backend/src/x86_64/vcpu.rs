@@ -200,7 +200,7 @@ impl KvmVcpu {
             reason: format!(
                 "KVM internal error, suberror {} (1 = emulation failure, 2 = exception \
                  during exception delivery, 3 = event delivery, 4 = unexpected exit), \
-                 data {:#x?}",
+                 data {:x?}",
                 internal.suberror,
                 &internal.data[..n]
             ),

@@ -33,7 +33,7 @@ const INITRD_ALIGN: u64 = 0x1000;
 #[derive(Debug, Error)]
 pub enum BootError {
     /// The kernel file could not be read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     ReadKernel {
         /// The path.
         path: PathBuf,
@@ -42,7 +42,7 @@ pub enum BootError {
         source: io::Error,
     },
     /// The kernel is gzip-compressed but the stream is corrupt.
-    #[error("cannot decompress kernel {path} (gzip): {source}")]
+    #[error("cannot decompress kernel {path} (gzip)")]
     Decompress {
         /// The path.
         path: PathBuf,
@@ -74,7 +74,7 @@ pub enum BootError {
         reason: &'static str,
     },
     /// The initramfs could not be opened or read.
-    #[error("cannot read initramfs {path}: {source}")]
+    #[error("cannot read initramfs {path}")]
     ReadInitrd {
         /// The path.
         path: PathBuf,
@@ -110,10 +110,10 @@ pub enum BootError {
     #[error("the device tree is {0} bytes, more than the 2 MiB reserved for it")]
     FdtTooLarge(usize),
     /// linux-loader refused the Image.
-    #[error("cannot load the kernel Image: {0}")]
+    #[error("cannot load the kernel Image")]
     Load(#[source] linux_loader::loader::Error),
     /// Writing to guest memory failed.
-    #[error("cannot write {what} to guest memory: {source}")]
+    #[error("cannot write {what} to guest memory")]
     WriteMemory {
         /// What was written.
         what: &'static str,

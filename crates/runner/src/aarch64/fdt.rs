@@ -34,7 +34,7 @@ pub const TIMER_INTIDS: [u32; 4] = [29, 30, 27, 26];
 #[derive(Debug, Error)]
 pub enum FdtError {
     /// The FDT writer refused a node or property.
-    #[error("cannot write the device tree: {0}")]
+    #[error("cannot write the device tree")]
     Write(#[from] vm_fdt::Error),
     /// A VM needs at least one vCPU.
     #[error("the device tree needs at least one vCPU")]

@@ -6,6 +6,8 @@
 //! start + wait.
 
 mod state;
+#[cfg(target_os = "linux")]
+mod teardown;
 mod vcpu;
 
 pub use state::{DeviceStates, RamImage, VirtioDeviceState, VirtioState, VmmState};
@@ -369,12 +371,14 @@ struct Control {
 
 /// A built VM. Dropping it stops the VM and joins its threads.
 pub struct Vmm<V: Vm + 'static> {
-    // Field order is drop order: the device event loop (which holds I/O event
-    // registrations on the VM) ends first, then the VM and the devices (`core`),
-    // and guest memory is unmapped last, so the hypervisor has let go of it.
+    // Field order is drop order. Every thread has ended before the fields drop
+    // (`shutdown`). Then the VM and the devices (`core`) go, then the stopped
+    // device event loop's I/O event registrations (after the VM, so its
+    // destruction releases them instead of one grace period each), and guest
+    // memory is unmapped last, once the hypervisor has let go of it.
     threads: Vec<JoinHandle<()>>,
-    device_events: Option<crate::virtio::DeviceEvents>,
     core: Arc<Core<V>>,
+    device_events: Option<crate::virtio::DeviceEvents>,
     serial: Arc<Mutex<devices::serial::Serial<ConsoleOut>>>,
     i8042: Option<Arc<Mutex<devices::i8042::I8042>>>,
     virtio: Vec<crate::virtio::Attached>,
@@ -383,6 +387,23 @@ pub struct Vmm<V: Vm + 'static> {
     end: Arc<End>,
     vcpus: u32,
     mem: Arc<GuestMemoryMmap>,
+    /// Set while the Vmm is dropped, and dropped last: the helper that destroys
+    /// the VM off the caller's path (`teardown`).
+    reaper: Option<Reaper>,
+}
+
+#[cfg(target_os = "linux")]
+type Reaper = teardown::Reaper;
+#[cfg(not(target_os = "linux"))]
+type Reaper = ();
+
+/// The helper that takes the VM's destruction off the caller's path, where the
+/// host has one (Linux, `teardown`).
+fn spawn_reaper() -> Option<Reaper> {
+    #[cfg(target_os = "linux")]
+    return teardown::Reaper::spawn();
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 impl<V: Vm + 'static> std::fmt::Debug for Vmm<V> {
@@ -530,6 +551,8 @@ impl<V: Vm + 'static> Vmm<V> {
             })?,
         );
         advise_huge_pages(&mem);
+        #[cfg(target_os = "linux")]
+        teardown::exclude_from_fork(&mem);
         if let Some((_, ram)) = saved {
             ram.load_into(&mem)?;
         }
@@ -623,8 +646,8 @@ impl<V: Vm + 'static> Vmm<V> {
         let _ = end.events.set(senders);
         let mut vmm = Self {
             threads,
-            device_events: None,
             core,
+            device_events: None,
             serial,
             i8042,
             virtio,
@@ -636,6 +659,7 @@ impl<V: Vm + 'static> Vmm<V> {
             end: end.clone(),
             vcpus: res.vcpus,
             mem,
+            reaper: None,
         };
         if let Some(e) = failure {
             // Dropping `vmm` ends the threads already started.
@@ -768,17 +792,26 @@ impl<V: Vm + 'static> Vmm<V> {
                 what: "pause before it started",
             });
         }
-        // All the requests go out before any answer is awaited: the vCPUs leave
-        // the guest together.
+        // All the requests go out before any answer is awaited: the vCPUs and the
+        // device event loop stop together.
         for id in 0..self.vcpus as usize {
             self.send(id, VcpuEvent::Pause)?;
         }
-        for id in 0..self.vcpus as usize {
-            self.answer(&mut ctl, id, "pause", |r| matches!(r, VcpuResponse::Paused))?;
-        }
         if let Some(d) = &self.device_events {
-            d.pause();
+            d.request_pause();
         }
+        let parked = (0..self.vcpus as usize).try_for_each(|id| {
+            self.answer(&mut ctl, id, "pause", |r| matches!(r, VcpuResponse::Paused))
+                .map(drop)
+        });
+        if let Some(d) = &self.device_events {
+            match parked {
+                Ok(()) => d.wait_paused(),
+                // The VM is ending: let the loop serve its last events.
+                Err(_) => d.resume(),
+            }
+        }
+        parked?;
         ctl.phase = Phase::Paused;
         Ok(())
     }
@@ -907,15 +940,25 @@ impl<V: Vm + 'static> Vmm<V> {
             exit: GuestExit::Stopped,
             status: 0,
         }));
+        if self.threads.is_empty() && self.device_events.as_ref().is_none_or(|d| d.stopped()) {
+            return;
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        self.device_events = None;
+        if let Some(d) = &mut self.device_events {
+            d.stop();
+        }
+        self.timings().phase("threads_joined");
     }
 }
 
 impl<V: Vm + 'static> Drop for Vmm<V> {
     fn drop(&mut self) {
         self.shutdown();
+        // Every vCPU (and its descriptor) is gone: the VM's last kernel reference
+        // after the fields below drop is the helper's.
+        self.reaper = spawn_reaper();
+        self.timings().phase("reaper_spawned");
     }
 }

@@ -26,7 +26,7 @@ use super::layout::*;
 #[derive(Debug, Error)]
 pub enum BootError {
     /// The kernel file could not be read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     ReadKernel {
         /// Kernel path.
         path: String,
@@ -41,7 +41,7 @@ pub enum BootError {
         path: String,
     },
     /// linux-loader refused the image.
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     Load {
         /// Kernel path.
         path: String,
@@ -50,7 +50,7 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     /// The initramfs could not be read.
-    #[error("cannot read initramfs {path}: {source}")]
+    #[error("cannot read initramfs {path}")]
     ReadInitrd {
         /// Initramfs path.
         path: String,
@@ -73,7 +73,7 @@ pub enum BootError {
         max: usize,
     },
     /// Writing boot structures into guest memory failed (memory too small).
-    #[error("cannot write {what} into guest memory: {source}")]
+    #[error("cannot write {what} into guest memory")]
     GuestWrite {
         /// What was written.
         what: &'static str,

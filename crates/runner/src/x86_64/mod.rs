@@ -124,6 +124,7 @@ pub fn setup_platform<V: Vm>(
     )
     .map_err(PlatformError::from)?;
 
+    timings.phase("devices_ready");
     let mem = mem.as_ref();
     let kernel = boot::load_kernel(mem, &res.kernel).map_err(PlatformError::from)?;
     timings.phase("kernel_loaded");
