@@ -191,28 +191,28 @@ fn getrandom_fill(buf: &mut [u8]) -> io::Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
-/// The virtio-net device for `spec` (already [`prepare`]d), with `mac` (a restored
-/// device keeps the one its guest knows) or a random one.
+/// The virtio-net device for `spec` (already [`prepare`]d): restored from `saved`
+/// (its MAC, which the guest knows) or new with a random MAC.
 #[cfg(target_os = "linux")]
 pub fn create_device(
     spec: &NetSpec,
-    mac: Option<[u8; 6]>,
+    saved: Option<&devices::virtio::net::NetState>,
 ) -> Result<devices::virtio::net::Net, NetError> {
     let backend: Box<dyn devices::virtio::net::NetBackend> = match &spec.backend {
         NetBackendSpec::Passt => Box::new(linux::Passt::start(spec.guest)?),
         NetBackendSpec::Tap { name } => Box::new(linux::Tap::open(name)?),
     };
-    Ok(devices::virtio::net::Net::new(
-        mac.unwrap_or_else(random_mac),
-        backend,
-    ))
+    Ok(match saved {
+        Some(state) => devices::virtio::net::Net::from_state(state, backend),
+        None => devices::virtio::net::Net::new(random_mac(), backend),
+    })
 }
 
 /// No backends on this host OS yet.
 #[cfg(not(target_os = "linux"))]
 pub fn create_device(
     spec: &NetSpec,
-    _mac: Option<[u8; 6]>,
+    _saved: Option<&devices::virtio::net::NetState>,
 ) -> Result<devices::virtio::net::Net, NetError> {
     Err(NetError::Unsupported {
         what: match spec.backend {

@@ -204,16 +204,17 @@ fn devices_for(
     }
     if let Some(n) = &res.network {
         let what = "network device".to_string();
-        let (mac, transport) = match next_saved(&what)? {
+        let (saved_net, transport) = match next_saved(&what)? {
             None => (None, None),
             Some(s) => {
-                let VirtioDeviceState::Net { mac } = &s.device else {
+                let VirtioDeviceState::Net(n) = &s.device else {
                     return Err(mismatch(&what, s));
                 };
-                (Some(*mac), Some(s.transport.clone()))
+                (Some(*n), Some(s.transport.clone()))
             }
         };
-        let dev = crate::net::create_device(n, mac).map_err(VirtioAttachError::Net)?;
+        let dev =
+            crate::net::create_device(n, saved_net.as_ref()).map_err(VirtioAttachError::Net)?;
         out.push(NamedDevice {
             what,
             device: Box::new(dev),
@@ -299,6 +300,53 @@ pub fn attach<V: Vm>(
         });
     }
     Ok(attached)
+}
+
+/// Opens host-initiated connections to guest vsock ports through the VM's own
+/// vsock device, from any thread: no filesystem socket, no handshake line (see
+/// `devices::virtio::vsock::Vsock::connect`).
+#[derive(Clone)]
+pub struct VsockHandle {
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl std::fmt::Debug for VsockHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockHandle").finish_non_exhaustive()
+    }
+}
+
+impl VsockHandle {
+    /// The vsock device among `attached`, if there is one.
+    pub fn find(attached: &[Attached]) -> Option<Self> {
+        attached
+            .iter()
+            .find(|a| {
+                a.transport
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .device::<Vsock>()
+                    .is_some()
+            })
+            .map(|a| Self {
+                transport: a.transport.clone(),
+            })
+    }
+
+    /// A connection to guest port `port`. If nobody listens there yet the
+    /// stream reads end-of-file before any byte, and the caller connects again.
+    pub fn connect(&self, port: u32) -> std::io::Result<std::os::unix::net::UnixStream> {
+        let mut t = self
+            .transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // `find` only hands out vsock transports, and a transport's device never
+        // changes; the error is for completeness.
+        let v = t
+            .device_mut::<Vsock>()
+            .ok_or_else(|| std::io::Error::other("the transport holds no vsock device"))?;
+        v.connect(port).map_err(std::io::Error::other)
+    }
 }
 
 /// The thread that serves the devices' host side (vsock sockets, ...) and, where

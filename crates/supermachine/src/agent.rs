@@ -1,5 +1,6 @@
 //! The host side of the agent conversation (docs/agent-protocol.md): Hello/Ready,
-//! clock, the process spec and Start, then the process's output until `Exited`.
+//! clock, the process spec and Start, then the process's output until `Exited`,
+//! over any byte stream (the VMM's in-process vsock connection in `run`).
 
 use std::io::{Read, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,69 +37,136 @@ fn send(conn: &mut impl Write, stream: u32, m: &Message) -> Result<(), AgentErro
     Ok(())
 }
 
-/// Runs `spec` through the agent on `conn`; the process's stdout and stderr go to
-/// `out` and `err` as they arrive. Returns how the process ended.
-pub fn run_process<C: Read + Write>(
-    conn: &mut C,
-    spec: ProcessSpec,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> Result<ExitStatus, AgentError> {
-    let version = concat!("supermachine ", env!("CARGO_PKG_VERSION")).to_string();
-    send(
-        conn,
-        CONTROL_STREAM,
-        &Message::Hello {
-            protocol_version: u16::from(agent_protocol::VERSION),
-            agent_version: version,
-        },
-    )?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    send(conn, CONTROL_STREAM, &Message::TimeSync { unix_nanos: now })?;
-    let mut seed = vec![0u8; 64];
-    if getrandom::fill(&mut seed).is_ok() {
-        send(conn, CONTROL_STREAM, &Message::Entropy(seed))?;
-    }
-    send(conn, MAIN_PROCESS_STREAM, &Message::ProcessSpec(spec))?;
-    send(conn, MAIN_PROCESS_STREAM, &Message::Start)?;
+/// The host's end of the control channel once the guest agent has answered.
+#[derive(Debug)]
+pub struct AgentConn<C> {
+    conn: C,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+}
 
-    let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut guest_error: Option<String> = None;
-    loop {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            return Err(guest_error.map_or(AgentError::Closed, AgentError::Guest));
-        }
-        let mut input = &buf[..n];
-        while let Some(raw) = decoder.decode(&mut input)? {
-            // An undecodable payload is not fatal (the decoder is at a frame
-            // boundary): skip it.
-            let Ok(frame) = raw.to_frame() else { continue };
-            match frame.message {
-                Message::Stdout(data) => {
-                    out.write_all(&data)?;
-                    out.flush()?;
-                }
-                Message::Stderr(data) => {
-                    err.write_all(&data)?;
-                    err.flush()?;
-                }
-                Message::Heartbeat { .. } | Message::Ready { .. } => {}
-                Message::Error { message } => guest_error = Some(message),
-                Message::Exited(status) if frame.stream == MAIN_PROCESS_STREAM => {
-                    if let Some(m) = guest_error.take() {
-                        // The process never ran (126/127): say why, as docker does.
-                        let _ = writeln!(err, "supermachine: {m}");
+/// How the opening of the control channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    /// The connection ended before the guest said anything: nobody listened yet
+    /// (the device refuses a connection to a port without a listener), so the
+    /// caller connects again.
+    #[error("the guest agent is not listening yet")]
+    NotListening,
+    /// Anything else.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+impl<C: Read + Write> AgentConn<C> {
+    /// Says `Hello` on `conn` and waits for the guest's `Ready`
+    /// (docs/agent-protocol.md); an `Error` instead is [`AgentError::Guest`].
+    pub fn hello(mut conn: C) -> Result<Self, HelloError> {
+        let version = concat!("supermachine ", env!("CARGO_PKG_VERSION")).to_string();
+        send(
+            &mut conn,
+            CONTROL_STREAM,
+            &Message::Hello {
+                protocol_version: u16::from(agent_protocol::VERSION),
+                agent_version: version,
+            },
+        )?;
+        let mut me = Self {
+            conn,
+            decoder: FrameDecoder::new(),
+            buf: vec![0u8; 64 * 1024],
+        };
+        let mut heard = false;
+        loop {
+            let n = me.conn.read(&mut me.buf).map_err(AgentError::Io)?;
+            if n == 0 {
+                return Err(if heard {
+                    AgentError::Closed.into()
+                } else {
+                    HelloError::NotListening
+                });
+            }
+            heard = true;
+            let mut input = &me.buf[..n];
+            while let Some(raw) = me.decoder.decode(&mut input).map_err(AgentError::Frame)? {
+                match raw.to_frame().map(|f| f.message) {
+                    Ok(Message::Ready { .. }) => {
+                        // Nothing follows Ready before the host speaks again; a
+                        // frame that did would be a protocol error anyway.
+                        return Ok(me);
                     }
-                    return Ok(status);
+                    Ok(Message::Error { message }) => return Err(AgentError::Guest(message).into()),
+                    _ => {}
                 }
-                _ => {}
             }
         }
+    }
+
+    /// The connection itself (to set timeouts on).
+    pub fn get_ref(&self) -> &C {
+        &self.conn
+    }
+
+    /// Runs `spec`: the clock and entropy, the process spec and `Start`, then
+    /// the process's stdout and stderr go to `out` and `err` as they arrive.
+    /// Returns how the process ended.
+    pub fn run_process(
+        &mut self,
+        spec: ProcessSpec,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<ExitStatus, AgentError> {
+        let conn = &mut self.conn;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        send(conn, CONTROL_STREAM, &Message::TimeSync { unix_nanos: now })?;
+        let mut seed = vec![0u8; 64];
+        if getrandom::fill(&mut seed).is_ok() {
+            send(conn, CONTROL_STREAM, &Message::Entropy(seed))?;
+        }
+        send(conn, MAIN_PROCESS_STREAM, &Message::ProcessSpec(spec))?;
+        send(conn, MAIN_PROCESS_STREAM, &Message::Start)?;
+
+        let mut guest_error: Option<String> = None;
+        loop {
+            let n = conn.read(&mut self.buf)?;
+            if n == 0 {
+                return Err(guest_error.map_or(AgentError::Closed, AgentError::Guest));
+            }
+            let mut input = &self.buf[..n];
+            while let Some(raw) = self.decoder.decode(&mut input)? {
+                // An undecodable payload is not fatal (the decoder is at a frame
+                // boundary): skip it.
+                let Ok(frame) = raw.to_frame() else { continue };
+                match frame.message {
+                    Message::Stdout(data) => {
+                        out.write_all(&data)?;
+                        out.flush()?;
+                    }
+                    Message::Stderr(data) => {
+                        err.write_all(&data)?;
+                        err.flush()?;
+                    }
+                    Message::Heartbeat { .. } | Message::Ready { .. } => {}
+                    Message::Error { message } => guest_error = Some(message),
+                    Message::Exited(status) if frame.stream == MAIN_PROCESS_STREAM => {
+                        if let Some(m) = guest_error.take() {
+                            // The process never ran (126/127): say why, as docker does.
+                            let _ = writeln!(err, "supermachine: {m}");
+                        }
+                        return Ok(status);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Closes the connection (which tells the guest it may power off).
+    pub fn into_inner(self) -> C {
+        self.conn
     }
 }
 
@@ -170,42 +238,86 @@ mod tests {
         ] {
             encode_frame(s, &m, &mut reply).unwrap();
         }
-        let mut conn = Fake {
+        let conn = Fake {
             reply: std::io::Cursor::new(reply),
             written: Vec::new(),
         };
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let st = run_process(&mut conn, spec(), &mut out, &mut err).unwrap();
+        let mut agent = AgentConn::hello(conn).unwrap();
+        let st = agent.run_process(spec(), &mut out, &mut err).unwrap();
         assert_eq!(st, ExitStatus::Code(3));
         assert_eq!(out, b"out");
         assert_eq!(err, b"err");
         // The host spoke first with a Hello frame.
-        assert_eq!(conn.written[0], agent_protocol::MAGIC);
+        assert_eq!(agent.into_inner().written[0], agent_protocol::MAGIC);
     }
 
     #[test]
-    fn run_process_garbage_from_guest_is_an_error_not_a_panic() {
-        let mut conn = Fake {
+    fn garbage_from_guest_is_an_error_not_a_panic() {
+        let conn = Fake {
             reply: std::io::Cursor::new(vec![0xff; 64]),
             written: Vec::new(),
         };
-        let (mut out, mut err) = (Vec::new(), Vec::new());
         assert!(matches!(
-            run_process(&mut conn, spec(), &mut out, &mut err),
-            Err(AgentError::Frame(_))
+            AgentConn::hello(conn),
+            Err(HelloError::Agent(AgentError::Frame(_)))
         ));
     }
 
     #[test]
-    fn run_process_closed_early_is_an_error() {
-        let mut conn = Fake {
+    fn closed_before_any_reply_is_not_listening() {
+        let conn = Fake {
             reply: std::io::Cursor::new(Vec::new()),
             written: Vec::new(),
         };
+        assert!(matches!(
+            AgentConn::hello(conn),
+            Err(HelloError::NotListening)
+        ));
+    }
+
+    #[test]
+    fn closed_after_ready_before_exit_is_closed() {
+        let mut reply = Vec::new();
+        encode_frame(
+            0,
+            &Message::Ready {
+                protocol_version: 1,
+                agent_version: "g".into(),
+            },
+            &mut reply,
+        )
+        .unwrap();
+        let conn = Fake {
+            reply: std::io::Cursor::new(reply),
+            written: Vec::new(),
+        };
+        let mut agent = AgentConn::hello(conn).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert!(matches!(
-            run_process(&mut conn, spec(), &mut out, &mut err),
+            agent.run_process(spec(), &mut out, &mut err),
             Err(AgentError::Closed)
+        ));
+    }
+
+    #[test]
+    fn guest_error_instead_of_ready_is_reported() {
+        let mut reply = Vec::new();
+        encode_frame(
+            0,
+            &Message::Error {
+                message: "no rootfs".into(),
+            },
+            &mut reply,
+        )
+        .unwrap();
+        let conn = Fake {
+            reply: std::io::Cursor::new(reply),
+            written: Vec::new(),
+        };
+        assert!(matches!(
+            AgentConn::hello(conn),
+            Err(HelloError::Agent(AgentError::Guest(m))) if m == "no rootfs"
         ));
     }
 }

@@ -46,6 +46,15 @@ pub enum Error {
     /// The kernel would only run in KVM's instruction emulator on this PVM host.
     #[error(transparent)]
     EmulatedKernel(#[from] guest_assets::pvm::EmulatedKernelRefused),
+    /// A thread could not be started.
+    #[error("cannot start {what}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The image store could not be opened or read.
     #[error(transparent)]
     Store(#[from] image::store::StoreError),

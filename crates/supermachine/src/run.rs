@@ -10,9 +10,8 @@
 //!    process's stdout and stderr to ours until it exits; that exit status is the
 //!    result.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -247,43 +246,40 @@ const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 /// and `run` must not wait for it forever: the process's status is known.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
 
-/// Connects to guest vsock `port` through the VMM's UNIX socket (Firecracker's
-/// `CONNECT <port>\n` / `OK <host port>\n` handshake), retrying while the guest is
-/// not listening yet, until `deadline` or the end of the VM.
+/// Opens the control channel: connects to guest vsock `port` through the VM's
+/// in-process vsock device and says Hello, again while the guest agent is not
+/// listening yet (docs/agent-protocol.md: the host retries every few
+/// milliseconds), until `deadline` or the end of the VM.
 fn connect_agent(
-    uds: &Path,
+    vsock: &runner::virtio::VsockHandle,
     port: u32,
     deadline: Instant,
     vm: &runner::vmm::StopHandle,
-) -> Option<UnixStream> {
-    let debug = std::env::var_os("SUPERMACHINE_DEBUG").is_some();
+) -> Result<agent::AgentConn<std::os::unix::net::UnixStream>, String> {
+    use agent::HelloError;
     while Instant::now() < deadline && !vm.is_ending() {
-        match UnixStream::connect(uds) {
-            Ok(mut s) => {
-                // A guest that never answers must not hold us: bound the handshake.
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                if s.write_all(format!("CONNECT {port}\n").as_bytes()).is_ok() {
-                    let mut line = String::new();
-                    let mut r = BufReader::new(s.try_clone().ok()?);
-                    let got = r.read_line(&mut line);
-                    if debug {
-                        eprintln!("supermachine: agent connect: {got:?} {line:?}");
-                    }
-                    // Whatever the reader buffered beyond the line belongs to the
-                    // agent stream; the guest sends nothing before our Hello.
-                    if got.is_ok() && line.starts_with("OK ") && r.buffer().is_empty() {
-                        let _ = s.set_read_timeout(None);
-                        return Some(s);
-                    }
-                }
+        let conn = vsock
+            .connect(port)
+            .map_err(|e| format!("cannot open a vsock connection to the guest: {e}"))?;
+        // A guest that accepts but never answers must not hold us.
+        let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
+        match agent::AgentConn::hello(conn) {
+            Ok(a) => {
+                let _ = a.get_ref().set_read_timeout(None);
+                return Ok(a);
             }
-            Err(e) if debug => eprintln!("supermachine: agent connect {}: {e}", uds.display()),
-            Err(_) => {}
+            Err(HelloError::NotListening) => std::thread::sleep(AGENT_RETRY),
+            Err(HelloError::Agent(e)) => return Err(e.to_string()),
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    None
+    Err("the guest agent never answered on vsock".into())
 }
+
+/// Between connection attempts while the guest agent is not listening yet.
+const AGENT_RETRY: Duration = Duration::from_millis(2);
+
+/// How long an accepted connection may take to answer Hello with Ready.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Opens each disk as the VM will (read-write unless read-only), so that a typo
 /// is reported before anything is pulled or booted.
@@ -301,20 +297,6 @@ fn check_disks(disks: &[runner::resources::DiskSpec]) -> Result<(), Error> {
             })?;
     }
     Ok(())
-}
-
-/// A unique, short-lived directory for the VM's sockets.
-fn run_dir() -> Result<PathBuf, Error> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    let mut rnd = [0u8; 6];
-    let _ = getrandom::fill(&mut rnd);
-    let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
-    let dir = base.join(format!("supermachine-{name}"));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Image(format!("{}: {e}", dir.display())))?;
-    Ok(dir)
 }
 
 /// Runs `opts.image` to completion. The process's stdout and stderr go to `out`
@@ -341,11 +323,6 @@ pub fn run(
         vsock: None,
     };
     let mut res = crate::resolve(&cfg)?;
-    let dir = run_dir()?;
-    let uds = opts
-        .vsock_uds
-        .clone()
-        .unwrap_or_else(|| dir.join("vsock.sock"));
     {
         use agent_protocol::cmdline::{append, Agent, Arg, Mode};
         append(
@@ -365,7 +342,9 @@ pub fn run(
     res.disks.extend(opts.disks.iter().cloned());
     res.vsock = Some(runner::resources::VsockSpec {
         cid: crate::DEFAULT_GUEST_CID,
-        uds_path: Some(uds.clone()),
+        // The host reaches the agent through the device itself; a socket on
+        // the filesystem only when the user asks for one.
+        uds_path: opts.vsock_uds.clone(),
     });
     timings.phase("resources_ready");
 
@@ -377,20 +356,23 @@ pub fn run(
     let hv = crate::open_hypervisor(&res.kernel)?;
     let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
     let stop = vmm.stop_handle();
+    let vsock = vmm.vsock().ok_or_else(|| {
+        Error::Usage("the VM has no vsock device to reach its agent through".into())
+    })?;
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     let agent = {
         let stop = stop.clone();
-        let uds = uds.clone();
         std::thread::Builder::new()
             .name("sm-agent".into())
             .spawn(move || -> Result<ExitStatus, String> {
                 let mut out = out;
                 let mut err = err;
                 let deadline = Instant::now() + AGENT_CONNECT_TIMEOUT;
-                let mut conn = connect_agent(&uds, agent_protocol::CONTROL_PORT, deadline, &stop)
-                    .ok_or_else(|| "the guest agent never answered on vsock".to_string())?;
-                let r = agent::run_process(&mut conn, spec, &mut *out, &mut *err)
+                let mut conn =
+                    connect_agent(&vsock, agent_protocol::CONTROL_PORT, deadline, &stop)?;
+                let r = conn
+                    .run_process(spec, &mut *out, &mut *err)
                     .map_err(|e| e.to_string());
                 // Closing tells the guest it may power off now.
                 drop(conn);
@@ -407,7 +389,10 @@ pub fn run(
                 }
                 r
             })
-            .map_err(|e| Error::Image(format!("cannot start the agent thread: {e}")))?
+            .map_err(|source| Error::Thread {
+                what: "the agent thread",
+                source,
+            })?
     };
     let vm_result = match vmm.start() {
         // Stopped before it started: `wait` says so.
@@ -422,10 +407,9 @@ pub fn run(
     let agent_result = agent
         .join()
         .unwrap_or_else(|_| Err("agent thread panicked".into()));
-    let _ = std::fs::remove_dir_all(&dir);
-    if opts.vsock_uds.is_some() {
+    if let Some(uds) = &opts.vsock_uds {
         // The device bound it; nothing listens there any more.
-        let _ = std::fs::remove_file(&uds);
+        let _ = std::fs::remove_file(uds);
     }
     let outcome = vm_result?;
     match agent_result {

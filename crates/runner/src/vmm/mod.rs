@@ -896,6 +896,12 @@ impl<V: Vm + 'static> Vmm<V> {
         &self.virtio
     }
 
+    /// Host-initiated connections to the guest's vsock ports through the VM's own
+    /// vsock device, if it has one.
+    pub fn vsock(&self) -> Option<crate::virtio::VsockHandle> {
+        crate::virtio::VsockHandle::find(&self.virtio)
+    }
+
     /// A handle that ends the run from any thread.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.end.clone())

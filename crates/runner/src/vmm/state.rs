@@ -4,7 +4,7 @@
 
 use devices::virtio::block::{Block, BlockState};
 use devices::virtio::mmio::{MmioTransport, MmioTransportState};
-use devices::virtio::net::Net;
+use devices::virtio::net::{Net, NetState};
 use devices::virtio::vsock::{Vsock, VsockState};
 use hypervisor::{VcpuState, VmState};
 use serde::{Deserialize, Serialize};
@@ -53,11 +53,8 @@ pub enum VirtioDeviceState {
     /// The vsock device (its host sockets are made anew; the guest gets a
     /// transport reset).
     Vsock(VsockState),
-    /// The network device: its MAC (the backend is started anew).
-    Net {
-        /// The guest-visible MAC address.
-        mac: [u8; 6],
-    },
+    /// The network device (its backend is started anew).
+    Net(NetState),
     /// The entropy device, which keeps no state of its own.
     Rng,
 }
@@ -68,7 +65,7 @@ impl VirtioDeviceState {
         match self {
             Self::Block(_) => "block",
             Self::Vsock(_) => "vsock",
-            Self::Net { .. } => "net",
+            Self::Net(_) => "net",
             Self::Rng => "rng",
         }
     }
@@ -81,7 +78,7 @@ pub(crate) fn save_virtio(t: &MmioTransport) -> VirtioState {
     } else if let Some(v) = t.device::<Vsock>() {
         VirtioDeviceState::Vsock(v.state())
     } else if let Some(n) = t.device::<Net>() {
-        VirtioDeviceState::Net { mac: n.mac() }
+        VirtioDeviceState::Net(n.state())
     } else {
         VirtioDeviceState::Rng
     };

@@ -104,7 +104,26 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// The saved state of a [`Net`]: what the guest driver knows of the device. The
+/// backend is the VMM's to start again; frames in flight are lost, as on a real
+/// link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    /// The guest-visible MAC address.
+    pub mac: [u8; 6],
+}
+
 impl Net {
+    /// The saved state.
+    pub fn state(&self) -> NetState {
+        NetState { mac: self.mac }
+    }
+
+    /// A device restored from `state` over a fresh `backend`.
+    pub fn from_state(state: &NetState, backend: Box<dyn NetBackend>) -> Self {
+        Self::new(state.mac, backend)
+    }
+
     /// A device with MAC `mac` whose frames go through `backend`.
     pub fn new(mac: [u8; 6], backend: Box<dyn NetBackend>) -> Self {
         Self {

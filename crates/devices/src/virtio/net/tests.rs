@@ -347,3 +347,16 @@ fn net_notify_before_driver_ok_does_nothing() {
     assert!(s.lock().unwrap().sent.is_empty());
     assert_eq!(irq.edges(), 0);
 }
+
+#[test]
+fn net_state_round_trips_and_restores_the_mac() {
+    let (r, _script) = scripted();
+    let state = r.t.device::<Net>().unwrap().state();
+    assert_eq!(state.mac, MAC);
+    let json = serde_json::to_string(&state).unwrap();
+    let decoded: NetState = serde_json::from_str(&json).unwrap();
+    assert_eq!(decoded, state);
+    let backend = ScriptBackend(Arc::new(Mutex::new(Script::default())));
+    let restored = Net::from_state(&decoded, Box::new(backend));
+    assert_eq!(restored.mac(), state.mac);
+}
