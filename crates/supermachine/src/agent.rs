@@ -62,15 +62,25 @@ impl<C: Read + Write> AgentConn<C> {
     /// Says `Hello` on `conn` and waits for the guest's `Ready`
     /// (docs/agent-protocol.md); an `Error` instead is [`AgentError::Guest`].
     pub fn hello(mut conn: C) -> Result<Self, HelloError> {
+        // A refused connection may already be closed when Hello is written.
+        let refused = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        };
         let version = concat!("supermachine ", env!("CARGO_PKG_VERSION")).to_string();
-        send(
+        match send(
             &mut conn,
             CONTROL_STREAM,
             &Message::Hello {
                 protocol_version: u16::from(agent_protocol::VERSION),
                 agent_version: version,
             },
-        )?;
+        ) {
+            Err(AgentError::Io(e)) if refused(&e) => return Err(HelloError::NotListening),
+            other => other?,
+        }
         let mut me = Self {
             conn,
             decoder: FrameDecoder::new(),
@@ -78,7 +88,11 @@ impl<C: Read + Write> AgentConn<C> {
         };
         let mut heard = false;
         loop {
-            let n = me.conn.read(&mut me.buf).map_err(AgentError::Io)?;
+            let n = match me.conn.read(&mut me.buf) {
+                Ok(n) => n,
+                Err(e) if refused(&e) && !heard => return Err(HelloError::NotListening),
+                Err(e) => return Err(AgentError::Io(e).into()),
+            };
             if n == 0 {
                 return Err(if heard {
                     AgentError::Closed.into()
@@ -272,6 +286,30 @@ mod tests {
         };
         assert!(matches!(
             AgentConn::hello(conn),
+            Err(HelloError::NotListening)
+        ));
+    }
+
+    /// A connection the other side has closed: writes fail with EPIPE.
+    struct Refused;
+    impl Read for Refused {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::ConnectionReset.into())
+        }
+    }
+    impl Write for Refused {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn refused_before_hello_is_not_listening() {
+        assert!(matches!(
+            AgentConn::hello(Refused),
             Err(HelloError::NotListening)
         ));
     }

@@ -67,9 +67,44 @@ pub enum Error {
     /// The guest's network could not be resolved (host route, resolver).
     #[error("cannot set up the guest's network")]
     Network(#[from] runner::net::NetError),
-    /// Resolving, pulling or converting an image failed.
-    #[error("{0}")]
-    Image(String),
+    /// The image reference does not parse.
+    #[error(transparent)]
+    Reference(#[from] image::reference::ReferenceError),
+    /// Pulling an image failed.
+    #[error("cannot pull {reference}")]
+    Pull {
+        /// The reference as given.
+        reference: String,
+        /// What failed.
+        #[source]
+        source: image::source::SourceError,
+    },
+    /// Converting an image's layers into its root filesystem failed.
+    #[error("cannot build the root filesystem of {reference}")]
+    Rootfs {
+        /// The image.
+        reference: String,
+        /// What failed.
+        #[source]
+        source: image::erofs::RootfsError,
+    },
+    /// A directory of the cache could not be created.
+    #[error("cannot create {path}")]
+    CacheDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM ended before its process did, and the agent gave no status.
+    #[error("the VM ended ({exit:?}) before the process: {agent}")]
+    EndedEarly {
+        /// How the VM ended.
+        exit: GuestExit,
+        /// What the agent conversation said (its error chain).
+        agent: String,
+    },
     /// The request cannot be carried out as given.
     #[error("{0}")]
     Usage(String),
@@ -176,6 +211,19 @@ pub fn resolve(cfg: &BootConfig) -> Result<VmResources, Error> {
         network: cfg.network.clone(),
     };
     Ok(runner::net::prepare(&res)?)
+}
+
+/// `e` and its causes on one line, `: `-separated (no message repeats its
+/// source, so each cause appears once).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// The user's cache directory (kernels, initramfs, image store, root filesystems).

@@ -134,7 +134,7 @@ enum Command {
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("supermachine: error: {}", report(e));
+    eprintln!("supermachine: error: {}", supermachine::error_chain(e));
     ExitCode::from(EXIT_INTERNAL)
 }
 
@@ -174,19 +174,6 @@ fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
 
 fn parse_memory(s: &str) -> Result<u64, String> {
     supermachine::parse_size(s).map_err(|e| e.to_string())
-}
-
-/// One line: the error and its causes, joined (no message repeats its source,
-/// so each cause is printed once).
-fn report(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn main() -> ExitCode {
@@ -235,7 +222,7 @@ fn main() -> ExitCode {
                     ExitCode::from(outcome.exit_code() as u8)
                 }
                 Err(e) => {
-                    eprintln!("supermachine: error: {}", report(&e));
+                    eprintln!("supermachine: error: {}", supermachine::error_chain(&e));
                     ExitCode::from(EXIT_INTERNAL)
                 }
             }
@@ -354,7 +341,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("supermachine: error: {}", report(&e));
+                eprintln!("supermachine: error: {}", supermachine::error_chain(&e));
                 ExitCode::from(EXIT_INTERNAL)
             }
         },

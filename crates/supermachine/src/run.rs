@@ -80,7 +80,7 @@ pub fn store() -> Result<Store, Error> {
 /// Pulls `reference` into the store (always, verifying every blob) and builds its
 /// root filesystem if it is not cached yet.
 pub fn pull(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
-    let r = ImageReference::parse(reference).map_err(|e| Error::Image(e.to_string()))?;
+    let r = ImageReference::parse(reference)?;
     let store = store()?;
     let mut opts = image::source::PullOptions::default();
     opts.registry.tls_verify = tls_verify;
@@ -88,7 +88,10 @@ pub fn pull(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
     if let Some(b) = &bar {
         opts.progress = Some(image::source::ProgressHook(b.clone()));
     }
-    let pulled = image::source::pull(&r, &store, &opts).map_err(|e| Error::Image(e.to_string()));
+    let pulled = image::source::pull(&r, &store, &opts).map_err(|source| Error::Pull {
+        reference: reference.to_string(),
+        source,
+    });
     if let Some(b) = &bar {
         b.bar.finish_and_clear();
     }
@@ -105,7 +108,7 @@ pub fn pull(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
 /// The image from the store if it was pulled before (no network, as `docker run`
 /// uses a local image), else pulled now.
 pub fn ensure_image(reference: &str, tls_verify: bool) -> Result<PreparedImage, Error> {
-    let r = ImageReference::parse(reference).map_err(|e| Error::Image(e.to_string()))?;
+    let r = ImageReference::parse(reference)?;
     let key = image::source::record_key(&r);
     let store = store()?;
     match store.image(&key) {
@@ -167,8 +170,10 @@ fn prepare(
 ) -> Result<PreparedImage, Error> {
     let rootfs = rootfs_path(&digest)?;
     if let Some(dir) = rootfs.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Image(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::CacheDir {
+            path: dir.to_owned(),
+            source,
+        })?;
     }
     if !rootfs.is_file() {
         let layers: Vec<image::flatten::Layer> = layers
@@ -178,8 +183,9 @@ fn prepare(
                 compression: l.compression,
             })
             .collect();
-        image::erofs::build_rootfs(&layers, &rootfs).map_err(|e| {
-            Error::Image(format!("building the root filesystem of {reference}: {e}"))
+        image::erofs::build_rootfs(&layers, &rootfs).map_err(|source| Error::Rootfs {
+            reference: reference.clone(),
+            source,
         })?;
     }
     Ok(PreparedImage {
@@ -269,14 +275,14 @@ fn connect_agent(
                 return Ok(a);
             }
             Err(HelloError::NotListening) => std::thread::sleep(AGENT_RETRY),
-            Err(HelloError::Agent(e)) => return Err(e.to_string()),
+            Err(HelloError::Agent(e)) => return Err(crate::error_chain(&e)),
         }
     }
     Err("the guest agent never answered on vsock".into())
 }
 
 /// Between connection attempts while the guest agent is not listening yet.
-const AGENT_RETRY: Duration = Duration::from_millis(2);
+const AGENT_RETRY: Duration = Duration::from_millis(5);
 
 /// How long an accepted connection may take to answer Hello with Ready.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -373,7 +379,7 @@ pub fn run(
                     connect_agent(&vsock, agent_protocol::CONTROL_PORT, deadline, &stop)?;
                 let r = conn
                     .run_process(spec, &mut *out, &mut *err)
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| crate::error_chain(&e));
                 // Closing tells the guest it may power off now.
                 drop(conn);
                 if r.is_ok() {
@@ -421,10 +427,10 @@ pub fn run(
                 "supermachine: warning: no exit status from the guest agent ({e}); using the VM's"
             );
             if outcome.status == 0 && outcome.exit != runner::vmm::GuestExit::PowerOff {
-                return Err(Error::Image(format!(
-                    "the VM ended ({:?}) before the process: {e}",
-                    outcome.exit
-                )));
+                return Err(Error::EndedEarly {
+                    exit: outcome.exit,
+                    agent: e,
+                });
             }
             Ok(outcome.exit_code())
         }

@@ -416,43 +416,6 @@ impl<V: Vm + 'static> std::fmt::Debug for Vmm<V> {
     }
 }
 
-/// Guest RAM from this address up is backed by transparent huge pages where the
-/// host allows (`madvise` mode or `always`). Below it stay 4 KiB pages: a tiny
-/// guest touches only its first pages there (boot tables, a small kernel at
-/// 1 MiB) and must not pay 2 MiB of RSS for them.
-#[cfg(target_os = "linux")]
-const HUGE_PAGES_FROM: u64 = 2 << 20;
-
-/// Asks the host for transparent huge pages over guest RAM (from
-/// `HUGE_PAGES_FROM`): loading an 8 MiB kernel into fresh anonymous memory
-/// otherwise takes 2,048 page faults of a few microseconds each, and the guest
-/// pays the same again for everything it touches. Advice only: a host without
-/// THP ignores it, and nothing fails if it is refused.
-fn advise_huge_pages(mem: &GuestMemoryMmap) {
-    #[cfg(target_os = "linux")]
-    for r in mem.iter() {
-        let start = r.start_addr().0;
-        let skip = HUGE_PAGES_FROM.saturating_sub(start).min(r.len());
-        let len = r.len() - skip;
-        if len == 0 {
-            continue;
-        }
-        let addr = (r.as_ptr() as usize + skip as usize) as *mut libc::c_void;
-        // SAFETY: `addr .. addr + len` lies inside the live anonymous mapping of
-        // region `r` (skip <= r.len()), which `mem` owns; MADV_HUGEPAGE only
-        // changes how the kernel backs the range, never its contents.
-        let rc = unsafe { libc::madvise(addr, len as usize, libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            tracing::debug!(
-                "transparent huge pages not available for guest RAM: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = mem;
-}
-
 /// Builds the VM described by `res` on `hv`, runs it until the guest powers off or
 /// resets (or a vCPU fails), and returns how it ended. Guest console output goes to
 /// `console`.
@@ -550,7 +513,6 @@ impl<V: Vm + 'static> Vmm<V> {
                 source,
             })?,
         );
-        advise_huge_pages(&mem);
         #[cfg(target_os = "linux")]
         teardown::exclude_from_fork(&mem);
         if let Some((_, ram)) = saved {
