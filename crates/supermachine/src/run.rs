@@ -368,7 +368,6 @@ pub fn run(
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     let agent = {
-        let stop = stop.clone();
         std::thread::Builder::new()
             .name("sm-agent".into())
             .spawn(move || -> Result<ExitStatus, String> {
@@ -400,14 +399,10 @@ pub fn run(
                 source,
             })?
     };
+    // A VM that fails to start is stopped when it is dropped here.
     let vm_result = match vmm.start() {
-        // Stopped before it started: `wait` says so.
-        Ok(()) | Err(runner::vmm::ControlError::Ended) => vmm.wait(),
-        Err(e) => {
-            stop.stop();
-            drop(vmm);
-            Err(runner::vmm::RunError::from(e))
-        }
+        Ok(()) => vmm.wait(),
+        Err(e) => Err(runner::vmm::RunError::from(e)),
     };
     drop(vm_ended_tx);
     let agent_result = agent

@@ -429,7 +429,7 @@ where
     H::Vm: 'static,
 {
     let vmm = Vmm::build(hv, res, console, timings)?;
-    vmm.start_or_ended()?;
+    vmm.start()?;
     vmm.wait()
 }
 
@@ -709,8 +709,17 @@ impl<V: Vm + 'static> Vmm<V> {
     }
 
     /// Starts the guest: a built VM boots (the boot CPU gets its entry state), a
-    /// restored one continues. Starting a running VM does nothing.
+    /// restored one continues. Starting a running VM does nothing, and neither
+    /// does starting one that has already ended (stopped before it started):
+    /// [`Vmm::wait`] reports how it ended.
     pub fn start(&self) -> Result<(), ControlError> {
+        match self.boot_and_resume() {
+            Err(ControlError::Ended) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn boot_and_resume(&self) -> Result<(), ControlError> {
         let boot = self
             .boot
             .lock()
@@ -727,18 +736,6 @@ impl<V: Vm + 'static> Vmm<V> {
             )?;
         }
         self.resume()
-    }
-
-    /// [`Vmm::start`], where a VM that has already ended (stopped before it
-    /// started) is not an error: [`Vmm::wait`] reports its end.
-    fn start_or_ended(&self) -> Result<(), RunError> {
-        match self.start() {
-            Ok(()) | Err(ControlError::Ended) => Ok(()),
-            Err(e) => {
-                self.end.finish(Err(e.into()));
-                Ok(())
-            }
-        }
     }
 
     /// Parks every vCPU outside the guest and holds the device event loop, and
