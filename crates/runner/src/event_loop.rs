@@ -1,5 +1,6 @@
 //! The device event loop: one thread that waits on the host side of the virtio
-//! devices and routes what happens to them (Linux, epoll).
+//! devices and routes what happens to them, on Linux (epoll) and macOS (kqueue)
+//! alike, through `mio` (docs/architecture.md says why that crate).
 //!
 //! It watches three kinds of fd:
 //! - each device's own host fds ([`MmioTransport::host_fds`]: vsock sockets, a
@@ -9,16 +10,20 @@
 //! - queue-notify I/O events ([`EventLoop::add_ioevent`], KVM ioeventfds) the
 //!   VMM registered with the backend at `QueueNotify`; an event calls
 //!   [`MmioTransport::notify`], so the vCPU does not exit to userspace for a
-//!   notification. The loop owns them: they are unregistered when it ends;
-//! - the loop's own eventfd: devices call it through the [`HostWaker`] they got
+//!   notification. The loop owns them: they are unregistered when it ends. A
+//!   backend without them (Hypervisor.framework) has queue notifications arrive
+//!   as MMIO exits instead;
+//! - the loop's own waker: devices call it through the [`HostWaker`] they got
 //!   when their fd set changes or they have deferred work, and
 //!   [`EventLoopHandle::stop`] uses it to end the loop.
 //!
-//! After a wake the loop re-reads every device's fd set, brings epoll in line,
-//! and calls `process_event(TOKEN_WAKE)`. A device closing a socket needs no
-//! care: epoll forgets a closed fd by itself, and the next re-sync forgets it in
-//! our table too (the fd number may meanwhile belong to a new socket of the same
-//! device, which is then added again under its new token).
+//! After a wake the loop re-reads every device's fd set, brings the poller in
+//! line, and calls `process_event(TOKEN_WAKE)`. A device with timed work
+//! ([`MmioTransport::deadline`]) gets the same call once its deadline passes; the
+//! loop waits no longer than the earliest one. A device closing a socket needs
+//! no care: the poller forgets a closed fd by itself, and the next re-sync
+//! forgets it in our table too (the fd number may meanwhile belong to a new
+//! socket of the same device, which is then added again under its new token).
 
 use std::collections::HashMap;
 use std::io;
@@ -26,27 +31,28 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use devices::virtio::{HostFd, HostWaker, MmioTransport, TOKEN_WAKE};
 use hypervisor::IoEvent;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 
-/// Most events taken from epoll per wait.
+/// Most events taken from the poller per wait.
 const EVENTS_PER_WAIT: usize = 64;
-/// epoll data of the loop's own eventfd; sources are numbered from 1.
-const CONTROL_DATA: u64 = 0;
+/// The token of the loop's own waker; sources are numbered from 1.
+const CONTROL: Token = Token(0);
 
 /// Errors of the device event loop.
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
-    /// epoll_create1 failed.
-    #[error("cannot create the device event loop's epoll instance")]
-    CreateEpoll(#[source] io::Error),
-    /// eventfd failed.
-    #[error("cannot create the device event loop's eventfd")]
-    CreateEventFd(#[source] io::Error),
-    /// epoll_ctl refused an fd.
+    /// epoll_create1 / kqueue failed.
+    #[error("cannot create the device event loop's poller")]
+    CreatePoller(#[source] io::Error),
+    /// The waker (an eventfd, or a kqueue user event) could not be made.
+    #[error("cannot create the device event loop's waker")]
+    CreateWaker(#[source] io::Error),
+    /// The poller refused an fd.
     #[error("cannot watch fd {fd} in the device event loop")]
     Watch {
         /// The fd.
@@ -55,7 +61,7 @@ pub enum EventLoopError {
         #[source]
         source: io::Error,
     },
-    /// epoll_wait failed.
+    /// Waiting on the poller failed.
     #[error("waiting for device events failed")]
     Wait(#[source] io::Error),
     /// The thread could not be started.
@@ -63,15 +69,14 @@ pub enum EventLoopError {
     Spawn(#[source] io::Error),
 }
 
-/// The loop's eventfd, shared with devices (as their [`HostWaker`]) and handles.
+/// The loop's waker, shared with devices (as their [`HostWaker`]) and handles.
 #[derive(Debug)]
 struct Control {
-    fd: EventFd,
+    waker: Waker,
     stop: AtomicBool,
     hold: Mutex<Hold>,
     held: Condvar,
 }
-
 /// Whether the loop is asked to hold, and whether it does.
 #[derive(Debug, Default)]
 struct Hold {
@@ -108,8 +113,11 @@ impl Control {
 
 impl HostWaker for Control {
     fn wake(&self) {
-        // EAGAIN means the counter is saturated: a wake is pending anyway.
-        let _ = self.fd.write(1);
+        // A failed wake leaves the loop waiting for its next event; nothing to
+        // report it to here, and the waker only fails if the poller is gone.
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!("waking the device event loop: {e}");
+        }
     }
 }
 
@@ -171,7 +179,7 @@ impl EventLoopHandle {
 enum Source {
     Transport {
         transport: Arc<Mutex<MmioTransport>>,
-        /// What epoll holds for this device: fd -> token.
+        /// What the poller holds for this device: fd -> token.
         watched: HashMap<RawFd, u32>,
     },
     Ioevent {
@@ -184,7 +192,7 @@ enum Source {
 /// The device event loop; build it, add transports and ioeventfds, then
 /// [`EventLoop::spawn`] it.
 pub struct EventLoop {
-    epoll: Epoll,
+    poll: Poll,
     control: Arc<Control>,
     sources: Vec<Source>,
 }
@@ -203,25 +211,27 @@ fn lock(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
     t.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Registers `fd` under `token`, or updates it if the poller already has that
+/// fd (epoll says EEXIST; kqueue updates in place).
+fn watch(poll: &Poll, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+    let registry = poll.registry();
+    match registry.register(&mut SourceFd(&fd), token, interest) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            registry.reregister(&mut SourceFd(&fd), token, interest)
+        }
+        other => other,
+    }
+}
+
 impl EventLoop {
     /// An empty loop.
     pub fn new() -> Result<Self, EventLoopError> {
-        let epoll = Epoll::new().map_err(EventLoopError::CreateEpoll)?;
-        let fd = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::CreateEventFd)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, CONTROL_DATA),
-            )
-            .map_err(|source| EventLoopError::Watch {
-                fd: fd.as_raw_fd(),
-                source,
-            })?;
+        let poll = Poll::new().map_err(EventLoopError::CreatePoller)?;
+        let waker = Waker::new(poll.registry(), CONTROL).map_err(EventLoopError::CreateWaker)?;
         Ok(Self {
-            epoll,
+            poll,
             control: Arc::new(Control {
-                fd,
+                waker,
                 stop: AtomicBool::new(false),
                 hold: Mutex::new(Hold::default()),
                 held: Condvar::new(),
@@ -259,14 +269,9 @@ impl EventLoop {
         transport: Arc<Mutex<MmioTransport>>,
         queue: u32,
     ) -> Result<(), EventLoopError> {
-        let data = source_data(self.sources.len(), 0);
+        let token = source_token(self.sources.len(), 0);
         let fd = event.file().as_raw_fd();
-        self.epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, data),
-            )
+        watch(&self.poll, fd, token, Interest::READABLE)
             .map_err(|source| EventLoopError::Watch { fd, source })?;
         self.sources.push(Source::Ioevent {
             event,
@@ -318,23 +323,23 @@ impl EventLoop {
     }
 
     fn serve(&mut self) -> Result<(), EventLoopError> {
-        let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
+        let mut events = Events::with_capacity(EVENTS_PER_WAIT);
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(EventLoopError::Wait(e)),
-            };
+            }
             let mut woken = false;
-            for ev in events.iter().take(n) {
-                let data = ev.data();
-                if data == CONTROL_DATA {
-                    // Drains the counter; EAGAIN if another event got it first.
-                    let _ = self.control.fd.read();
+            for ev in events.iter() {
+                if ev.token() == CONTROL {
                     woken = true;
-                    continue;
+                } else {
+                    self.dispatch(ev.token());
                 }
-                self.dispatch(data);
             }
             if self.control.stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -350,11 +355,38 @@ impl EventLoop {
                         lock(transport).process_event(TOKEN_WAKE);
                     }
                 }
+            } else {
+                self.run_due();
             }
         }
     }
 
-    fn dispatch(&mut self, data: u64) {
+    /// The earliest deadline of any device.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Transport { transport, .. } => lock(transport).deadline(),
+                Source::Ioevent { .. } => None,
+            })
+            .min()
+    }
+
+    /// Calls every device whose deadline has passed.
+    fn run_due(&self) {
+        let now = Instant::now();
+        for s in &self.sources {
+            if let Source::Transport { transport, .. } = s {
+                let mut t = lock(transport);
+                if t.deadline().is_some_and(|d| d <= now) {
+                    t.process_event(TOKEN_WAKE);
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, token: Token) {
+        let data = token.0 as u64;
         let Some(index) = (data >> 32).checked_sub(1) else {
             return;
         };
@@ -382,7 +414,8 @@ impl EventLoop {
         }
     }
 
-    /// Brings epoll in line with the fd set of source `index` (transports only).
+    /// Brings the poller in line with the fd set of source `index` (transports
+    /// only).
     fn sync(&mut self, index: usize) -> Result<(), EventLoopError> {
         let Some(Source::Transport { transport, watched }) = self.sources.get_mut(index) else {
             return Ok(());
@@ -391,25 +424,15 @@ impl EventLoop {
         lock(transport).host_fds(&mut fds);
         let now: HashMap<RawFd, u32> = fds.iter().map(|h| (h.fd, h.token)).collect();
         for (fd, _) in watched.iter().filter(|(fd, _)| !now.contains_key(fd)) {
-            // Usually already gone: epoll drops closed fds itself.
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+            // Usually already gone: the poller drops closed fds itself.
+            let _ = self.poll.registry().deregister(&mut SourceFd(fd));
         }
-        let events =
-            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         for (&fd, &token) in &now {
             if watched.get(&fd) == Some(&token) {
                 continue;
             }
-            let ev = EpollEvent::new(events, source_data(index, token));
-            let result = match self.epoll.ctl(ControlOperation::Add, fd, ev) {
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    self.epoll.ctl(ControlOperation::Modify, fd, ev)
-                }
-                other => other,
-            };
-            if let Err(source) = result {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(source) = watch(&self.poll, fd, source_token(index, token), interest) {
                 // The device closed it between host_fds and here (EBADF): the
                 // next wake re-syncs. Anything else is a real failure.
                 if source.raw_os_error() != Some(libc::EBADF) {
@@ -422,9 +445,10 @@ impl EventLoop {
     }
 }
 
-/// epoll data: source index + 1 in the high half, the device's token in the low.
-fn source_data(index: usize, token: u32) -> u64 {
-    ((index as u64 + 1) << 32) | u64::from(token)
+/// The poller token of a source's fd: source index + 1 in the high half, the
+/// device's token in the low (64-bit hosts only, which is all we build for).
+fn source_token(index: usize, token: u32) -> Token {
+    Token(((index + 1) << 32) | token as usize)
 }
 
 #[cfg(test)]
@@ -432,7 +456,6 @@ fn source_data(index: usize, token: u32) -> u64 {
 mod tests {
     use std::any::Any;
     use std::io::{Read, Write};
-    use std::os::fd::{FromRawFd, IntoRawFd};
     use std::os::unix::net::UnixStream;
     use std::sync::mpsc;
     use std::time::Duration;
@@ -464,6 +487,8 @@ mod tests {
         streams: Vec<(UnixStream, u32)>,
         seen: mpsc::Sender<String>,
         waker: Option<Arc<dyn HostWaker>>,
+        /// Timed work: reported as "due" once called at or after it.
+        deadline: Option<std::time::Instant>,
     }
 
     impl SocketDevice {
@@ -515,7 +540,15 @@ mod tests {
                 }
             }
             if token == TOKEN_WAKE {
-                let _ = self.seen.send("wake".into());
+                match self.deadline {
+                    Some(d) if d <= std::time::Instant::now() => {
+                        self.deadline = None;
+                        let _ = self.seen.send("due".into());
+                    }
+                    _ => {
+                        let _ = self.seen.send("wake".into());
+                    }
+                }
             }
             Ok(())
         }
@@ -524,6 +557,9 @@ mod tests {
                 fd: s.as_raw_fd(),
                 token: *token,
             }));
+        }
+        fn deadline(&self) -> Option<std::time::Instant> {
+            self.deadline
         }
         fn set_host_waker(&mut self, waker: Arc<dyn HostWaker>) {
             self.waker = Some(waker);
@@ -548,6 +584,7 @@ mod tests {
             streams: Vec::new(),
             seen,
             waker: None,
+            deadline: None,
         };
         dev.add(stream, 7);
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
@@ -623,7 +660,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn event_loop_ioeventfd_notifies_queue() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         let (ours, _theirs) = UnixStream::pair().unwrap();
         let (t, seen) = transport(ours);
         let mut el = EventLoop::new().unwrap();
@@ -638,6 +678,36 @@ mod tests {
         let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
         trigger.write(1).unwrap();
         assert_eq!(next(&seen), "queue 0");
+        handle.stop();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn event_loop_calls_a_device_when_its_deadline_passes() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let (t, seen) = transport(ours);
+        let mut el = EventLoop::new().unwrap();
+        el.add_transport(t.clone()).unwrap();
+        let handle = el.handle();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
+        // Whatever the loop saw first (the initial writable edge) is out.
+        while seen.recv_timeout(Duration::from_millis(50)).is_ok() {}
+        let due = std::time::Instant::now() + Duration::from_millis(100);
+        {
+            let mut t = lock(&t);
+            let dev = t.device_mut::<SocketDevice>().unwrap();
+            dev.deadline = Some(due);
+            // As a device does that sets a deadline outside the loop.
+            dev.waker.as_ref().unwrap().wake();
+        }
+        assert_eq!(
+            next(&seen),
+            "wake",
+            "the wake itself comes before the deadline"
+        );
+        // No fd event follows: only the deadline can make the loop call again.
+        assert_eq!(next(&seen), "due");
+        assert!(std::time::Instant::now() >= due);
         handle.stop();
         thread.join().unwrap();
     }

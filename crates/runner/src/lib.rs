@@ -11,7 +11,6 @@
 pub mod aarch64;
 pub mod backend;
 pub mod console;
-#[cfg(target_os = "linux")]
 pub mod event_loop;
 pub mod net;
 pub mod resources;

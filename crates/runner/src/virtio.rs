@@ -354,12 +354,9 @@ impl VsockHandle {
 /// stopped and joined on drop, which also unregisters the notifications.
 #[derive(Debug)]
 pub struct DeviceEvents {
-    #[cfg(target_os = "linux")]
     handle: crate::event_loop::EventLoopHandle,
-    #[cfg(target_os = "linux")]
     thread: Option<std::thread::JoinHandle<Vec<hypervisor::IoEvent>>>,
     /// The loop's I/O events once it has stopped, still registered until dropped.
-    #[cfg(target_os = "linux")]
     stopped: Vec<hypervisor::IoEvent>,
     /// Queue notifications that reach the devices without a vCPU exit.
     ioevents: usize,
@@ -369,10 +366,10 @@ impl DeviceEvents {
     /// Starts serving `attached`, with one I/O event per queue registered with
     /// `vm` at the device's `QueueNotify` (datamatch: the queue index, which is
     /// what the driver writes there, virtio 1.2 §4.2.3.3). A backend without
-    /// them, or a registration it refuses, leaves that queue's notifications on
-    /// the MMIO-exit path, which handles them the same way. If the loop fails
-    /// later, `on_error` gets its error (the VMM ends the run with it).
-    #[cfg(target_os = "linux")]
+    /// them (Hypervisor.framework), or a registration it refuses, leaves that
+    /// queue's notifications on the MMIO-exit path, which handles them the same
+    /// way. If the loop fails later, `on_error` gets its error (the VMM ends the
+    /// run with it).
     pub fn start<V: Vm>(
         vm: &V,
         attached: &[Attached],
@@ -397,17 +394,6 @@ impl DeviceEvents {
         })
     }
 
-    /// No host-side device events on this platform yet; queue notifications
-    /// arrive as MMIO exits (Hypervisor.framework has no ioeventfd).
-    #[cfg(not(target_os = "linux"))]
-    pub fn start<V: Vm>(
-        _vm: &V,
-        _attached: &[Attached],
-        _on_error: impl FnOnce(Box<dyn std::error::Error + Send + Sync>) + Send + 'static,
-    ) -> Result<Self, std::convert::Infallible> {
-        Ok(Self { ioevents: 0 })
-    }
-
     /// How many queues are notified through I/O events rather than MMIO exits.
     pub fn ioevents(&self) -> usize {
         self.ioevents
@@ -417,13 +403,11 @@ impl DeviceEvents {
     /// until it does. From then on no device touches guest memory from the host
     /// side until [`DeviceEvents::resume`].
     pub fn request_pause(&self) {
-        #[cfg(target_os = "linux")]
         self.handle.request_pause();
     }
 
     /// Waits until a requested hold is in effect.
     pub fn wait_paused(&self) {
-        #[cfg(target_os = "linux")]
         self.handle.wait_paused();
     }
 
@@ -431,28 +415,21 @@ impl DeviceEvents {
     /// registered until this is dropped: drop it after the VM, whose destruction
     /// releases them at once, rather than one SRCU grace period each.
     pub fn stop(&mut self) {
-        #[cfg(target_os = "linux")]
-        {
-            self.handle.stop();
-            if let Some(t) = self.thread.take() {
-                if let Ok(events) = t.join() {
-                    self.stopped = events;
-                }
+        self.handle.stop();
+        if let Some(t) = self.thread.take() {
+            if let Ok(events) = t.join() {
+                self.stopped = events;
             }
         }
     }
 
     /// Whether [`DeviceEvents::stop`] has ended the loop.
     pub fn stopped(&self) -> bool {
-        #[cfg(target_os = "linux")]
-        return self.thread.is_none();
-        #[cfg(not(target_os = "linux"))]
-        true
+        self.thread.is_none()
     }
 
     /// Lets a held loop go on.
     pub fn resume(&self) {
-        #[cfg(target_os = "linux")]
         self.handle.resume();
     }
 }
@@ -460,7 +437,6 @@ impl DeviceEvents {
 /// Registers an I/O event for each queue of `device` at its `QueueNotify`; empty
 /// when the backend has none. A refused registration is logged and skipped: that
 /// queue keeps the MMIO-exit path.
-#[cfg(target_os = "linux")]
 fn register_queue_notify<V: Vm>(vm: &V, device: &Attached) -> Vec<(u32, hypervisor::IoEvent)> {
     use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
     let queues = device

@@ -342,6 +342,16 @@ impl MmioTransport {
         self.device.host_fds(out);
     }
 
+    /// When the device next has timed work (see [`VirtioDevice::deadline`]);
+    /// none unless the device is active.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        if self.is_active() {
+            self.device.deadline()
+        } else {
+            None
+        }
+    }
+
     /// Hands the device the event loop's waker (see [`super::HostWaker`]).
     pub fn set_host_waker(&mut self, waker: Arc<dyn super::HostWaker>) {
         self.device.set_host_waker(waker);

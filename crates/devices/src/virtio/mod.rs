@@ -438,6 +438,15 @@ pub trait VirtioDevice: Send {
         let _ = out;
     }
 
+    /// The earliest moment the device has timed work (e.g. vsock: a connection
+    /// request the guest has not answered); the event loop then calls
+    /// `process_event` with [`TOKEN_WAKE`] at or after it. Asked again after
+    /// every round of events; a device that sets a deadline outside the loop's
+    /// own calls (on a vCPU thread) wakes the loop. The default has none.
+    fn deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
+
     /// Gives the device the event loop's waker (see [`HostWaker`]). The default
     /// drops it.
     fn set_host_waker(&mut self, waker: Arc<dyn HostWaker>) {

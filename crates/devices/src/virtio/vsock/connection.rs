@@ -72,6 +72,8 @@ pub struct Connection {
     pub origin: Origin,
     /// What we owe the guest.
     pub control: PendingControl,
+    /// Host-initiated, REQUEST sent: when to give up waiting for the answer.
+    pub request_deadline: Option<std::time::Instant>,
     // Host -> guest flow control: the guest's buffer and how much of what we sent
     // it has consumed, as it last told us; what we sent.
     peer_buf_alloc: u32,
@@ -133,6 +135,7 @@ impl Connection {
             state,
             origin,
             control: PendingControl::default(),
+            request_deadline: None,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             tx_cnt: 0,

@@ -11,6 +11,13 @@
 //!   handler registered with [`Vsock::listen`] for `P`, else forwarded to the
 //!   UNIX socket `<uds_path>_<P>` if something listens there, else refused (RST).
 //!
+//! A host-initiated connection the guest has not answered (RESPONSE or RST)
+//! [`REQUEST_TIMEOUT`] after its REQUEST went out is given up: the guest gets an
+//! RST, the host stream is closed (so the caller retries, as after a refusal).
+//! A guest can lose a REQUEST: Linux drops the RST it owes one that arrives
+//! while its vsock driver is still probing (the transport is not published
+//! yet), so without this the host would wait forever for a guest that booted.
+//!
 //! # Event loop
 //! The device owns its host sockets and lists them with
 //! [`VirtioDevice::host_fds`]; the VMM's event loop watches them edge-triggered
@@ -31,6 +38,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -72,6 +80,9 @@ pub const EPHEMERAL_PORT_BASE: u32 = 1 << 30;
 const MAX_HANDSHAKE_LINE: usize = 32;
 /// The token of the UNIX listener.
 const LISTENER_TOKEN: u32 = 0;
+/// How long the guest has to answer a host-initiated REQUEST (as Firecracker's
+/// vsock device gives it).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Building the device failed.
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +352,26 @@ impl Vsock {
             self.queue_rst(hdr);
         }
         self.remove_conn(key);
+    }
+
+    /// Gives up the host-initiated connections whose REQUEST the guest has not
+    /// answered by `now` (see [`REQUEST_TIMEOUT`]).
+    fn expire_requests(&mut self, now: Instant) {
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == ConnState::LocalInit && c.request_deadline.is_some_and(|d| d <= now)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            tracing::debug!(
+                guest_port = key.1,
+                "the guest did not answer a vsock connection request; giving up"
+            );
+            self.reset_conn(key);
+        }
     }
 
     fn queue_rst(&mut self, hdr: Header) {
@@ -758,6 +789,14 @@ impl Vsock {
             return Ok(Some(rx));
         };
         if let Some((op, flags)) = conn.take_control() {
+            if op == op::REQUEST {
+                conn.request_deadline = Some(Instant::now() + REQUEST_TIMEOUT);
+                // This may run on a vCPU thread (a queue notify by MMIO exit):
+                // the loop learns the new deadline when woken.
+                if let Some(w) = &self.waker {
+                    w.wake();
+                }
+            }
             let hdr = conn.header(cid, op, flags, 0);
             Self::put_rx(ctx, &rx, &hdr, &[])?;
             return Ok(None);
@@ -937,7 +976,10 @@ impl VirtioDevice for Vsock {
         token: u32,
     ) -> Result<(), VirtioError> {
         match token {
-            TOKEN_WAKE => self.deliver_event(ctx)?,
+            TOKEN_WAKE => {
+                self.expire_requests(Instant::now());
+                self.deliver_event(ctx)?;
+            }
             LISTENER_TOKEN => self.accept_clients(),
             t => match self.tokens.get(&t).copied() {
                 Some(TokenTarget::Handshake) => self.read_handshake(t),
@@ -967,6 +1009,14 @@ impl VirtioDevice for Vsock {
                 token: conn.token,
             });
         }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.conns
+            .values()
+            .filter(|c| c.state == ConnState::LocalInit)
+            .filter_map(|c| c.request_deadline)
+            .min()
     }
 
     fn set_host_waker(&mut self, waker: Arc<dyn HostWaker>) {

@@ -545,6 +545,63 @@ fn vsock_host_connect_refused_closes_stream() {
 }
 
 #[test]
+fn vsock_host_connect_unanswered_is_given_up_after_the_timeout() {
+    let mut rig = Rig::new(Vsock::new(CID, None).unwrap());
+    let mut host = rig.vsock().connect(1024).unwrap();
+    assert_eq!(
+        rig.t.deadline(),
+        None,
+        "no deadline before the REQUEST is out"
+    );
+    let before = std::time::Instant::now();
+    rig.t.process_event(TOKEN_WAKE);
+    let req = rig.recv()[0].0;
+    assert_eq!(req.op, op::REQUEST);
+    let deadline = rig.t.deadline().expect("a REQUEST out means a deadline");
+    assert!(deadline >= before + REQUEST_TIMEOUT);
+    // Not yet due: nothing happens.
+    rig.vsock()
+        .expire_requests(deadline - Duration::from_millis(1));
+    rig.t.process_event(TOKEN_WAKE);
+    assert!(rig.recv().is_empty());
+    assert_eq!(rig.vsock().connection_count(), 1);
+    // Due: the guest hears an RST for the connection, the host end reads EOF.
+    rig.vsock().expire_requests(deadline);
+    rig.t.process_event(TOKEN_WAKE);
+    let pkts = rig.recv();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    let rst = pkts[0].0;
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (op::RST, req.src_port, 1024)
+    );
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(host.read(&mut [0; 4]).unwrap(), 0);
+    assert_eq!(rig.t.deadline(), None);
+    // A late RESPONSE belongs to no connection: it is answered with an RST.
+    rig.send(hdr(op::RESPONSE, 1024, req.src_port, 0, 4096, 0), &[]);
+    rig.t.process_event(TOKEN_WAKE);
+    assert_eq!(rig.recv()[0].0.op, op::RST);
+}
+
+#[test]
+fn vsock_host_connect_answered_has_no_deadline() {
+    let mut rig = Rig::new(Vsock::new(CID, None).unwrap());
+    let _host = rig.vsock().connect(1024).unwrap();
+    rig.t.process_event(TOKEN_WAKE);
+    let req = rig.recv()[0].0;
+    rig.send(hdr(op::RESPONSE, 1024, req.src_port, 0, 4096, 0), &[]);
+    assert_eq!(rig.t.deadline(), None);
+    rig.vsock()
+        .expire_requests(std::time::Instant::now() + REQUEST_TIMEOUT * 2);
+    assert_eq!(
+        rig.vsock().connection_count(),
+        1,
+        "an established connection stays"
+    );
+}
+
+#[test]
 fn vsock_uds_connect_handshake_gets_ok_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.sock");
