@@ -11,12 +11,15 @@
 //!   handler registered with [`Vsock::listen`] for `P`, else forwarded to the
 //!   UNIX socket `<uds_path>_<P>` if something listens there, else refused (RST).
 //!
-//! A host-initiated connection the guest has not answered (RESPONSE or RST)
-//! [`REQUEST_TIMEOUT`] after its REQUEST went out is given up: the guest gets an
-//! RST, the host stream is closed (so the caller retries, as after a refusal).
-//! A guest can lose a REQUEST: Linux drops the RST it owes one that arrives
-//! while its vsock driver is still probing (the transport is not published
-//! yet), so without this the host would wait forever for a guest that booted.
+//! A host-initiated connection waits for the guest: one made before the driver
+//! is up (or across a driver reset) sends its REQUEST once the driver is live.
+//! One the guest has not answered (RESPONSE or RST) [`REQUEST_TIMEOUT`] after
+//! its REQUEST went out is asked again (an RST for the pair, then a new REQUEST),
+//! up to [`REQUEST_ATTEMPTS`] times, then given up: the guest gets an RST and the
+//! host stream is closed, as after a refusal. A guest can lose a REQUEST: Linux
+//! drops the RST it owes one that arrives while its vsock driver is still
+//! probing (the transport is not published yet), so without this the host would
+//! wait forever for a guest that booted.
 //!
 //! # Event loop
 //! The device owns its host sockets and lists them with
@@ -83,6 +86,8 @@ const LISTENER_TOKEN: u32 = 0;
 /// How long the guest has to answer a host-initiated REQUEST (as Firecracker's
 /// vsock device gives it).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many REQUESTs a host-initiated connection sends before it gives up.
+pub const REQUEST_ATTEMPTS: u8 = 3;
 
 /// Building the device failed.
 #[derive(Debug, thiserror::Error)]
@@ -354,8 +359,8 @@ impl Vsock {
         self.remove_conn(key);
     }
 
-    /// Gives up the host-initiated connections whose REQUEST the guest has not
-    /// answered by `now` (see [`REQUEST_TIMEOUT`]).
+    /// Asks again, or gives up, for the host-initiated connections whose
+    /// REQUEST the guest has not answered by `now` (see [`REQUEST_TIMEOUT`]).
     fn expire_requests(&mut self, now: Instant) {
         let expired: Vec<ConnKey> = self
             .conns
@@ -366,11 +371,23 @@ impl Vsock {
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
-            tracing::debug!(
-                guest_port = key.1,
-                "the guest did not answer a vsock connection request; giving up"
-            );
-            self.reset_conn(key);
+            let cid = self.guest_cid;
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if conn.request_attempts >= REQUEST_ATTEMPTS {
+                tracing::debug!(
+                    guest_port = key.1,
+                    "the guest never answered a vsock connection request; giving up"
+                );
+                self.reset_conn(key);
+                continue;
+            }
+            // Whatever the guest half-knows of this pair is cleared first.
+            let rst = conn.header(cid, op::RST, 0, 0);
+            conn.request_deadline = None;
+            conn.control.request = true;
+            self.queue_rst(rst);
         }
     }
 
@@ -400,6 +417,27 @@ impl Vsock {
             buf_alloc: 0,
             fwd_cnt: 0,
         });
+    }
+
+    /// Drops every connection but the host-initiated ones waiting for the
+    /// guest's answer, which send their REQUEST again once the driver is live.
+    fn drop_guest_connections(&mut self) {
+        let gone: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state != ConnState::LocalInit)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            self.remove_conn(key);
+        }
+        for c in self.conns.values_mut() {
+            c.control = Default::default();
+            c.control.request = true;
+            c.request_deadline = None;
+            c.request_attempts = 0;
+        }
+        self.rst_queue.clear();
     }
 
     fn drop_all_connections(&mut self) {
@@ -790,6 +828,7 @@ impl Vsock {
         };
         if let Some((op, flags)) = conn.take_control() {
             if op == op::REQUEST {
+                conn.request_attempts = conn.request_attempts.saturating_add(1);
                 conn.request_deadline = Some(Instant::now() + REQUEST_TIMEOUT);
                 // This may run on a vCPU thread (a queue notify by MMIO exit):
                 // the loop learns the new deadline when woken.
@@ -1023,10 +1062,12 @@ impl VirtioDevice for Vsock {
         self.waker = Some(waker);
     }
 
-    /// The driver reset the device: every connection is gone (§5.10.6.7 says
-    /// the same of a transport reset); host listeners and handlers stay.
+    /// The driver reset the device: every connection the guest knew of is gone
+    /// (§5.10.6.7 says the same of a transport reset). Host-initiated connections
+    /// still waiting for an answer stay and ask the next driver; host listeners
+    /// and handlers stay.
     fn reset(&mut self) {
-        self.drop_all_connections();
+        self.drop_guest_connections();
         self.spare_rx = None;
         self.transport_reset_pending = false;
         self.active = false;

@@ -45,7 +45,13 @@ impl Rig {
     fn new(vsock: Vsock) -> Self {
         let irq = Arc::new(CountingInterrupt::default());
         let mem = guest_memory();
-        let mut t = MmioTransport::new(Box::new(vsock), mem.clone(), irq, IrqMode::Edge).unwrap();
+        let t = MmioTransport::new(Box::new(vsock), mem.clone(), irq, IrqMode::Edge).unwrap();
+        Self::new_on(t, mem)
+    }
+
+    /// A driver bringing up `t` over `mem` (new, or reset by an earlier driver)
+    /// afresh.
+    fn new_on(mut t: MmioTransport, mem: Arc<GuestMemoryMmap>) -> Self {
         let d = Driver::new(mem);
         let s = d.negotiate(&mut t, VIRTIO_F_VERSION_1).unwrap();
         for q in 0..3 {
@@ -545,7 +551,7 @@ fn vsock_host_connect_refused_closes_stream() {
 }
 
 #[test]
-fn vsock_host_connect_unanswered_is_given_up_after_the_timeout() {
+fn vsock_host_connect_unanswered_is_asked_again_then_given_up() {
     let mut rig = Rig::new(Vsock::new(CID, None).unwrap());
     let mut host = rig.vsock().connect(1024).unwrap();
     assert_eq!(
@@ -557,15 +563,32 @@ fn vsock_host_connect_unanswered_is_given_up_after_the_timeout() {
     rig.t.process_event(TOKEN_WAKE);
     let req = rig.recv()[0].0;
     assert_eq!(req.op, op::REQUEST);
-    let deadline = rig.t.deadline().expect("a REQUEST out means a deadline");
+    let mut deadline = rig.t.deadline().expect("a REQUEST out means a deadline");
     assert!(deadline >= before + REQUEST_TIMEOUT);
     // Not yet due: nothing happens.
     rig.vsock()
         .expire_requests(deadline - Duration::from_millis(1));
     rig.t.process_event(TOKEN_WAKE);
     assert!(rig.recv().is_empty());
-    assert_eq!(rig.vsock().connection_count(), 1);
-    // Due: the guest hears an RST for the connection, the host end reads EOF.
+    // Due: the pair is reset and asked again, until the attempts are used up.
+    for _ in 1..REQUEST_ATTEMPTS {
+        rig.vsock().expire_requests(deadline);
+        rig.t.process_event(TOKEN_WAKE);
+        let ops: Vec<(u16, u32, u32)> = rig
+            .recv()
+            .iter()
+            .map(|(h, _)| (h.op, h.src_port, h.dst_port))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                (op::RST, req.src_port, 1024),
+                (op::REQUEST, req.src_port, 1024)
+            ]
+        );
+        deadline = rig.t.deadline().expect("asked again: a new deadline");
+    }
+    // The last one unanswered: the guest hears an RST, the host end reads EOF.
     rig.vsock().expire_requests(deadline);
     rig.t.process_event(TOKEN_WAKE);
     let pkts = rig.recv();
@@ -582,6 +605,43 @@ fn vsock_host_connect_unanswered_is_given_up_after_the_timeout() {
     rig.send(hdr(op::RESPONSE, 1024, req.src_port, 0, 4096, 0), &[]);
     rig.t.process_event(TOKEN_WAKE);
     assert_eq!(rig.recv()[0].0.op, op::RST);
+}
+
+#[test]
+fn vsock_host_connect_before_the_driver_is_up_is_served_once_it_is() {
+    let mut v = Vsock::new(CID, None).unwrap();
+    let mut host = v.connect(1024).unwrap();
+    host.write_all(b"early").unwrap();
+    let mut rig = Rig::new(v);
+    let req = rig.recv()[0].0;
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 1024));
+    rig.send(hdr(op::RESPONSE, 1024, req.src_port, 0, 4096, 0), &[]);
+    rig.poll_host();
+    assert_eq!(rig.recv()[0].1, b"early");
+}
+
+#[test]
+fn vsock_host_connect_waiting_for_an_answer_survives_a_driver_reset() {
+    let mut rig = Rig::new(Vsock::new(CID, None).unwrap());
+    let mut host = rig.vsock().connect(1024).unwrap();
+    rig.t.process_event(TOKEN_WAKE);
+    assert_eq!(rig.recv()[0].0.op, op::REQUEST);
+    // The driver resets the device and comes up again (as Linux's probe does).
+    write_reg(&mut rig.t, reg::STATUS, 0);
+    assert_eq!(rig.vsock().connection_count(), 1);
+    assert_eq!(
+        rig.t.deadline(),
+        None,
+        "nothing is out while the driver is down"
+    );
+    let mem = rig.d.mem();
+    let mut rig = Rig::new_on(rig.t, mem);
+    let req = rig.recv()[0].0;
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 1024), "asked again");
+    rig.send(hdr(op::RESPONSE, 1024, req.src_port, 0, 4096, 0), &[]);
+    host.write_all(b"after").unwrap();
+    rig.poll_host();
+    assert_eq!(rig.recv()[0].1, b"after");
 }
 
 #[test]
