@@ -15,6 +15,8 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use crate::tar_guard::{limit_error, LimitError, Limits, TarGuard, Totals};
+
 /// How a layer blob is compressed (one definition for the whole crate).
 pub use crate::manifest::Compression;
 
@@ -117,6 +119,9 @@ pub enum FlattenError {
         /// The entry path.
         path: String,
     },
+    /// The layer broke one of the image's [`Limits`].
+    #[error("the layer is over a limit")]
+    Limit(#[source] LimitError),
     /// The sink could not take a file's data.
     #[error("storing the data of {path:?}")]
     Data {
@@ -260,6 +265,9 @@ pub struct Tree {
     pub inodes: Vec<Inode>,
     /// Counters.
     pub stats: FlattenStats,
+    /// Bounds on the layers applied (entries, sizes), and how far they got.
+    limits: Limits,
+    totals: Totals,
 }
 
 /// The root directory's inode id.
@@ -298,6 +306,8 @@ impl Tree {
                 xattrs: Vec::new(),
             }],
             stats: FlattenStats::default(),
+            limits: Limits::default(),
+            totals: Totals::default(),
         }
     }
 
@@ -462,9 +472,30 @@ impl Tree {
         }
     }
 
+    /// An empty tree whose layers are held to `limits`.
+    pub fn with_limits(limits: Limits) -> Tree {
+        Tree {
+            limits,
+            ..Tree::new()
+        }
+    }
+
     /// Apply one layer tar (already decompressed) on top of the tree.
-    /// `layer` is the layer's index, lowest first.
+    /// `layer` is the layer's index, lowest first. The tree's [`Limits`] hold
+    /// over all layers applied to it.
     pub fn apply_layer<R: Read>(
+        &mut self,
+        reader: R,
+        layer: usize,
+        sink: &mut dyn DataSink,
+    ) -> Result<(), FlattenError> {
+        let mut guard = TarGuard::new(reader, self.limits, self.totals);
+        let result = self.apply_entries(&mut guard, layer, sink);
+        self.totals = guard.totals();
+        result.map_err(lift_limit)
+    }
+
+    fn apply_entries<R: Read>(
         &mut self,
         reader: R,
         layer: usize,
@@ -782,9 +813,36 @@ pub fn open_layer(layer: &Layer) -> Result<Box<dyn Read>, FlattenError> {
     })
 }
 
-/// Apply `layers` (lowest first) into a fresh tree.
+/// A [`TarGuard`] refusal, wherever the tar crate or the sink surfaced it, as
+/// [`FlattenError::Limit`].
+fn lift_limit(e: FlattenError) -> FlattenError {
+    let io = match &e {
+        FlattenError::Tar(io) | FlattenError::Header { source: io, .. } => Some(io),
+        FlattenError::Data {
+            source: SinkError::Read(io),
+            ..
+        } => Some(io),
+        _ => None,
+    };
+    match io.and_then(limit_error) {
+        Some(limit) => FlattenError::Limit(limit.clone()),
+        None => e,
+    }
+}
+
+/// Apply `layers` (lowest first) into a fresh tree, within the default
+/// [`Limits`].
 pub fn flatten(layers: &[Layer], sink: &mut dyn DataSink) -> Result<Tree, LayerError> {
-    let mut tree = Tree::new();
+    flatten_with(layers, sink, Limits::default())
+}
+
+/// Apply `layers` (lowest first) into a fresh tree, within `limits`.
+pub fn flatten_with(
+    layers: &[Layer],
+    sink: &mut dyn DataSink,
+    limits: Limits,
+) -> Result<Tree, LayerError> {
+    let mut tree = Tree::with_limits(limits);
     for (index, layer) in layers.iter().enumerate() {
         let reader = open_layer(layer).map_err(|source| LayerError {
             index,

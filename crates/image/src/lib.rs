@@ -15,3 +15,4 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod store;
+pub mod tar_guard;

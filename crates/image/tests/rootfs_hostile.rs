@@ -123,3 +123,95 @@ fn rootfs_garbage_zstd_is_refused() {
     assert!(matches!(err, RootfsError::Layer(_)), "{err}");
     assert_nothing_left(dir.path());
 }
+
+/// The process's peak RSS so far (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A gzip layer whose tar is `header` followed by `zeros_mib` MiB of zeros,
+/// small on disk: one gzip member for the header, then one member of 1 MiB of
+/// zeros repeated (the decoder reads every member).
+fn gzip_with_zeros(header: &[u8], zeros_mib: usize) -> Vec<u8> {
+    let member = |data: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    };
+    let mut blob = member(header);
+    let zeros = member(&vec![0u8; 1 << 20]);
+    for _ in 0..zeros_mib {
+        blob.extend_from_slice(&zeros);
+    }
+    blob
+}
+
+#[test]
+fn rootfs_huge_gnu_long_name_is_refused_without_reading_it() {
+    let dir = setup();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("././@LongLink").unwrap();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(512 << 20);
+    h.set_cksum();
+    let blob = gzip_with_zeros(h.as_bytes(), 512);
+    assert!(
+        blob.len() < 2 << 20,
+        "the layer is small: {} bytes",
+        blob.len()
+    );
+    let err = build(dir.path(), &blob, Compression::Gzip).unwrap_err();
+    let msg = image_error_chain(&err);
+    assert!(
+        msg.contains("layer 0") && msg.contains("GNU long name") && msg.contains("1048576"),
+        "the error names the layer and the limit: {msg}"
+    );
+    assert!(
+        matches!(flatten_error(err), FlattenError::Limit(_)),
+        "a limit error"
+    );
+    let peak = peak_rss();
+    assert!(peak < 64 << 20, "peak RSS {} MiB", peak >> 20);
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn rootfs_huge_pax_record_is_refused() {
+    let dir = setup();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("PaxHeaders/f").unwrap();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_size(256 << 20);
+    h.set_cksum();
+    let blob = gzip_with_zeros(h.as_bytes(), 256);
+    let err = flatten_error(build(dir.path(), &blob, Compression::Gzip).unwrap_err());
+    assert!(
+        matches!(
+            err,
+            FlattenError::Limit(image::tar_guard::LimitError::MetaEntryTooLarge {
+                kind: "PAX extended",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert_nothing_left(dir.path());
+}
+
+/// Every message of `e`'s chain, joined.
+fn image_error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}

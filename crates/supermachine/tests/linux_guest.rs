@@ -899,6 +899,9 @@ fn run_vsock_echo_both_directions_many_connections(env: &Env) -> Result<(), Stri
         })
     };
 
+    let started = Instant::now();
+    // Phase times on stderr: where a slow run spends its time.
+    let phase = |what: &str| eprintln!("  echo: {what} at {:.1}s", started.elapsed().as_secs_f64());
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let opened = Arc::new(std::sync::Barrier::new(VSOCK_CONNECTIONS));
     let echoed = Arc::new(std::sync::Barrier::new(VSOCK_CONNECTIONS));
@@ -923,6 +926,7 @@ fn run_vsock_echo_both_directions_many_connections(env: &Env) -> Result<(), Stri
             Err(_) => Some("client thread panicked".into()),
         })
         .collect();
+    phase(&format!("host clients done, {} failed", host_errors.len()));
     // The host's clients are done: the guest starts its own (even after a
     // failure, so that the VM goes on to its end).
     let phase2 = vsock_connect(&uds, 5003, deadline, &vm_ended)
@@ -936,14 +940,20 @@ fn run_vsock_echo_both_directions_many_connections(env: &Env) -> Result<(), Stri
     {
         std::thread::sleep(Duration::from_millis(50));
     }
+    phase(&format!(
+        "{} guest connections accepted",
+        echoes.accepted.load(Ordering::SeqCst)
+    ));
     let go = vsock_connect(&uds, 5002, deadline, &vm_ended)
         .and_then(|mut s| s.write_all(b"go\n").map_err(|e| e.to_string()));
     // Tell the guest to finish (even after a failure, so the VM ends).
     let done = vsock_connect(&uds, 5001, deadline, &vm_ended)
         .and_then(|mut s| s.write_all(b"done\n").map_err(|e| e.to_string()));
+    phase("done sent");
     let o = waiter
         .join()
         .unwrap_or_else(|_| Err("the VM waiter panicked".into()));
+    phase("the VM ended");
     stop.store(true, Ordering::SeqCst);
     let _ = server.join();
     let _ = std::fs::remove_file(&guest_port_sock);
