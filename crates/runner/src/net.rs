@@ -160,7 +160,7 @@ pub fn prepare(res: &VmResources) -> Result<VmResources, NetError> {
     let Some(net) = out.network.as_mut() else {
         return Ok(out);
     };
-    if net.backend == NetBackendSpec::Passt {
+    if matches!(net.backend, NetBackendSpec::Passt { .. }) {
         let route = host_route()?;
         let resolver = std::fs::read_to_string("/etc/resolv.conf")
             .ok()
@@ -199,7 +199,9 @@ pub fn create_device(
     saved: Option<&devices::virtio::net::NetState>,
 ) -> Result<devices::virtio::net::Net, NetError> {
     let backend: Box<dyn devices::virtio::net::NetBackend> = match &spec.backend {
-        NetBackendSpec::Passt => Box::new(linux::Passt::start(spec.guest)?),
+        NetBackendSpec::Passt { host_loopback } => {
+            Box::new(linux::Passt::start(spec.guest, *host_loopback)?)
+        }
         NetBackendSpec::Tap { name } => Box::new(linux::Tap::open(name)?),
     };
     Ok(match saved {
@@ -216,7 +218,7 @@ pub fn create_device(
 ) -> Result<devices::virtio::net::Net, NetError> {
     Err(NetError::Unsupported {
         what: match spec.backend {
-            NetBackendSpec::Passt => "passt",
+            NetBackendSpec::Passt { .. } => "passt",
             NetBackendSpec::Tap { .. } => "tap",
         },
     })
@@ -287,7 +289,9 @@ mod linux {
 
     impl Passt {
         /// Starts passt serving `guest` (the addresses it hands out and maps).
-        pub fn start(guest: Option<GuestIpConfig>) -> Result<Self, NetError> {
+        /// Unless `host_loopback`, the gateway address is just the gateway
+        /// (`--no-map-gw`), not a door to the host's own loopback services.
+        pub fn start(guest: Option<GuestIpConfig>, host_loopback: bool) -> Result<Self, NetError> {
             let (ours, theirs) = UnixStream::pair().map_err(NetError::SocketPair)?;
             let program = super::passt_program();
             let fd = theirs.as_raw_fd();
@@ -302,6 +306,9 @@ mod linux {
             let mut cmd = Command::new(&program);
             cmd.args(["--foreground", "--quiet", "--fd"])
                 .arg(fd.to_string());
+            if !host_loopback {
+                cmd.arg("--no-map-gw");
+            }
             if let Some(g) = guest {
                 cmd.arg("--address").arg(g.addr.to_string());
                 cmd.arg("--netmask").arg(g.prefix.to_string());

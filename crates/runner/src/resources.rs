@@ -75,7 +75,7 @@ pub enum ResourceError {
     #[error("cannot parse disk {0:?}: use PATH or PATH,ro")]
     BadDisk(String),
     /// A `--network` value could not be parsed.
-    #[error("cannot parse network {0:?}: use passt, none, or tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR]")]
+    #[error("cannot parse network {0:?}: use passt, passt:host-loopback, none, or tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR]")]
     BadNetwork(String),
     /// A size string could not be parsed.
     #[error("cannot parse size {0:?}: use a number of bytes or a suffix K, M, G (e.g. 512M)")]
@@ -123,9 +123,14 @@ pub struct VsockSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetBackendSpec {
     /// A `passt` process the VMM starts (rootless user-mode networking: the guest
-    /// reaches what the host reaches, the gateway address reaches the host's
-    /// loopback). The guest's addresses follow the host's default-route interface.
-    Passt,
+    /// reaches what the host reaches). The guest's addresses follow the host's
+    /// default-route interface.
+    Passt {
+        /// Whether the gateway address reaches the host's own loopback (its
+        /// 127.0.0.1 services). Off by default, as a docker container cannot
+        /// reach them either; `passt:host-loopback` turns it on.
+        host_loopback: bool,
+    },
     /// An existing TAP interface (`ip tuntap add NAME mode tap`), for hosts that
     /// bridge or route guests themselves.
     Tap {
@@ -150,15 +155,17 @@ pub struct NetSpec {
 }
 
 impl NetSpec {
-    /// Parses the CLI form: `passt`, `none` (no device: `Ok(None)`), or
-    /// `tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR]`.
+    /// Parses the CLI form: `passt`, `passt:host-loopback`, `none` (no device:
+    /// `Ok(None)`), or `tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR]`.
     pub fn parse(s: &str) -> Result<Option<Self>, ResourceError> {
         let bad = || ResourceError::BadNetwork(s.to_string());
         match s {
             "none" => return Ok(None),
-            "passt" => {
+            "passt" | "passt:host-loopback" => {
                 return Ok(Some(Self {
-                    backend: NetBackendSpec::Passt,
+                    backend: NetBackendSpec::Passt {
+                        host_loopback: s == "passt:host-loopback",
+                    },
                     guest: None,
                 }))
             }
@@ -344,7 +351,9 @@ mod tests {
         assert_eq!(NetSpec::parse("none").unwrap(), None);
         assert_eq!(
             NetSpec::parse("passt").unwrap().unwrap().backend,
-            NetBackendSpec::Passt
+            NetBackendSpec::Passt {
+                host_loopback: false
+            }
         );
         let t = NetSpec::parse("tap:tap0,ip=10.0.0.2/24,gw=10.0.0.1,dns=10.0.0.1")
             .unwrap()

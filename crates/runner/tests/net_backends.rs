@@ -155,13 +155,13 @@ fn have(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok()
 }
 
-#[test]
-fn passt_answers_arp_and_carries_a_tcp_connection_to_host_loopback() {
-    if !have("passt") {
-        println!("skipped: passt is not installed (Debian: apt install passt)");
-        return;
-    }
-    let result = in_new_netns(|| {
+/// In a fresh network namespace with an uplink for passt to copy: starts passt
+/// (`host_loopback` as given), checks it answers ARP for the gateway, sends a SYN
+/// to the gateway's address at a port a listener on the namespace's 127.0.0.1
+/// holds, and returns whether that listener got the connection (and passt the
+/// SYN-ACK back to the guest). `None`: no namespace here (printed why).
+fn gateway_syn_reaches_host_loopback(host_loopback: bool) -> Option<bool> {
+    in_new_netns(move || {
         // An "uplink" for passt to copy addresses from: a TAP nobody attaches,
         // with the default route, as a host's eth0 would have.
         ip("link set lo up");
@@ -182,7 +182,7 @@ fn passt_answers_arp_and_carries_a_tcp_connection_to_host_loopback() {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
 
-        let mut passt = runner::net::Passt::start(Some(guest)).expect("start passt");
+        let mut passt = runner::net::Passt::start(Some(guest), host_loopback).expect("start passt");
         // ARP for the gateway: passt answers for it.
         passt.send(&arp_request(guest.addr, route.gateway)).unwrap();
         let reply = recv_until(&mut passt, Duration::from_secs(5), |f| {
@@ -191,11 +191,10 @@ fn passt_answers_arp_and_carries_a_tcp_connection_to_host_loopback() {
         .expect("passt answered the ARP request for the gateway");
         let gw_mac = arp_reply_for(&reply, route.gateway).unwrap();
 
-        // A SYN to the gateway reaches the host's loopback (passt maps it).
         assert!(passt
             .send(&tcp_syn(gw_mac, guest.addr, route.gateway, 40000, port))
             .unwrap());
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(3);
         let accepted = loop {
             match listener.accept() {
                 Ok((_, peer)) => break Some(peer),
@@ -205,19 +204,42 @@ fn passt_answers_arp_and_carries_a_tcp_connection_to_host_loopback() {
                 Err(_) => break None,
             }
         };
+        if accepted.is_some() {
+            let syn_ack = recv_until(&mut passt, Duration::from_secs(5), |f| {
+                is_syn_ack_to(f, 40000)
+            });
+            assert!(
+                syn_ack.is_some(),
+                "passt sent the SYN-ACK back to the guest"
+            );
+        }
+        accepted.is_some()
+    })
+}
+
+#[test]
+fn passt_with_host_loopback_carries_a_tcp_connection_to_host_loopback() {
+    if !have("passt") {
+        println!("skipped: passt is not installed (Debian: apt install passt)");
+        return;
+    }
+    if let Some(reached) = gateway_syn_reaches_host_loopback(true) {
+        assert!(reached, "the host listener saw the guest's connection");
+    }
+}
+
+#[test]
+fn passt_by_default_keeps_host_loopback_out_of_reach() {
+    if !have("passt") {
+        println!("skipped: passt is not installed (Debian: apt install passt)");
+        return;
+    }
+    if let Some(reached) = gateway_syn_reaches_host_loopback(false) {
         assert!(
-            accepted.is_some(),
-            "the host listener saw the guest's connection"
+            !reached,
+            "a guest reached a service on the host's 127.0.0.1 through the gateway address"
         );
-        let syn_ack = recv_until(&mut passt, Duration::from_secs(5), |f| {
-            is_syn_ack_to(f, 40000)
-        });
-        assert!(
-            syn_ack.is_some(),
-            "passt sent the SYN-ACK back to the guest"
-        );
-    });
-    let _ = result;
+    }
 }
 
 #[test]

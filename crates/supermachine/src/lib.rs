@@ -125,7 +125,9 @@ pub fn run_image(image: &str, cmd: &[&str]) -> Result<i32, Error> {
         tls_verify: true,
         // As `supermachine run` and `docker run`: outbound network by default.
         network: Some(NetSpec {
-            backend: NetBackendSpec::Passt,
+            backend: NetBackendSpec::Passt {
+                host_loopback: false,
+            },
             guest: None,
         }),
         ..Default::default()

@@ -47,8 +47,8 @@ enum Command {
         /// is the guest's /dev/vda).
         #[arg(long = "disk", value_parser = parse_disk, value_name = "PATH[,ro]")]
         disks: Vec<supermachine::DiskSpec>,
-        /// Network: none, passt (user-mode, rootless), or
-        /// tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR].
+        /// Network: none, passt (user-mode, rootless), passt:host-loopback (the
+        /// gateway address reaches the host's 127.0.0.1), or tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR].
         #[arg(long, default_value = "none", value_name = "MODE")]
         network: String,
         /// Add a virtio-vsock device with this guest context id (3 or more).
@@ -100,7 +100,8 @@ enum Command {
         /// own root filesystem is /dev/vda, so the first of these is /dev/vdb.
         #[arg(long = "disk", value_parser = parse_disk, value_name = "PATH[,ro]")]
         disks: Vec<supermachine::DiskSpec>,
-        /// Network: passt (user-mode, rootless), none (loopback only), or
+        /// Network: passt (user-mode, rootless; the host's own loopback services
+        /// stay out of reach unless passt:host-loopback), none (loopback only), or
         /// tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR].
         #[arg(long, default_value = "passt", value_name = "MODE")]
         network: String,

@@ -1202,7 +1202,29 @@ fn run_network_passt_dns_and_http_from_l1(env: &Env) -> Result<(), String> {
          echo \"$addr\"; wget -qO- http://$addr:{port}/hello && \
          wget -qO- http://$addr:{port}/big | sha256sum"
     );
-    let o = run_out(env, &[&img.oci, "sh", "-c", &script])?;
+    // By default the gateway address is only the gateway: L1's loopback
+    // services are out of reach (as a docker container's host's are).
+    let probe = format!(
+        "if timeout 20 wget -qO- http://192.0.2.254:{port}/hello; then echo reached; \
+         else echo unreachable; fi"
+    );
+    let o = run_out(env, &[&img.oci, "sh", "-c", &probe])?;
+    expect(
+        o.stdout == "unreachable\n" && o.code == Some(0),
+        "with the default network the guest cannot reach a service on L1's 127.0.0.1",
+        &o,
+    )?;
+    let o = run_out(
+        env,
+        &[
+            "--network",
+            "passt:host-loopback",
+            &img.oci,
+            "sh",
+            "-c",
+            &script,
+        ],
+    )?;
     let want = format!("nameserver 192.0.2.53\n192.0.2.254\n{body}{big_sha}  -\n");
     expect(
         o.stdout == want && o.code == Some(0),
