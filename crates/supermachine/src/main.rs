@@ -177,8 +177,41 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     supermachine::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Sends the library's log events to stderr: warnings and errors by default;
+/// `SUPERMACHINE_LOG` (or `RUST_LOG`) takes `LEVEL` or `TARGET=LEVEL,...`
+/// (e.g. `warn,passt=debug`). A value that does not parse is reported once and the
+/// default kept.
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let spec = std::env::var("SUPERMACHINE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok();
+    let mut bad = None;
+    let filter = match spec.as_deref().map(str::parse::<Targets>) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            bad = Some(e);
+            Targets::new().with_default(LevelFilter::WARN)
+        }
+        None => Targets::new().with_default(LevelFilter::WARN),
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(true);
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .init();
+    if let Some(e) = bad {
+        eprintln!("supermachine: warning: ignoring SUPERMACHINE_LOG/RUST_LOG: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
+    init_logging();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => return usage_error(&e),

@@ -110,6 +110,12 @@ pub enum VsockError {
         /// The path.
         path: PathBuf,
     },
+    /// Something listens on the socket at `uds_path` already.
+    #[error("{path} is a socket something is listening on; stop it or choose another vsock path")]
+    SocketInUse {
+        /// The path.
+        path: PathBuf,
+    },
     /// Creating a socket pair for an in-process connection failed.
     #[error("cannot create a socket pair for a vsock connection")]
     SocketPair(#[source] io::Error),
@@ -933,8 +939,14 @@ fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
                 path: path.to_path_buf(),
             });
         }
-        // A socket file left by an earlier VMM: nobody can be listening on a
-        // path we are about to own, and bind fails while it exists.
+        // A live socket belongs to someone else (another VMM, another tool):
+        // never taken over. One nobody listens on is a leftover of an earlier
+        // VMM, and bind fails while it exists.
+        if UnixStream::connect(path).is_ok() {
+            return Err(VsockError::SocketInUse {
+                path: path.to_path_buf(),
+            });
+        }
         let _ = std::fs::remove_file(path);
     }
     let bind_err = |source| VsockError::Bind {

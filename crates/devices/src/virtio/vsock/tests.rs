@@ -742,6 +742,22 @@ fn vsock_stale_socket_file_replaced_other_file_refused() {
         Vsock::new(CID, Some(&file)),
         Err(VsockError::PathInUse { .. })
     ));
+    assert_eq!(std::fs::read(&file).unwrap(), b"x", "the file is intact");
+}
+
+#[test]
+fn vsock_live_socket_of_someone_else_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let theirs = UnixListener::bind(&path).unwrap();
+    assert!(matches!(
+        Vsock::new(CID, Some(&path)),
+        Err(VsockError::SocketInUse { .. })
+    ));
+    // Still theirs: a client reaches their listener.
+    let _client = UnixStream::connect(&path).unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    assert!(theirs.accept().is_ok(), "their listener got the connection");
 }
 
 #[test]
