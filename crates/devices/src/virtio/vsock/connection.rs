@@ -27,6 +27,9 @@ pub const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
 pub enum ConnState {
     /// Host-initiated: REQUEST sent or queued, waiting for the guest's RESPONSE.
     LocalInit,
+    /// Guest-initiated: the host listener's backlog was full; the connect is
+    /// retried from the event loop until it goes through or time runs out.
+    HostConnecting,
     /// Data flows.
     Established,
 }
@@ -77,6 +80,8 @@ pub struct Connection {
     pub request_deadline: Option<std::time::Instant>,
     /// REQUESTs sent so far for this connection.
     pub request_attempts: u8,
+    /// HostConnecting: the listener's address, when to try again, when to give up.
+    pub connecting: Option<Connecting>,
     // Host -> guest flow control: the guest's buffer and how much of what we sent
     // it has consumed, as it last told us; what we sent.
     peer_buf_alloc: u32,
@@ -103,6 +108,17 @@ pub struct Connection {
     pub guest_shut_send: bool,
     /// The host stream's write side was shut after the guest's SHUTDOWN(SEND).
     host_write_shut: bool,
+}
+
+/// A guest connection's host side still connecting to its listener.
+#[derive(Debug)]
+pub struct Connecting {
+    /// The listener's socket address.
+    pub addr: rustix::net::SocketAddrUnix,
+    /// When to try again.
+    pub retry_at: std::time::Instant,
+    /// When to give up (and reset the guest's connection).
+    pub give_up_at: std::time::Instant,
 }
 
 /// Why a connection must be reset.
@@ -141,6 +157,7 @@ impl Connection {
             control: PendingControl::default(),
             request_deadline: None,
             request_attempts: 0,
+            connecting: None,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             tx_cnt: 0,

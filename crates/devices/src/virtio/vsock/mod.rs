@@ -88,6 +88,11 @@ const LISTENER_TOKEN: u32 = 0;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many REQUESTs a host-initiated connection sends before it gives up.
 pub const REQUEST_ATTEMPTS: u8 = 3;
+/// How long a guest connection waits for a host listener whose backlog is
+/// full (Linux gives a guest's vsock connect 2 s by default, too).
+pub const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between attempts to connect to a host listener whose backlog is full.
+const HOST_CONNECT_RETRY: Duration = Duration::from_millis(5);
 
 /// Building the device failed.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +141,30 @@ pub struct VsockState {
 /// connection. Runs on the thread that processes the guest's request, under the
 /// transport lock: hand the stream off (a channel), do not block.
 pub type PortHandler = Box<dyn FnMut(UnixStream) + Send>;
+
+/// The host side of a guest connection, as [`Vsock::open_host_side`] found it.
+enum HostSide {
+    /// Connected (or a handler's stream).
+    Ready(UnixStream),
+    /// The listener's backlog is full: connect again later.
+    Connecting(UnixStream, rustix::net::SocketAddrUnix),
+}
+
+/// One non-blocking connect attempt of `stream` to `addr`: `Ok(true)` once
+/// connected, `Ok(false)` while the listener has no room (EAGAIN), an error if
+/// there is no listener.
+fn try_connect(stream: &UnixStream, addr: &rustix::net::SocketAddrUnix) -> io::Result<bool> {
+    match rustix::net::connect(stream, addr) {
+        Ok(()) => Ok(true),
+        // Linux answers a full backlog with EAGAIN; EISCONN: an earlier attempt
+        // went through after all.
+        Err(
+            rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS | rustix::io::Errno::ALREADY,
+        ) => Ok(false),
+        Err(rustix::io::Errno::ISCONN) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// What an event-loop token belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -555,8 +584,17 @@ impl Vsock {
             self.rst_reply(hdr);
             return;
         }
-        let stream = match self.open_host_side(hdr.dst_port) {
-            Some(s) => s,
+        let (stream, connecting) = match self.open_host_side(hdr.dst_port) {
+            Some(HostSide::Ready(s)) => (s, None),
+            Some(HostSide::Connecting(s, addr)) => {
+                let now = Instant::now();
+                let c = connection::Connecting {
+                    addr,
+                    retry_at: now + HOST_CONNECT_RETRY,
+                    give_up_at: now + HOST_CONNECT_TIMEOUT,
+                };
+                (s, Some(c))
+            }
             None => {
                 self.rst_reply(hdr);
                 return;
@@ -567,38 +605,98 @@ impl Vsock {
             return;
         }
         let token = self.alloc_token();
+        let state = if connecting.is_some() {
+            ConnState::HostConnecting
+        } else {
+            ConnState::Established
+        };
         let mut conn = Connection::new(
             stream,
             token,
             hdr.dst_port,
             hdr.src_port,
-            ConnState::Established,
+            state,
             Origin::Guest,
         );
         conn.update_peer_credit(hdr);
-        conn.control.response = true;
+        conn.control.response = connecting.is_none();
+        conn.connecting = connecting;
         self.conns.insert(key, conn);
         self.tokens.insert(token, TokenTarget::Conn(key));
         self.wake();
     }
 
-    /// The host end for a guest connection to host port `port`.
-    fn open_host_side(&mut self, port: u32) -> Option<UnixStream> {
+    /// The host end for a guest connection to host port `port`: a handler's
+    /// stream, or a non-blocking connect to `<uds_path>_<port>` (which may still
+    /// be waiting for room in the listener's backlog: the device thread never
+    /// blocks on it).
+    fn open_host_side(&mut self, port: u32) -> Option<HostSide> {
         if let Some(handler) = self.handlers.get_mut(&port) {
             let (ours, theirs) = UnixStream::pair()
                 .map_err(|e| tracing::warn!(error = %e, "vsock socket pair failed"))
                 .ok()?;
             handler(theirs);
-            return Some(ours);
+            return Some(HostSide::Ready(ours));
         }
         let base = self.uds_path.as_ref()?;
         let mut path = base.clone().into_os_string();
         path.push(format!("_{port}"));
-        match UnixStream::connect(&path) {
-            Ok(s) => Some(s),
+        let started = (|| -> io::Result<HostSide> {
+            let addr = rustix::net::SocketAddrUnix::new(Path::new(&path))?;
+            let fd = rustix::net::socket(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::STREAM,
+                None,
+            )?;
+            rustix::io::ioctl_fionbio(&fd, true)?;
+            let stream = UnixStream::from(fd);
+            Ok(match try_connect(&stream, &addr)? {
+                true => HostSide::Ready(stream),
+                false => HostSide::Connecting(stream, addr),
+            })
+        })();
+        match started {
+            Ok(side) => Some(side),
             Err(e) => {
                 tracing::debug!(port, error = %e, "no host listener for guest vsock connection");
                 None
+            }
+        }
+    }
+
+    /// Retries the connects of guest connections whose host listener was busy,
+    /// as due by `now`; one that goes through is answered with RESPONSE, one out
+    /// of time (or refused) with RST.
+    fn retry_host_connects(&mut self, now: Instant) {
+        let due: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.connecting.as_ref().is_some_and(|k| k.retry_at <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            let Some(k) = conn.connecting.as_mut() else {
+                continue;
+            };
+            match try_connect(&conn.stream, &k.addr) {
+                Ok(true) => {
+                    conn.connecting = None;
+                    conn.state = ConnState::Established;
+                    conn.control.response = true;
+                    // Its stream joins the watched set.
+                    self.wake();
+                }
+                Ok(false) if now < k.give_up_at => k.retry_at = now + HOST_CONNECT_RETRY,
+                result => {
+                    tracing::debug!(
+                        host_port = key.0,
+                        "the host listener did not take a guest vsock connection: {result:?}"
+                    );
+                    self.reset_conn(key);
+                }
             }
         }
     }
@@ -676,6 +774,22 @@ impl Vsock {
                 self.tokens.remove(&token);
                 self.wake();
             }
+        }
+    }
+
+    /// Serves what happened on the host side while the driver was not up: the
+    /// event loop does not call an inactive device, and its events are
+    /// edge-triggered, so clients that connected (and wrote their `CONNECT`
+    /// line) during boot would otherwise wait for an event that never comes.
+    fn catch_up(&mut self) {
+        self.accept_clients();
+        let handshakes: Vec<u32> = self.handshakes.keys().copied().collect();
+        for token in handshakes {
+            self.read_handshake(token);
+        }
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.host_stream_event(key);
         }
     }
 
@@ -997,6 +1111,7 @@ impl VirtioDevice for Vsock {
             }
         }
         self.active = true;
+        self.catch_up();
         self.deliver_event(ctx)?;
         self.pump(ctx)
     }
@@ -1028,7 +1143,9 @@ impl VirtioDevice for Vsock {
     ) -> Result<(), VirtioError> {
         match token {
             TOKEN_WAKE => {
-                self.expire_requests(Instant::now());
+                let now = Instant::now();
+                self.expire_requests(now);
+                self.retry_host_connects(now);
                 self.deliver_event(ctx)?;
             }
             LISTENER_TOKEN => self.accept_clients(),
@@ -1054,7 +1171,8 @@ impl VirtioDevice for Vsock {
                 token: *token,
             });
         }
-        for conn in self.conns.values() {
+        // A socket still connecting has nothing to say until it is connected.
+        for conn in self.conns.values().filter(|c| c.connecting.is_none()) {
             out.push(HostFd {
                 fd: conn.stream.as_raw_fd(),
                 token: conn.token,
@@ -1065,8 +1183,11 @@ impl VirtioDevice for Vsock {
     fn deadline(&self) -> Option<Instant> {
         self.conns
             .values()
-            .filter(|c| c.state == ConnState::LocalInit)
-            .filter_map(|c| c.request_deadline)
+            .filter_map(|c| match c.state {
+                ConnState::LocalInit => c.request_deadline,
+                ConnState::HostConnecting => c.connecting.as_ref().map(|k| k.retry_at),
+                ConnState::Established => None,
+            })
             .min()
     }
 

@@ -843,3 +843,89 @@ fn vsock_waker_called_when_fd_set_changes() {
     rig.t.host_fds(&mut fds);
     assert!(fds.is_empty());
 }
+
+/// A listener at `path` with room for one pending connection (backlog 0),
+/// already taken by the returned client: the next connect finds it full.
+fn full_listener(path: &std::path::Path) -> (UnixListener, UnixStream) {
+    use rustix::net::{bind, listen, socket, AddressFamily, SocketAddrUnix, SocketType};
+    let fd = socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+    bind(&fd, &SocketAddrUnix::new(path).unwrap()).unwrap();
+    listen(&fd, 0).unwrap();
+    let listener = UnixListener::from(fd);
+    let filler = UnixStream::connect(path).unwrap();
+    (listener, filler)
+}
+
+#[test]
+fn vsock_guest_connect_to_a_busy_host_listener_never_blocks_and_completes_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, _filler) = full_listener(&dir.path().join("v.sock_6000"));
+    let mut rig = Rig::new(Vsock::new(CID, Some(&dir.path().join("v.sock"))).unwrap());
+    // A blocking connect would hang here: the listener has no room.
+    rig.send(hdr(op::REQUEST, 1234, 6000, 0, 4096, 0), &[]);
+    assert!(
+        rig.recv().is_empty(),
+        "no answer while the host side connects"
+    );
+    assert!(rig.t.deadline().is_some(), "the retry is timed");
+    // The host makes room; the next retry goes through.
+    let (_first, _) = listener.accept().unwrap();
+    std::thread::sleep(HOST_CONNECT_RETRY);
+    rig.t.process_event(TOKEN_WAKE);
+    let pkts = rig.recv();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    assert_eq!(
+        (pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port),
+        (op::RESPONSE, 6000, 1234)
+    );
+    let (mut host, _) = listener.accept().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    rig.send(hdr(op::RW, 1234, 6000, 2, 4096, 0), b"hi");
+    let mut got = [0u8; 2];
+    host.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hi");
+}
+
+#[test]
+fn vsock_guest_connect_to_a_host_listener_that_stays_full_is_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_listener, _filler) = full_listener(&dir.path().join("v.sock_6000"));
+    let mut rig = Rig::new(Vsock::new(CID, Some(&dir.path().join("v.sock"))).unwrap());
+    rig.send(hdr(op::REQUEST, 1234, 6000, 0, 4096, 0), &[]);
+    assert!(rig.recv().is_empty());
+    let late = std::time::Instant::now() + HOST_CONNECT_TIMEOUT + Duration::from_millis(1);
+    rig.vsock().retry_host_connects(late);
+    rig.t.process_event(TOKEN_WAKE);
+    let pkts = rig.recv();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (op::RST, 1234));
+    assert_eq!(rig.vsock().connection_count(), 0);
+    assert_eq!(rig.t.deadline(), None);
+}
+
+#[test]
+fn vsock_uds_client_that_connected_during_boot_is_served_on_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let v = Vsock::new(CID, Some(&path)).unwrap();
+    // Before the driver is up: the event loop does not call the device, so
+    // these events are never delivered one by one.
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.write_all(b"CONNECT 52\n").unwrap();
+    let mut rig = Rig::new(v);
+    let pkts = rig.recv();
+    assert_eq!(
+        pkts.len(),
+        1,
+        "the REQUEST goes out on activation: {pkts:?}"
+    );
+    let req = pkts[0].0;
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 52));
+    rig.send(hdr(op::RESPONSE, 52, req.src_port, 0, 4096, 0), &[]);
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut line = [0u8; 14];
+    client.read_exact(&mut line).unwrap();
+    assert_eq!(&line, format!("OK {}\n", req.src_port).as_bytes());
+}
