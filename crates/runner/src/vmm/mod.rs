@@ -397,6 +397,44 @@ type Reaper = teardown::Reaper;
 #[cfg(not(target_os = "linux"))]
 type Reaper = ();
 
+/// Guest RAM from this address up is backed by transparent huge pages where the
+/// host allows (`madvise` mode or `always`). Below it stay 4 KiB pages: a tiny
+/// guest touches only its first pages there (boot tables, a small kernel at
+/// 1 MiB) and must not pay 2 MiB of RSS for them.
+#[cfg(target_os = "linux")]
+const HUGE_PAGES_FROM: u64 = 2 << 20;
+
+/// Asks the host for transparent huge pages over guest RAM (from
+/// `HUGE_PAGES_FROM`): loading Debian's 14 MB bzImage into fresh anonymous
+/// memory otherwise takes 3,500 page faults of about 3 us each here (9-12 ms
+/// median; 4 ms with huge pages), and the guest pays the same again for
+/// everything it touches. Advice only: a host without THP ignores it, and
+/// nothing fails if it is refused.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    #[cfg(target_os = "linux")]
+    for r in mem.iter() {
+        let start = r.start_addr().0;
+        let skip = HUGE_PAGES_FROM.saturating_sub(start).min(r.len());
+        let len = r.len() - skip;
+        if len == 0 {
+            continue;
+        }
+        let addr = (r.as_ptr() as usize + skip as usize) as *mut libc::c_void;
+        // SAFETY: `addr .. addr + len` lies inside the live anonymous mapping of
+        // region `r` (skip <= r.len()), which `mem` owns; MADV_HUGEPAGE only
+        // changes how the kernel backs the range, never its contents.
+        let rc = unsafe { libc::madvise(addr, len as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            tracing::debug!(
+                "transparent huge pages not available for guest RAM: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mem;
+}
+
 /// The helper that takes the VM's destruction off the caller's path, where the
 /// host has one (Linux, `teardown`).
 fn spawn_reaper() -> Option<Reaper> {
@@ -513,6 +551,7 @@ impl<V: Vm + 'static> Vmm<V> {
                 source,
             })?,
         );
+        advise_huge_pages(&mem);
         #[cfg(target_os = "linux")]
         teardown::exclude_from_fork(&mem);
         if let Some((_, ram)) = saved {
