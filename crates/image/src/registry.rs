@@ -34,8 +34,8 @@ const USER_AGENT: &str = concat!("supermachine/", env!("CARGO_PKG_VERSION"));
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
     /// `--tls-verify=false` turns this off: https without certificate
-    /// checks, falling back to plain http, for any registry. Loopback
-    /// registries always use plain http, as docker does.
+    /// checks (a TLS failure is still an error: never a silent downgrade to
+    /// plain http). Loopback registries always use plain http, as docker does.
     pub tls_verify: bool,
     /// Limit for establishing a connection.
     pub connect_timeout: Duration,
@@ -44,6 +44,11 @@ pub struct RegistryOptions {
     pub io_timeout: Duration,
     /// Largest manifest or index accepted.
     pub max_manifest_bytes: u64,
+    /// Every blob may take this long, plus its size at `min_blob_rate`; a
+    /// registry that drips bytes just fast enough to beat `io_timeout` fails then.
+    pub blob_deadline_floor: Duration,
+    /// The slowest transfer rate (bytes per second) a blob is allowed.
+    pub min_blob_rate: u64,
     /// Docker config file for credentials; `None` reads
     /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
@@ -56,6 +61,8 @@ impl Default for RegistryOptions {
             connect_timeout: Duration::from_secs(15),
             io_timeout: Duration::from_secs(30),
             max_manifest_bytes: 4 << 20,
+            blob_deadline_floor: Duration::from_secs(60),
+            min_blob_rate: 64 << 10,
             docker_config: None,
         }
     }
@@ -124,12 +131,12 @@ pub struct RegistryClient {
     agent: ureq::Agent,
     reference: RegistryReference,
     scheme: &'static str,
-    /// Plain http is the fallback when TLS fails (`--tls-verify=false`).
-    may_fall_back_to_http: bool,
     api_host: String,
     credentials: Option<Credentials>,
     authorization: Option<String>,
     max_manifest_bytes: u64,
+    blob_deadline_floor: Duration,
+    min_blob_rate: u64,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -180,11 +187,12 @@ impl RegistryClient {
             agent: builder.build(),
             reference: reference.clone(),
             scheme: if loopback { "http" } else { "https" },
-            may_fall_back_to_http: !opts.tls_verify && !loopback,
             api_host,
             credentials,
             authorization: None,
             max_manifest_bytes: opts.max_manifest_bytes,
+            blob_deadline_floor: opts.blob_deadline_floor,
+            min_blob_rate: opts.min_blob_rate.max(1),
         })
     }
 
@@ -263,7 +271,16 @@ impl RegistryClient {
             }
             other => other?,
         };
-        let mut reader = resp.into_reader();
+        // The size the manifest declared, else what the reply says it sends.
+        let expected = size.or_else(|| resp.header("Content-Length").and_then(|v| v.parse().ok()));
+        let allowed = self.blob_deadline_floor
+            + Duration::from_secs(expected.unwrap_or(0) / self.min_blob_rate);
+        let mut reader = DeadlineReader {
+            inner: resp.into_reader(),
+            started: std::time::Instant::now(),
+            allowed,
+            read: 0,
+        };
         Ok(store.write_blob(digest, size, &mut reader)?)
     }
 
@@ -300,15 +317,6 @@ impl RegistryClient {
                     })
                 }
                 Err(ureq::Error::Transport(t)) => {
-                    let refused_tls = matches!(
-                        t.kind(),
-                        ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Io
-                    );
-                    if self.may_fall_back_to_http && self.scheme == "https" && refused_tls {
-                        // docker's insecure-registry rule: https first, then http.
-                        self.scheme = "http";
-                        continue;
-                    }
                     return Err(RegistryError::Transport {
                         url,
                         source: Box::new(t),
@@ -568,6 +576,34 @@ fn credentials_from_file(
     }
 }
 
+/// A blob body that must arrive within `allowed` of `started`: a registry
+/// sending one byte just often enough to beat the per-read timeout would
+/// otherwise hold a pull forever.
+struct DeadlineReader<R> {
+    inner: R,
+    started: std::time::Instant,
+    allowed: Duration,
+    read: u64,
+}
+
+impl<R: Read> Read for DeadlineReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let elapsed = self.started.elapsed();
+        if elapsed > self.allowed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the registry sent {} bytes in {:.0?}, past the {:.0?} this blob is allowed; giving up",
+                    self.read, elapsed, self.allowed
+                ),
+            ));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
 /// The TLS backend, chosen per target so the rest of this file is free of
 /// cfg. Linux uses rustls with ring; macOS uses Security.framework through
 /// native-tls, because ring's build script compiles C and the Apple target
@@ -762,7 +798,7 @@ mod tests {
     }
 
     #[test]
-    fn client_tls_verify_false_builds_insecure_tls_with_http_fallback() {
+    fn client_tls_verify_false_builds_insecure_tls_and_stays_on_https() {
         // Builds this target's no-verification TLS setup (rustls on Linux,
         // native-tls on macOS); a setup error would fail `new`.
         let r = RegistryReference::parse("reg.example/a:1").unwrap();
@@ -773,15 +809,5 @@ mod tests {
         };
         let c = RegistryClient::new(&r, &opts).unwrap();
         assert_eq!(c.url("x"), "https://reg.example/v2/a/x");
-        assert!(c.may_fall_back_to_http);
-        let verified = RegistryClient::new(
-            &r,
-            &RegistryOptions {
-                tls_verify: true,
-                ..opts
-            },
-        )
-        .unwrap();
-        assert!(!verified.may_fall_back_to_http);
     }
 }

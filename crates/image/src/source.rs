@@ -67,6 +67,8 @@ pub enum SourceError {
         size: u64,
         limit: u64,
     },
+    #[error("{what} declares {size} bytes, over the {limit}-byte limit")]
+    DeclaredTooLarge { what: String, size: u64, limit: u64 },
     #[error("layer {digest} is uncompressed but does not match its diff_id {diff_id}")]
     DiffIdMismatch { digest: Digest, diff_id: Digest },
     #[error("{reference}: nested indexes deeper than {MAX_INDEX_DEPTH}")]
@@ -109,11 +111,27 @@ pub struct PulledImage {
 }
 
 /// Options for [`pull`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PullOptions {
     pub registry: RegistryOptions,
     /// Told about each layer as it is fetched (a CLI draws a progress bar).
     pub progress: Option<ProgressHook>,
+    /// Largest layer (as the manifest declares it) accepted, before any byte
+    /// of it is fetched.
+    pub max_layer_bytes: u64,
+    /// Largest sum of an image's declared layer sizes accepted.
+    pub max_image_bytes: u64,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self {
+            registry: RegistryOptions::default(),
+            progress: None,
+            max_layer_bytes: 32 << 30,
+            max_image_bytes: 64 << 30,
+        }
+    }
 }
 
 /// Receives pull progress: layer `index` of `count` (`size` bytes) is about to be
@@ -197,12 +215,7 @@ pub fn pull(
     opts: &PullOptions,
 ) -> Result<PulledImage, SourceError> {
     let mut source = open_source(reference, opts, store)?;
-    pull_with(
-        source.as_mut(),
-        &record_key(reference),
-        store,
-        opts.progress.as_ref().map(|p| p.0.as_ref()),
-    )
+    pull_with(source.as_mut(), &record_key(reference), store, opts)
 }
 
 /// [`pull`] from an already opened source, recorded under `key`.
@@ -210,16 +223,18 @@ pub fn pull_from(
     source: &mut dyn ImageSource,
     key: &str,
     store: &Store,
+    opts: &PullOptions,
 ) -> Result<PulledImage, SourceError> {
-    pull_with(source, key, store, None)
+    pull_with(source, key, store, opts)
 }
 
 fn pull_with(
     source: &mut dyn ImageSource,
     key: &str,
     store: &Store,
-    progress: Option<&dyn PullProgress>,
+    opts: &PullOptions,
 ) -> Result<PulledImage, SourceError> {
+    let progress = opts.progress.as_ref().map(|p| p.0.as_ref());
     let platform = Platform::host();
     let manifest_err = |source| SourceError::Manifest {
         reference: key.to_string(),
@@ -254,6 +269,25 @@ fn pull_with(
         }));
     }
 
+    // A hostile manifest is refused before a byte of its layers is fetched.
+    let mut total: u64 = 0;
+    for (index, desc) in resolved.layers.iter().enumerate() {
+        if desc.size > opts.max_layer_bytes {
+            return Err(SourceError::DeclaredTooLarge {
+                what: format!("layer {index} ({})", desc.digest),
+                size: desc.size,
+                limit: opts.max_layer_bytes,
+            });
+        }
+        total = total.saturating_add(desc.size);
+    }
+    if total > opts.max_image_bytes {
+        return Err(SourceError::DeclaredTooLarge {
+            what: format!("the image's {} layers", resolved.layers.len()),
+            size: total,
+            limit: opts.max_image_bytes,
+        });
+    }
     let mut layers = Vec::with_capacity(resolved.layers.len());
     let count = resolved.layers.len();
     for (index, (desc, diff_id)) in resolved.layers.iter().zip(&config.diff_ids).enumerate() {

@@ -33,7 +33,7 @@ fn opts() -> PullOptions {
             io_timeout: Duration::from_secs(2),
             ..RegistryOptions::default()
         },
-        progress: None,
+        ..PullOptions::default()
     }
 }
 
@@ -370,6 +370,86 @@ fn pull_hanging_blob_body_times_out() {
     assert!(pull(&parse(&reference), &store, &o).is_err());
     assert!(start.elapsed() < Duration::from_secs(10));
     assert_eq!(tmp_count(&store), 0);
+}
+
+#[test]
+fn pull_from_a_registry_that_drips_fails_within_the_blob_deadline() {
+    // One byte a second: every read beats the per-read timeout.
+    let (server, _) = layout_server(|_, bytes| {
+        if bytes.len() > 100_000 {
+            StubReply::Drip(bytes, Duration::from_secs(1))
+        } else {
+            StubReply::Respond(200, vec![], bytes)
+        }
+    });
+    let store = fresh_store("drip");
+    let reference = format!("{}/test/busybox:1", server.host());
+    let mut o = opts();
+    o.registry.io_timeout = Duration::from_secs(3);
+    o.registry.blob_deadline_floor = Duration::from_secs(2);
+    o.registry.min_blob_rate = u64::MAX;
+    let start = Instant::now();
+    let err = pull(&parse(&reference), &store, &o).unwrap_err();
+    let elapsed = start.elapsed();
+    let mut msg = err.to_string();
+    let mut cur = std::error::Error::source(&err);
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    assert!(msg.contains("giving up"), "{msg}");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    assert_eq!(tmp_count(&store), 0);
+}
+
+#[test]
+fn pull_refuses_a_layer_declared_too_large_before_fetching_it() {
+    let layout = support::busybox_layout();
+    let img = layout_image(&layout, support::BUSYBOX_TAG);
+    let mut manifest: serde_json::Value = serde_json::from_slice(&img.manifest).unwrap();
+    let layer_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    manifest["layers"][0]["size"] = serde_json::json!(1u64 << 40);
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let blobs = layout.join("blobs/sha256");
+    let server = StubServer::start(move |req: &StubRequest| {
+        if req.path.contains("/manifests/") {
+            return StubReply::Respond(
+                200,
+                vec![(
+                    "Content-Type".into(),
+                    "application/vnd.oci.image.manifest.v1+json".into(),
+                )],
+                manifest.clone(),
+            );
+        }
+        let hex = req.path.rsplit("sha256:").next().unwrap_or_default();
+        match std::fs::read(blobs.join(hex)) {
+            Ok(b) => StubReply::Respond(200, vec![], b),
+            Err(_) => StubReply::Respond(404, vec![], vec![]),
+        }
+    });
+    let store = fresh_store("declared-huge");
+    let reference = format!("{}/test/busybox:1", server.host());
+    let err = pull(&parse(&reference), &store, &opts()).unwrap_err();
+    assert!(
+        matches!(err, SourceError::DeclaredTooLarge { size, .. } if size == 1 << 40),
+        "{err}"
+    );
+    let fetched: Vec<String> = server
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        !fetched.iter().any(|p| p.contains(&layer_digest)),
+        "the layer was requested: {fetched:?}"
+    );
 }
 
 #[test]

@@ -362,6 +362,8 @@ pub enum StubReply {
     Hang,
     /// Sends headers announcing `declared` bytes and `body`, then stalls.
     Stall(Vec<u8>, u64),
+    /// Sends `body` one byte per interval (until the server is dropped).
+    Drip(Vec<u8>, Duration),
 }
 
 type Handler = dyn Fn(&StubRequest) -> StubReply + Send + Sync;
@@ -470,6 +472,18 @@ fn serve(conn: TcpStream, handler: &Handler, log: &Mutex<Vec<StubRequest>>, stop
                 let _ = out.write_all(&body);
                 let _ = out.flush();
                 let _ = out.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            StubReply::Drip(body, interval) => {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                let _ = out.write_all(head.as_bytes());
+                for b in body {
+                    if stop.load(Ordering::SeqCst) || out.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    let _ = out.flush();
+                    std::thread::sleep(interval);
+                }
                 return;
             }
             StubReply::Stall(body, declared) => {
