@@ -542,6 +542,7 @@ pub fn ensure_in(
         path: cache.to_path_buf(),
         source,
     })?;
+    kernel::remove_stale_temps(cache);
     let tmp = kernel::unique_temp(cache, "initramfs");
     let write_err = |source| InitramfsError::Write {
         path: tmp.clone(),
@@ -553,7 +554,10 @@ pub fn ensure_in(
             InitramfsError::Write { source, .. } => write_err(source),
             other => other,
         })?;
-        writer.into_inner().map_err(|e| write_err(e.into_error()))?;
+        let file = writer.into_inner().map_err(|e| write_err(e.into_error()))?;
+        // On disk before the rename makes it visible (a crash must not leave a
+        // truncated initramfs under the final name).
+        file.sync_all().map_err(write_err)?;
         fs::rename(&tmp, &path).map_err(write_err)
     })();
     if result.is_err() {

@@ -467,7 +467,17 @@ pub(crate) fn unique_temp(dir: &Path, stem: &str) -> PathBuf {
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), KernelError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = unique_temp(dir, "file");
-    fs::write(&tmp, data).map_err(io_err("writing", &tmp))?;
+    let written = fs::File::create(&tmp).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(data)?;
+        // On disk before the rename makes it visible: a crash leaves the old
+        // file or the whole new one, never an empty one.
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("writing", &tmp)(e));
+    }
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         KernelError::Io {
@@ -478,9 +488,10 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), KernelError> 
     })
 }
 
-/// Removes `.tmp-*` leftovers of interrupted provisions (best effort).
-fn remove_stale_temps(kernels: &Path) {
-    let Ok(entries) = fs::read_dir(kernels) else {
+/// Removes `.tmp-*` leftovers (directories or files) of interrupted
+/// provisions and builds in `dir`, older than an hour (best effort).
+pub(crate) fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
@@ -494,7 +505,12 @@ fn remove_stale_temps(kernels: &Path) {
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > STALE_TEMP_AGE);
         if old {
-            let _ = fs::remove_dir_all(entry.path());
+            let path = entry.path();
+            if path.is_dir() {
+                let _ = fs::remove_dir_all(&path);
+            } else {
+                let _ = fs::remove_file(&path);
+            }
         }
     }
 }

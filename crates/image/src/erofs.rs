@@ -150,6 +150,7 @@ pub fn build_rootfs(layers: &[Layer], out: &Path) -> Result<RootfsStats, RootfsE
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    remove_stale_temps(dir);
     let tmp = tempfile::Builder::new()
         .prefix(".erofs-")
         .suffix(".tmp")
@@ -175,6 +176,33 @@ pub fn build_rootfs(layers: &[Layer], out: &Path) -> Result<RootfsStats, RootfsE
         .and_then(|d| d.sync_all())
         .map_err(out_err)?;
     Ok(stats)
+}
+
+/// How old a `.erofs-*.tmp` must be before it counts as a killed build's leftover.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes `.erofs-*.tmp` files in `dir` left by builds that were killed (a
+/// running build's file is younger than [`STALE_TEMP_AGE`]); best effort.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(".erofs-") && name.ends_with(".tmp")) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Streams file data into an EROFS image as a [`DataSink`], then lays out and

@@ -215,3 +215,29 @@ fn image_error_chain(e: &dyn std::error::Error) -> String {
     }
     parts.join(": ")
 }
+
+#[test]
+fn rootfs_build_sweeps_old_leftovers_of_killed_builds_only() {
+    let dir = setup();
+    let out = dir.path().join("out");
+    let old = out.join(".erofs-killed.tmp");
+    let fresh = out.join(".erofs-running.tmp");
+    let other = out.join("keep.tmp");
+    for p in [&old, &fresh, &other] {
+        std::fs::write(p, b"x").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for p in [&old, &other] {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+    }
+    let tar = raw_tar(tar::EntryType::Regular, "f", "", b"data");
+    build(dir.path(), &tar, Compression::None).unwrap();
+    assert!(!old.exists(), "a killed build's leftover is swept");
+    assert!(fresh.exists(), "a running build's file is left alone");
+    assert!(other.exists(), "files that are not ours are left alone");
+}
