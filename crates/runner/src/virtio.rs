@@ -333,6 +333,19 @@ impl VsockHandle {
             })
     }
 
+    /// Ends every connection of the device (host streams read end-of-file), as
+    /// when the VM is gone: nobody on the host waits for a guest that will never
+    /// answer.
+    pub fn close_connections(&self) {
+        let mut t = self
+            .transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = t.device_mut::<Vsock>() {
+            v.reset_transport();
+        }
+    }
+
     /// A connection to guest port `port`. If nobody listens there yet the
     /// stream reads end-of-file before any byte, and the caller connects again.
     pub fn connect(&self, port: u32) -> std::io::Result<std::os::unix::net::UnixStream> {

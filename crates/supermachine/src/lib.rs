@@ -17,8 +17,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod agent;
+pub mod interrupt;
 pub mod run;
 
+pub use interrupt::Interrupt;
 pub use run::{PreparedImage, RunOptions};
 
 pub use runner::resources::{
@@ -34,6 +36,12 @@ pub use runner::vmm::{GuestExit, RunOutcome};
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A signal (SIGINT, SIGTERM) stopped the run; the VM is gone.
+    #[error("stopped by signal {signal}")]
+    Interrupted {
+        /// The signal's number.
+        signal: i32,
+    },
     /// There is no cache directory.
     #[error(transparent)]
     Cache(#[from] guest_assets::cache::NoCacheDir),
@@ -246,19 +254,35 @@ pub fn open_hypervisor(
 
 /// Boots `cfg` to completion with the guest console on this process's stdout.
 pub fn boot(cfg: &BootConfig) -> Result<RunOutcome, Error> {
-    boot_with_console(cfg, Box::new(std::io::stdout()), Arc::new(Timings::start()))
+    boot_with_console(
+        cfg,
+        Box::new(std::io::stdout()),
+        Arc::new(Timings::start()),
+        None,
+    )
 }
 
-/// Boots `cfg` to completion, sending the guest console to `console`.
+/// Boots `cfg` to completion, sending the guest console to `console`. A
+/// triggered `interrupt` stops the VM ([`Error::Interrupted`]).
 pub fn boot_with_console(
     cfg: &BootConfig,
     console: Box<dyn Write + Send>,
     timings: Arc<Timings>,
+    interrupt: Option<&Interrupt>,
 ) -> Result<RunOutcome, Error> {
     let res = resolve(cfg)?;
     res.validate().map_err(runner::vmm::RunError::from)?;
     timings.phase("resolved");
     let hv = open_hypervisor(&res.kernel)?;
     timings.phase("hypervisor_open");
-    Ok(runner::vmm::run(&hv, &res, console, timings)?)
+    let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
+    if let Some(i) = interrupt {
+        i.attach(vmm.stop_handle());
+    }
+    vmm.start().map_err(runner::vmm::RunError::from)?;
+    let outcome = vmm.wait()?;
+    match interrupt.and_then(Interrupt::signal) {
+        Some(signal) => Err(Error::Interrupted { signal }),
+        None => Ok(outcome),
+    }
 }

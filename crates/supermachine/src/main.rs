@@ -134,6 +134,44 @@ enum Command {
     },
 }
 
+/// An [`supermachine::Interrupt`] triggered by SIGINT, SIGTERM or SIGHUP: the
+/// run's VM stops and the command exits 128 + the signal, as a shell reports a
+/// process the signal ended. Without a handler the signal would kill the
+/// process before the VM (and passt) are cleaned up.
+fn interrupt_on_signals() -> Option<supermachine::Interrupt> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let interrupt = supermachine::Interrupt::new();
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("supermachine: warning: signals will not stop the VM cleanly: {e}");
+            return None;
+        }
+    };
+    let for_thread = interrupt.clone();
+    let spawned = std::thread::Builder::new()
+        .name("sm-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                for_thread.trigger(signal);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("supermachine: warning: signals will not stop the VM cleanly: {e}");
+        return None;
+    }
+    Some(interrupt)
+}
+
+/// The exit code of a failed command: 128 + the signal that stopped it, else
+/// supermachine's own 125 (with the error printed).
+fn exit_for(e: &supermachine::Error) -> ExitCode {
+    if let supermachine::Error::Interrupted { signal } = e {
+        return ExitCode::from(u8::try_from(128 + signal).unwrap_or(EXIT_INTERNAL));
+    }
+    fail(e)
+}
+
 fn fail(e: &dyn std::error::Error) -> ExitCode {
     eprintln!("supermachine: error: {}", supermachine::error_chain(e));
     ExitCode::from(EXIT_INTERNAL)
@@ -248,17 +286,20 @@ fn main() -> ExitCode {
                 vsock,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
-            match supermachine::boot_with_console(&cfg, Box::new(std::io::stdout()), timings) {
+            let interrupt = interrupt_on_signals();
+            match supermachine::boot_with_console(
+                &cfg,
+                Box::new(std::io::stdout()),
+                timings,
+                interrupt.as_ref(),
+            ) {
                 Ok(outcome) => {
                     if outcome.exit != supermachine::GuestExit::PowerOff {
                         eprintln!("supermachine: guest ended with {:?}", outcome.exit);
                     }
                     ExitCode::from(outcome.exit_code() as u8)
                 }
-                Err(e) => {
-                    eprintln!("supermachine: error: {}", supermachine::error_chain(&e));
-                    ExitCode::from(EXIT_INTERNAL)
-                }
+                Err(e) => exit_for(&e),
             }
         }
         Command::Run {
@@ -297,6 +338,7 @@ fn main() -> ExitCode {
                 disks,
                 network,
                 vsock_uds,
+                interrupt: interrupt_on_signals(),
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(
@@ -306,7 +348,7 @@ fn main() -> ExitCode {
                 timings,
             ) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-                Err(e) => fail(&e),
+                Err(e) => exit_for(&e),
             }
         }
         Command::Pull { tls_verify, image } => match supermachine::run::pull(&image, tls_verify) {

@@ -53,10 +53,13 @@ pub struct RunOptions {
     pub disks: Vec<runner::resources::DiskSpec>,
     /// A virtio-net device; `None` = loopback only (`docker run --network none`).
     pub network: Option<runner::resources::NetSpec>,
-    /// The vsock device's host UNIX socket; `None` = a private one in a temporary
-    /// directory. The agent uses port 1024 on it; guest connections to host
-    /// port P go to `<path>_<P>`.
+    /// A host UNIX socket for the vsock device (`CONNECT <port>` to reach a guest
+    /// port; guest connections to host port P go to `<path>_<P>`); `None` = none
+    /// (the host reaches the agent through the device itself).
     pub vsock_uds: Option<PathBuf>,
+    /// Stops the run when triggered (the CLI triggers it on SIGINT/SIGTERM); the
+    /// run then returns [`Error::Interrupted`].
+    pub interrupt: Option<crate::Interrupt>,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -316,6 +319,9 @@ pub fn run(
     // The user's own disks are checked before an image is pulled for nothing.
     check_disks(&opts.disks)?;
     let img = ensure_image(&opts.image, opts.tls_verify)?;
+    if let Some(signal) = opts.interrupt.as_ref().and_then(crate::Interrupt::signal) {
+        return Err(Error::Interrupted { signal });
+    }
     timings.phase("image_ready");
     let spec = process_spec(&img.config, opts)?;
     let cfg = crate::BootConfig {
@@ -361,10 +367,14 @@ pub fn run(
     };
     let hv = crate::open_hypervisor(&res.kernel)?;
     let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
+    if let Some(i) = &opts.interrupt {
+        i.attach(vmm.stop_handle());
+    }
     let stop = vmm.stop_handle();
     let vsock = vmm.vsock().ok_or_else(|| {
         Error::Usage("the VM has no vsock device to reach its agent through".into())
     })?;
+    let vsock_after = vsock.clone();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     let agent = {
@@ -405,12 +415,18 @@ pub fn run(
         Err(e) => Err(runner::vmm::RunError::from(e)),
     };
     drop(vm_ended_tx);
+    // The VM is gone: its connections end, so an agent conversation still
+    // waiting for the guest reads end-of-file instead of waiting forever.
+    vsock_after.close_connections();
     let agent_result = agent
         .join()
         .unwrap_or_else(|_| Err("agent thread panicked".into()));
     if let Some(uds) = &opts.vsock_uds {
         // The device bound it; nothing listens there any more.
         let _ = std::fs::remove_file(uds);
+    }
+    if let Some(signal) = opts.interrupt.as_ref().and_then(crate::Interrupt::signal) {
+        return Err(Error::Interrupted { signal });
     }
     let outcome = vm_result?;
     match agent_result {

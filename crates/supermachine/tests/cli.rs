@@ -249,3 +249,59 @@ fn boot_guest_with_an_exit_the_vmm_cannot_handle_is_one_line_error() {
     let o = boot(&["--kernel", k.to_str().unwrap(), "--cpus", "2"]);
     assert_one_line_error(&o, "vCPU 0 stopped: KVM internal error");
 }
+
+#[test]
+fn boot_stopped_by_sigterm_or_sigint_exits_128_plus_the_signal_and_leaves_nothing() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("signal");
+    let k = d.join("heartbeat.elf");
+    // Counts on COM1 forever: only the signal can end it.
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&test_guests::heartbeat_code(20_000)),
+    )
+    .unwrap();
+    for (signal, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let mut child = Command::new(bin())
+            .args(["boot", "--kernel", k.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The guest is running once its first heartbeat line is out.
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let sent = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if sent.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("boot did not end within 10 s of signal {signal}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(code), "signal {signal}; stderr: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        // Nothing of it lingers: no process (the VMM, or the teardown helper it
+        // forks, which has the same command line) names this test's ELF.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let ours = k.to_str().unwrap().as_bytes().to_vec();
+        let children = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|cmdline| cmdline.windows(ours.len()).any(|w| w == ours.as_slice()))
+            .count();
+        assert_eq!(children, 0, "processes of the stopped VMM are left");
+    }
+}

@@ -427,6 +427,93 @@ fn run_killed_by_signal_is_128_plus_n(env: &Env) -> Result<(), String> {
     expect(o.code == Some(137), "SIGKILL maps to 137", &o)
 }
 
+/// Processes whose command name starts with `comm` (Debian runs `passt.avx2` where it
+/// can), or whose command line holds `arg`.
+fn processes_matching(comm: &str, arg: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let c = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (c.trim().starts_with(comm) || (!arg.is_empty() && cmd.contains(arg)))
+                .then(|| format!("{} {}", c.trim(), cmd))
+        })
+        .collect()
+}
+
+fn run_sigterm_mid_process_stops_the_vm_and_leaves_nothing(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let uds = scratch("term.sock");
+    let started_sock = PathBuf::from(format!("{}_7000", uds.display()));
+    let _ = std::fs::remove_file(&uds);
+    let _ = std::fs::remove_file(&started_sock);
+    let listener = UnixListener::bind(&started_sock).map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let uds_arg = uds.to_str().unwrap_or_default().to_string();
+    // The default network (passt), so the check covers passt too. The process
+    // says it started over vsock, then sleeps far longer than the test waits.
+    let mut running = env.spawn(&[
+        "run",
+        "--vsock-uds",
+        &uds_arg,
+        &img.oci,
+        "sh",
+        "-c",
+        "echo up | /usr/bin/socat -u - VSOCK-CONNECT:2:7000; sleep 600",
+    ])?;
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut up = false;
+    while Instant::now() < deadline && running.child.try_wait().ok().flatten().is_none() {
+        if listener.accept().is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !up {
+        let o = running.finish(Duration::from_secs(1))?;
+        return expect(
+            false,
+            "the process started (it connected to host port 7000)",
+            &o,
+        );
+    }
+    let pid = running.child.id();
+    let had_passt = !processes_matching("passt", "").is_empty();
+    let sent = Instant::now();
+    let st = Command::new("busybox")
+        .args(["kill", "-TERM", &pid.to_string()])
+        .status()
+        .map_err(|e| format!("busybox kill: {e}"))?;
+    if !st.success() {
+        return Err(format!("busybox kill -TERM {pid}: {st}"));
+    }
+    let o = running.finish(Duration::from_secs(60))?;
+    let took = sent.elapsed();
+    let _ = std::fs::remove_file(&started_sock);
+    // The VMM's teardown helper and passt go within moments of its exit.
+    std::thread::sleep(Duration::from_secs(2));
+    let left = processes_matching("passt", &uds_arg);
+    expect(
+        o.code == Some(143) && had_passt && left.is_empty() && !uds.exists(),
+        &format!(
+            "SIGTERM mid-process: exit 143 (in {took:?}), passt was running ({had_passt}) and is gone, \
+             no process left ({left:?}), the vsock socket removed ({})",
+            !uds.exists()
+        ),
+        &o,
+    )
+}
+
 fn run_default_cmd_env_and_workdir_are_the_images(env: &Env) -> Result<(), String> {
     let img = images()?;
     let o = run_out(env, &[&img.registry])?;
@@ -1359,6 +1446,10 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "run_killed_by_signal_is_128_plus_n",
         run: run_killed_by_signal_is_128_plus_n,
+    },
+    Scenario {
+        name: "run_sigterm_mid_process_stops_the_vm_and_leaves_nothing",
+        run: run_sigterm_mid_process_stops_the_vm_and_leaves_nothing,
     },
     Scenario {
         name: "run_default_cmd_env_and_workdir_are_the_images",
