@@ -1,29 +1,83 @@
 //! Making a running vCPU leave `KVM_RUN` from another thread.
 //!
 //! KVM's race-free recipe (KVM API doc, `immediate_exit` in `struct kvm_run`):
-//! the kicker sets `immediate_exit` and then sends the vCPU thread a signal with
-//! a no-op handler. A vCPU inside the guest is forced out by the signal
+//! the kicker sends the vCPU thread a signal whose handler, on that thread, sets
+//! `immediate_exit`. A vCPU inside the guest is forced out by the signal
 //! (`KVM_RUN` fails with `EINTR`); a vCPU about to enter finds `immediate_exit`
 //! set and returns `EINTR` at once. A `pending` flag covers kicks that land
-//! while the vCPU is outside `run` altogether, so the next `run` returns
-//! `Interrupted` without entering the guest.
+//! while the vCPU is outside `run` altogether (or before it has a thread), so
+//! the next `run` returns `Interrupted` without entering the guest.
+//!
+//! Only the vCPU's own thread ever writes into `kvm_run` (the handler runs
+//! there), so no other thread touches memory the vCPU's `&mut kvm_run` covers.
+//! The handler finds `immediate_exit` through a [`Slot`] that lives for the
+//! whole process (slots are recycled, never freed): a kick still in flight
+//! when its vCPU is gone finds the slot empty, or a newer vCPU's pointer, which
+//! costs that vCPU one spurious `Interrupted`, never a write into freed memory.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, PoisonError};
 
 use hypervisor::VcpuKicker;
 
 /// The real-time signal used to kick vCPU threads (SIGRTMIN, as Firecracker and
-/// Cloud Hypervisor use). Its handler does nothing; other code of the process
-/// must leave this signal alone.
+/// Cloud Hypervisor use). Its handler only sets the `immediate_exit` of the
+/// vCPU its thread runs; other code of the process must leave this signal alone.
 pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
 
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+/// Where one vCPU's `kvm_run.immediate_exit` is, for the kick handler.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The byte, or null once the vCPU is gone.
+    target: AtomicPtr<u8>,
+    /// Handlers between reading `target` and writing through it.
+    busy: AtomicUsize,
+}
 
-/// Installs the no-op handler once per process. `SA_RESTART` keeps a kick that
+/// Slots of vCPUs that are gone, for the next ones.
+static FREE_SLOTS: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
+
+fn alloc_slot(target: *mut u8) -> &'static Slot {
+    let recycled = FREE_SLOTS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop();
+    // One small allocation per vCPU alive at once, kept for the process's life
+    // so that a late handler never reads freed memory.
+    let slot = recycled.unwrap_or_else(|| Box::leak(Box::default()));
+    slot.target.store(target, Ordering::SeqCst);
+    slot
+}
+
+thread_local! {
+    /// The slot of the vCPU this thread runs (null = none yet). Constant-
+    /// initialized and without a destructor, so the signal handler may read it.
+    static CURRENT_SLOT: Cell<*const Slot> = const { Cell::new(std::ptr::null()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let slot = CURRENT_SLOT.with(Cell::get);
+    if slot.is_null() {
+        return;
+    }
+    // SAFETY: slots are leaked, so a non-null pointer to one is valid forever.
+    let slot = unsafe { &*slot };
+    slot.busy.fetch_add(1, Ordering::SeqCst);
+    let target = slot.target.load(Ordering::SeqCst);
+    if !target.is_null() {
+        // SAFETY: `target` is the live vCPU's `immediate_exit`: `detach` nulls
+        // it and then waits for `busy` to drop to zero before the mapping can go,
+        // and we raised `busy` before reading it. The byte is written only
+        // atomically by us (here and in `take_pending`), on this thread.
+        unsafe { AtomicU8::from_ptr(target) }.store(1, Ordering::SeqCst);
+    }
+    slot.busy.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Installs the kick handler once per process. `SA_RESTART` keeps a kick that
 /// reaches a thread outside `KVM_RUN` from failing its other system calls;
 /// `KVM_RUN` itself returns `EINTR` regardless (it is never restarted).
 pub(crate) fn install_handler() -> std::io::Result<()> {
@@ -33,10 +87,10 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
         // SAFETY: an all-zero sigaction is a valid value to start from (empty
         // mask, no flags); we then fill in the handler and flags.
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = noop_handler as *const () as usize;
+        action.sa_sigaction = kick_handler as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-        // SAFETY: `action` is initialized; the handler is async-signal-safe (it
-        // does nothing); we pass no old-action pointer.
+        // SAFETY: `action` is initialized; the handler is async-signal-safe (a
+        // thread-local read and atomics); we pass no old-action pointer.
         let rc = unsafe { libc::sigaction(kick_signal(), &action, std::ptr::null_mut()) };
         if rc != 0 {
             FAILED.store(
@@ -70,24 +124,6 @@ fn current_tid() -> libc::pid_t {
     })
 }
 
-/// Pointer to `kvm_run.immediate_exit` of a live vCPU.
-#[derive(Debug, Clone, Copy)]
-struct ImmediateExit(*mut u8);
-
-// SAFETY: the pointer targets the vCPU's shared `kvm_run` mapping, which the
-// kernel and any thread may access; it is only dereferenced under `KickState::run`'s
-// lock, which the vCPU clears before the mapping goes away.
-unsafe impl Send for ImmediateExit {}
-
-impl ImmediateExit {
-    fn store(self, value: u8) {
-        // SAFETY: the pointer is valid (see the `Send` impl) and aligned (u8);
-        // every Rust-side write of this byte goes through an atomic, so kicker and
-        // vCPU thread never race non-atomically.
-        unsafe { AtomicU8::from_ptr(self.0) }.store(value, Ordering::SeqCst);
-    }
-}
-
 /// State shared by a vCPU and its kickers.
 #[derive(Debug)]
 pub(crate) struct KickState {
@@ -95,8 +131,8 @@ pub(crate) struct KickState {
     pending: AtomicBool,
     /// Kernel thread id of the thread last running the vCPU (0 = none yet).
     tid: AtomicI32,
-    /// `kvm_run.immediate_exit` while the vCPU exists.
-    run: Mutex<Option<ImmediateExit>>,
+    /// Where the handler finds `immediate_exit`.
+    slot: &'static Slot,
 }
 
 impl KickState {
@@ -106,14 +142,16 @@ impl KickState {
         Arc::new(Self {
             pending: AtomicBool::new(false),
             tid: AtomicI32::new(0),
-            run: Mutex::new(Some(ImmediateExit(immediate_exit))),
+            slot: alloc_slot(immediate_exit),
         })
     }
 
-    /// Records the calling thread as the vCPU's thread (cheap when unchanged)
-    /// and unblocks the kick signal on it when it is new.
+    /// Records the calling thread as the vCPU's thread (cheap when unchanged),
+    /// points its kick handler at this vCPU, and unblocks the kick signal on it
+    /// when it is new.
     #[inline]
     pub(crate) fn attach_current_thread(&self) {
+        CURRENT_SLOT.with(|c| c.set(self.slot));
         let tid = current_tid();
         if self.tid.load(Ordering::SeqCst) != tid {
             // SAFETY: the sigset is initialized by sigemptyset before use, and
@@ -134,7 +172,9 @@ impl KickState {
     /// landing after the swap leaves `immediate_exit` set for the entry.
     #[inline]
     pub(crate) fn take_pending(&self, immediate_exit: *mut u8) -> bool {
-        ImmediateExit(immediate_exit).store(0);
+        // SAFETY: the caller passes its live vCPU's `immediate_exit`; every
+        // write of the byte is atomic and on this thread (here or in the handler).
+        unsafe { AtomicU8::from_ptr(immediate_exit) }.store(0, Ordering::SeqCst);
         self.pending.swap(false, Ordering::SeqCst)
     }
 
@@ -145,28 +185,44 @@ impl KickState {
     }
 
     fn kick(&self) {
+        // Before the thread id is read: a vCPU that attaches after this sees
+        // the flag; one attached before gets the signal.
         self.pending.store(true, Ordering::SeqCst);
-        let guard = self.run.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(immediate_exit) = *guard else {
-            return; // The vCPU is gone.
-        };
-        immediate_exit.store(1);
         let tid = self.tid.load(Ordering::SeqCst);
         if tid != 0 {
             // SAFETY: tgkill only sends a signal; it is limited to our own
-            // process (tgid = getpid), whose threads all have the no-op handler.
+            // process (tgid = getpid), whose threads all have the kick handler.
             // A stale tid fails with ESRCH, which needs no handling: the pending
-            // flag and immediate_exit still stop the next entry.
+            // flag still stops the next entry.
             unsafe {
                 libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal());
             }
         }
     }
 
-    /// Called by the vCPU before its `kvm_run` mapping is unmapped.
+    /// Called by the vCPU before its `kvm_run` mapping is unmapped: from here
+    /// on no kick handler writes into it.
     pub(crate) fn detach(&self) {
-        *self.run.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        // This thread's handler (if it ran the vCPU) forgets the slot first.
+        let ours: *const Slot = self.slot;
+        CURRENT_SLOT.with(|c| {
+            if c.get() == ours {
+                c.set(std::ptr::null());
+            }
+        });
         self.tid.store(0, Ordering::SeqCst);
+        self.slot
+            .target
+            .store(std::ptr::null_mut(), Ordering::SeqCst);
+        // A handler that read the pointer before it was cleared finishes its
+        // one store first (on another thread; ours cannot be mid-handler here).
+        while self.slot.busy.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        FREE_SLOTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.slot);
     }
 }
 
@@ -188,31 +244,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kick_before_run_is_pending_and_sets_immediate_exit() {
-        let mut byte = 0u8;
-        let state = KickState::new(&mut byte);
+    fn kick_before_the_vcpu_has_a_thread_is_pending_only() {
+        let byte = Box::leak(Box::new(0u8));
+        let state = KickState::new(byte);
+        KvmKicker {
+            state: Arc::clone(&state),
+        }
+        .kick();
+        assert!(state.is_pending());
+        // SAFETY: the leaked byte lives forever; nothing else writes it now.
+        let now = unsafe { std::ptr::read_volatile(byte) };
+        assert_eq!(now, 0, "no thread to signal");
+        assert!(state.take_pending(byte));
+        assert!(!state.take_pending(byte), "a kick is reported once");
+        state.detach();
+    }
+
+    #[test]
+    fn kick_from_another_thread_sets_immediate_exit_on_the_vcpu_thread() {
+        install_handler().unwrap();
+        let byte = Box::leak(Box::new(0u8));
+        let state = KickState::new(byte);
+        state.attach_current_thread();
         let kicker = KvmKicker {
             state: Arc::clone(&state),
         };
-        kicker.kick();
-        assert!(state.is_pending());
-        // SAFETY: `byte` lives on this stack frame; reading it after the kick.
-        assert_eq!(unsafe { std::ptr::read_volatile(&byte) }, 1);
-        assert!(state.take_pending(&mut byte));
-        assert_eq!(byte, 0);
-        assert!(!state.take_pending(&mut byte), "a kick is reported once");
+        std::thread::spawn(move || kicker.kick()).join().unwrap();
+        // The signal is handled on this thread; wait for it to land.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // SAFETY: the leaked byte lives forever; the handler writes it atomically.
+        while unsafe { AtomicU8::from_ptr(byte) }.load(Ordering::SeqCst) != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the handler never ran"
+            );
+            std::thread::yield_now();
+        }
+        assert!(state.take_pending(byte));
+        assert_eq!(*byte, 0, "take_pending clears immediate_exit");
+        state.detach();
     }
 
     #[test]
     fn kick_after_detach_does_not_touch_memory() {
-        let mut byte = 0u8;
-        let state = KickState::new(&mut byte);
+        install_handler().unwrap();
+        let byte = Box::leak(Box::new(0u8));
+        let state = KickState::new(byte);
+        state.attach_current_thread();
         state.detach();
         KvmKicker {
             state: Arc::clone(&state),
         }
         .kick();
-        assert_eq!(byte, 0);
+        // Even a signal raised by hand finds the slot empty.
+        // SAFETY: raise only sends a signal to this thread, whose handler is ours.
+        unsafe { libc::raise(kick_signal()) };
+        // SAFETY: as above.
+        assert_eq!(unsafe { std::ptr::read_volatile(byte) }, 0);
     }
 
     #[test]
