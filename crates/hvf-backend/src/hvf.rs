@@ -447,6 +447,7 @@ impl Vm for HvfVm {
             shared: Arc::clone(&self.shared),
             gic: self.shared.gic(),
             kicked: Arc::new(AtomicBool::new(false)),
+            alive: Arc::new(Mutex::new(Some(hv))),
             pending_read: None,
             pc_advance: 0,
             timebase: timebase(),
@@ -540,10 +541,12 @@ fn save_gic(api: &GicApi) -> Result<Vec<u8>, VmError> {
     }
 }
 
-/// Interrupts a vCPU from another thread.
+/// Interrupts a vCPU from another thread. Outliving the vCPU is harmless: a
+/// destroyed vCPU's id is gone from `alive`, so no kick can reach the framework
+/// with it (ids are reused by later vCPUs).
 #[derive(Debug)]
 pub struct HvfKicker {
-    hv: hv_vcpu_t,
+    alive: Arc<Mutex<Option<hv_vcpu_t>>>,
     kicked: Arc<AtomicBool>,
     shared: Arc<Shared>,
 }
@@ -551,13 +554,23 @@ pub struct HvfKicker {
 impl VcpuKicker for HvfKicker {
     fn kick(&self) {
         self.kicked.store(true, Ordering::Release);
-        let mut hv = self.hv;
-        // SAFETY: hv_vcpus_exit may be called from any thread (hv_vcpu.h); `hv` is a
-        // vCPU of this VM, which `shared` keeps alive. A vCPU not in the guest returns
-        // at once from its next hv_vcpu_run.
-        let rc = unsafe { hv_vcpus_exit(&mut hv, 1) };
-        if let Err(e) = check("hv_vcpus_exit", rc) {
-            tracing::warn!("{e}");
+        {
+            // Held across the call: the vCPU's Drop takes the id out under this
+            // lock before destroying it, so the id is live for the whole call.
+            let alive = self
+                .alive
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(mut hv) = *alive {
+                // SAFETY: hv_vcpus_exit may be called from any thread (hv_vcpu.h);
+                // `hv` is a live vCPU of this VM (see the lock above), which `shared`
+                // keeps alive. A vCPU not in the guest returns at once from its next
+                // hv_vcpu_run.
+                let rc = unsafe { hv_vcpus_exit(&mut hv, 1) };
+                if let Err(e) = check("hv_vcpus_exit", rc) {
+                    tracing::warn!("{e}");
+                }
+            }
         }
         // Also wake it if it is parked in WFI or powered off.
         self.shared.wake_all();
@@ -573,6 +586,8 @@ pub struct HvfVcpu {
     shared: Arc<Shared>,
     gic: Option<&'static GicApi>,
     kicked: Arc<AtomicBool>,
+    /// `hv` while it exists, shared with kickers (see [`HvfKicker`]).
+    alive: Arc<Mutex<Option<hv_vcpu_t>>>,
     /// An MMIO read reported by `run` and not yet completed by `set_io_result`.
     pending_read: Option<MmioAccess>,
     /// Bytes to add to PC before the guest next runs.
@@ -584,8 +599,15 @@ pub struct HvfVcpu {
 
 impl Drop for HvfVcpu {
     fn drop(&mut self) {
+        // No kick may name `hv` from here on: kickers check under this lock.
+        let mut alive = self
+            .alive
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *alive = None;
         // SAFETY: `hv` was created on this thread (HvfVcpu is !Send) and is destroyed once.
         let rc = unsafe { hv_vcpu_destroy(self.hv) };
+        drop(alive);
         if let Err(e) = check("hv_vcpu_destroy", rc) {
             tracing::warn!("{e}");
         }
@@ -928,7 +950,7 @@ impl Vcpu for HvfVcpu {
 
     fn kicker(&self) -> HvfKicker {
         HvfKicker {
-            hv: self.hv,
+            alive: Arc::clone(&self.alive),
             kicked: Arc::clone(&self.kicked),
             shared: Arc::clone(&self.shared),
         }
