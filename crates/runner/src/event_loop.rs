@@ -489,6 +489,8 @@ mod tests {
         waker: Option<Arc<dyn HostWaker>>,
         /// Timed work: reported as "due" once called at or after it.
         deadline: Option<std::time::Instant>,
+        /// Files it also lists as host fds (a regular file: the poller refuses it).
+        files: Vec<std::fs::File>,
     }
 
     impl SocketDevice {
@@ -557,6 +559,10 @@ mod tests {
                 fd: s.as_raw_fd(),
                 token: *token,
             }));
+            out.extend(self.files.iter().map(|f| HostFd {
+                fd: f.as_raw_fd(),
+                token: 99,
+            }));
         }
         fn deadline(&self) -> Option<std::time::Instant> {
             self.deadline
@@ -585,6 +591,7 @@ mod tests {
             seen,
             waker: None,
             deadline: None,
+            files: Vec::new(),
         };
         dev.add(stream, 7);
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
@@ -709,6 +716,39 @@ mod tests {
         assert_eq!(next(&seen), "due");
         assert!(std::time::Instant::now() >= due);
         handle.stop();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    // epoll refuses regular files (EPERM); kqueue watches them.
+    #[cfg(target_os = "linux")]
+    fn event_loop_that_fails_while_running_reports_its_error_and_ends() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let (t, _seen) = transport(ours);
+        let mut el = EventLoop::new().unwrap();
+        el.add_transport(t.clone()).unwrap();
+        let (failed_tx, failed) = mpsc::channel();
+        let thread = el
+            .spawn(move |e| {
+                let _ = failed_tx.send(e.to_string());
+            })
+            .unwrap();
+        // While it runs, the device lists an fd the poller refuses (a regular
+        // file: EPERM), and says its set changed.
+        let path = std::env::temp_dir().join(format!("sm-el-file-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        {
+            let mut t = lock(&t);
+            let dev = t.device_mut::<SocketDevice>().unwrap();
+            dev.files.push(file);
+            dev.waker.as_ref().unwrap().wake();
+        }
+        let err = failed
+            .recv_timeout(Duration::from_secs(1))
+            .expect("the failure reached on_error within a second");
+        assert!(err.contains("cannot watch fd"), "{err}");
+        // The loop has ended: its thread joins.
         thread.join().unwrap();
     }
 
