@@ -380,6 +380,25 @@ mod linux {
         fn name(&self) -> &str {
             "passt"
         }
+        fn exit_status(&mut self) -> Option<String> {
+            // The socket closing is usually passt exiting; it may take a moment
+            // to be reaped by the kernel after its socket is gone.
+            for _ in 0..20 {
+                match self.child.try_wait() {
+                    Ok(Some(st)) => return Some(format!("passt {st}")),
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                    Err(_) => return None,
+                }
+            }
+            Some("passt is still running".into())
+        }
+    }
+
+    impl Passt {
+        /// The passt process's id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
     }
 
     /// A TAP interface: one frame per read and write, no packet-info prefix.

@@ -278,3 +278,38 @@ fn tap_open_bad_name_is_a_clear_error() {
     let e = runner::net::Tap::open("a/b/c/d/e/f/g/h/i/j").unwrap_err();
     assert!(e.to_string().contains("TAP interface"), "{e}");
 }
+
+#[test]
+fn passt_that_dies_mid_run_reports_how_it_ended() {
+    if !have("passt") {
+        println!("skipped: passt is not installed (Debian: apt install passt)");
+        return;
+    }
+    let result = in_new_netns(|| {
+        ip("link set lo up");
+        ip("tuntap add smup1 mode tap");
+        ip("addr add 10.79.0.1/24 dev smup1");
+        ip("link set smup1 up");
+        ip("route add default via 10.79.0.254 dev smup1");
+        let route = runner::net::host_route().expect("host route in the namespace");
+        let guest: GuestIpConfig = runner::net::guest_config_from(&route, None);
+        let mut passt = runner::net::Passt::start(Some(guest), false).expect("start passt");
+        let pid = passt.pid() as libc::pid_t;
+        // SAFETY: kill(2) on the passt child this test started; no memory involved.
+        let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(killed, 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let err = loop {
+            match passt.recv(&mut buf) {
+                Err(e) => break e,
+                Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Ok(_) => panic!("the backend did not notice passt dying"),
+            }
+        };
+        assert!(err.to_string().contains("passt"), "{err}");
+        let status = passt.exit_status().expect("passt's end is known");
+        assert!(status.contains("signal: 9"), "{status}");
+    });
+    let _ = result;
+}

@@ -29,6 +29,12 @@ pub trait NetBackend: Send {
 
     /// A name for messages ("passt", "tap0").
     fn name(&self) -> &str;
+
+    /// Why the backend stopped, if it can tell (a helper process's exit status),
+    /// for the warning the device prints when it gives the backend up.
+    fn exit_status(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// The qemu/passt stream framing: each frame is preceded by its length as a

@@ -156,8 +156,15 @@ impl Net {
     /// The backend failed for good: log once and carry no more frames (the
     /// guest sees a silent link, the VM keeps running).
     fn backend_failed(&mut self, e: &io::Error) {
-        if let Some(b) = self.backend.take() {
-            tracing::warn!(backend = b.name(), error = %e, "virtio-net backend stopped");
+        if let Some(mut b) = self.backend.take() {
+            let why = b
+                .exit_status()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default();
+            tracing::warn!(
+                "the guest's network is down: its {} backend stopped: {e}{why}",
+                b.name()
+            );
         }
         self.tx_pending = None;
         self.rx_pending = None;
