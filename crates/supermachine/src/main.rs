@@ -105,11 +105,15 @@ enum Command {
         /// tap:NAME[,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR].
         #[arg(long, default_value = "passt", value_name = "MODE")]
         network: String,
-        /// Host UNIX socket of the VM's vsock device at this path (default: a private
-        /// one): connect and send `CONNECT <port>\n` to reach a guest port; guest
+        /// Host UNIX socket of the VM's vsock device at this path (default: none):
+        /// connect and send `CONNECT <port>\n` to reach a guest port; guest
         /// connections to host port P go to PATH_P.
         #[arg(long, value_name = "PATH")]
         vsock_uds: Option<PathBuf>,
+        /// How long the guest may take to boot and answer on its agent channel
+        /// before the VM is stopped and the run fails (default 600).
+        #[arg(long, value_name = "SECONDS")]
+        agent_timeout: Option<u64>,
         /// The image.
         image: String,
         /// Command and arguments (replace the image's Cmd).
@@ -316,6 +320,7 @@ fn main() -> ExitCode {
             disks,
             network,
             vsock_uds,
+            agent_timeout,
             image,
             args,
         } => {
@@ -338,6 +343,7 @@ fn main() -> ExitCode {
                 disks,
                 network,
                 vsock_uds,
+                agent_timeout: agent_timeout.map(std::time::Duration::from_secs),
                 interrupt: interrupt_on_signals(),
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));

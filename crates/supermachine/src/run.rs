@@ -60,6 +60,8 @@ pub struct RunOptions {
     /// Stops the run when triggered (the CLI triggers it on SIGINT/SIGTERM); the
     /// run then returns [`Error::Interrupted`].
     pub interrupt: Option<crate::Interrupt>,
+    /// How long the guest may take to answer on its agent channel; `None` = 600 s.
+    pub agent_timeout: Option<Duration>,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -245,7 +247,8 @@ pub fn process_spec(cfg: &ImageConfig, opts: &RunOptions) -> Result<ProcessSpec,
     })
 }
 
-/// How long the host keeps trying to reach the guest agent.
+/// How long the host keeps trying to reach the guest agent unless told
+/// (`RunOptions::agent_timeout`): a boot under nested emulation takes seconds.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long the guest may take to power off after its process exited and the
@@ -270,18 +273,32 @@ fn connect_agent(
         let conn = vsock
             .connect(port)
             .map_err(|e| format!("cannot open a vsock connection to the guest: {e}"))?;
-        // A guest that accepts but never answers must not hold us.
-        let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT));
+        // A guest that accepts but never answers must not hold us, nor one whose
+        // vsock driver never comes up (the connection then waits, unanswered):
+        // never past the deadline.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = conn.set_read_timeout(Some(HELLO_TIMEOUT.min(left).max(AGENT_RETRY)));
         match agent::AgentConn::hello(conn) {
             Ok(a) => {
                 let _ = a.get_ref().set_read_timeout(None);
                 return Ok(a);
             }
             Err(HelloError::NotListening) => std::thread::sleep(AGENT_RETRY),
+            Err(HelloError::Agent(agent::AgentError::Io(e)))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && Instant::now() >= deadline =>
+            {
+                break;
+            }
             Err(HelloError::Agent(e)) => return Err(crate::error_chain(&e)),
         }
     }
-    Err("the guest agent never answered on vsock".into())
+    if vm.is_ending() {
+        return Err("the VM ended before its agent answered".into());
+    }
+    Err("the guest agent did not answer on vsock before the agent timeout".into())
 }
 
 /// Between connection attempts while the guest agent is not listening yet.
@@ -377,18 +394,31 @@ pub fn run(
     let vsock_after = vsock.clone();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
+    let agent_timeout = opts.agent_timeout.unwrap_or(AGENT_CONNECT_TIMEOUT);
     let agent = {
         std::thread::Builder::new()
             .name("sm-agent".into())
             .spawn(move || -> Result<ExitStatus, String> {
                 let mut out = out;
                 let mut err = err;
-                let deadline = Instant::now() + AGENT_CONNECT_TIMEOUT;
+                let deadline = Instant::now() + agent_timeout;
                 let mut conn =
-                    connect_agent(&vsock, agent_protocol::CONTROL_PORT, deadline, &stop)?;
+                    match connect_agent(&vsock, agent_protocol::CONTROL_PORT, deadline, &stop) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Nobody else ends a VM whose agent never answered.
+                            stop.stop();
+                            return Err(e);
+                        }
+                    };
                 let r = conn
                     .run_process(spec, &mut *out, &mut *err)
                     .map_err(|e| crate::error_chain(&e));
+                if r.is_err() {
+                    // A broken conversation (a garbage frame, a closed stream)
+                    // leaves nothing to wait for.
+                    stop.stop();
+                }
                 // Closing tells the guest it may power off now.
                 drop(conn);
                 if r.is_ok() {

@@ -5,6 +5,9 @@
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../image/tests/support/mod.rs"]
+mod support;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -304,4 +307,65 @@ fn boot_stopped_by_sigterm_or_sigint_exits_128_plus_the_signal_and_leaves_nothin
             .count();
         assert_eq!(children, 0, "processes of the stopped VMM are left");
     }
+}
+
+#[test]
+fn run_whose_agent_never_answers_fails_within_its_agent_timeout_and_leaves_nothing() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("agent-timeout");
+    // A "kernel" that runs forever and never speaks vsock: the agent never answers.
+    let k = d.join("silent.elf");
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&test_guests::heartbeat_code(20_000)),
+    )
+    .unwrap();
+    let layout = support::busybox_layout();
+    let image = format!("oci:{}:{}", layout.display(), support::BUSYBOX_TAG);
+    let cache = d.join("cache");
+    let pulled = Command::new(bin())
+        .args(["pull", &image])
+        .env("XDG_CACHE_HOME", &cache)
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    let started = std::time::Instant::now();
+    let o = Command::new(bin())
+        .args([
+            "run",
+            "--network",
+            "none",
+            "--agent-timeout",
+            "2",
+            "--kernel",
+        ])
+        .arg(&k)
+        .args([&image, "true"])
+        .env("XDG_CACHE_HOME", &cache)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "stderr: {err}");
+    assert!(err.contains("agent timeout"), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "run took {took:?} with a 2 s agent timeout"
+    );
+    // Nothing of it lingers (the VMM, or its teardown helper, names our ELF).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ours = k.to_str().unwrap().as_bytes().to_vec();
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| cmdline.windows(ours.len()).any(|w| w == ours.as_slice()))
+        .count();
+    assert_eq!(left, 0, "processes of the run are left");
 }
