@@ -34,6 +34,20 @@ fn tiny_guest(dir: &Path, text: &[u8], status: u32) -> PathBuf {
     p
 }
 
+/// After half a second for the teardown helper to finish, how many processes
+/// have `path` on their command line: the VMM, and the helper it forks (same
+/// command line), name the guest ELF of the test that started them.
+fn processes_naming(path: &Path) -> usize {
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ours = path.to_str().unwrap().as_bytes().to_vec();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| cmdline.windows(ours.len()).any(|w| w == ours.as_slice()))
+        .count()
+}
+
 fn kvm_usable() -> bool {
     let ok = std::fs::File::options()
         .read(true)
@@ -295,17 +309,11 @@ fn boot_stopped_by_sigterm_or_sigint_exits_128_plus_the_signal_and_leaves_nothin
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
         assert_eq!(status.code(), Some(code), "signal {signal}; stderr: {err}");
         assert!(!err.contains("panicked"), "{err}");
-        // Nothing of it lingers: no process (the VMM, or the teardown helper it
-        // forks, which has the same command line) names this test's ELF.
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let ours = k.to_str().unwrap().as_bytes().to_vec();
-        let children = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .filter(|cmdline| cmdline.windows(ours.len()).any(|w| w == ours.as_slice()))
-            .count();
-        assert_eq!(children, 0, "processes of the stopped VMM are left");
+        assert_eq!(
+            processes_naming(&k),
+            0,
+            "processes of the stopped VMM are left"
+        );
     }
 }
 
@@ -358,14 +366,5 @@ fn run_whose_agent_never_answers_fails_within_its_agent_timeout_and_leaves_nothi
         took < std::time::Duration::from_secs(10),
         "run took {took:?} with a 2 s agent timeout"
     );
-    // Nothing of it lingers (the VMM, or its teardown helper, names our ELF).
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let ours = k.to_str().unwrap().as_bytes().to_vec();
-    let left = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| cmdline.windows(ours.len()).any(|w| w == ours.as_slice()))
-        .count();
-    assert_eq!(left, 0, "processes of the run are left");
+    assert_eq!(processes_naming(&k), 0, "processes of the run are left");
 }
