@@ -18,6 +18,6 @@ mod x86_64;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use x86_64::{
-    convert, kick_signal, KvmHypervisor, KvmIrqLine, KvmKicker, KvmVcpu, KvmVm,
+    convert, kick_signal, seccomp, KvmHypervisor, KvmIrqLine, KvmKicker, KvmVcpu, KvmVm,
     IDENTITY_MAP_ADDRESS, TSS_ADDRESS,
 };

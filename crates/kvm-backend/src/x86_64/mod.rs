@@ -3,6 +3,7 @@
 pub mod convert;
 mod cpuid;
 mod kick;
+pub mod seccomp;
 mod system;
 mod vcpu;
 mod vm;
