@@ -208,9 +208,13 @@ pub struct MmioTransportState {
 
 /// A virtio device behind a virtio-mmio version 2 register window.
 pub struct MmioTransport {
+    // Field order is drop order: the interrupt line (which holds the VM, for a
+    // KVM irq line) goes before guest memory, so a transport that outlives its
+    // VMM (a vsock handle kept by a caller) never holds the last reference to
+    // the VM after the memory the VM maps is unmapped.
+    interrupt: Arc<VirtioInterrupt>,
     device: Box<dyn VirtioDevice>,
     mem: Arc<GuestMemoryMmap>,
-    interrupt: Arc<VirtioInterrupt>,
     queues: Vec<Queue>,
     queue_regs: Vec<QueueRegs>,
     status: u32,
@@ -265,9 +269,9 @@ impl MmioTransport {
         }
         let queue_regs = vec![QueueRegs::default(); queues.len()];
         Ok(Self {
+            interrupt: Arc::new(VirtioInterrupt::new(interrupt, mode)),
             device,
             mem,
-            interrupt: Arc::new(VirtioInterrupt::new(interrupt, mode)),
             queues,
             queue_regs,
             status: 0,
@@ -790,6 +794,43 @@ mod tests {
         )
         .unwrap();
         (t, irq, Driver::new(mem))
+    }
+
+    /// An interrupt line that, when dropped, says whether guest memory was
+    /// still mapped.
+    #[derive(Debug)]
+    struct LineHoldingTheVm {
+        mem: std::sync::Weak<GuestMemoryMmap>,
+        mem_alive_at_drop: Arc<std::sync::Mutex<Option<bool>>>,
+    }
+    impl Interrupt for LineHoldingTheVm {
+        fn trigger(&self) -> Result<(), crate::InterruptError> {
+            Ok(())
+        }
+        fn set_level(&self, _: bool) -> Result<(), crate::InterruptError> {
+            Ok(())
+        }
+    }
+    impl Drop for LineHoldingTheVm {
+        fn drop(&mut self) {
+            *self.mem_alive_at_drop.lock().unwrap() = Some(self.mem.upgrade().is_some());
+        }
+    }
+
+    #[test]
+    fn a_transport_drops_its_interrupt_line_before_guest_memory() {
+        let mem = guest_memory();
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let line = Arc::new(LineHoldingTheVm {
+            mem: Arc::downgrade(&mem),
+            mem_alive_at_drop: seen.clone(),
+        });
+        let t = MmioTransport::new(Box::new(ScratchDevice::default()), mem, line, IrqMode::Edge)
+            .unwrap();
+        // The transport holds the last reference to both, as one a vsock
+        // handle keeps after its VMM is gone.
+        drop(t);
+        assert_eq!(*seen.lock().unwrap(), Some(true));
     }
 
     fn scratch(t: &MmioTransport) -> &ScratchDevice {
