@@ -77,13 +77,29 @@ struct Control {
     hold: Mutex<Hold>,
     held: Condvar,
 }
+/// Work for the loop's own thread ([`EventLoopHandle::run_on_loop`]).
+type Task = Box<dyn FnOnce() + Send>;
+
 /// Whether the loop is asked to hold, and whether it does.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Hold {
     requested: bool,
     holding: bool,
     /// The loop's thread is alive (or about to be): a hold request waits for it.
     alive: bool,
+    /// Work to run on the loop's thread at its next wake.
+    tasks: Vec<Task>,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("requested", &self.requested)
+            .field("holding", &self.holding)
+            .field("alive", &self.alive)
+            .field("tasks", &self.tasks.len())
+            .finish()
+    }
 }
 
 impl Control {
@@ -106,8 +122,23 @@ impl Control {
     }
 
     fn set_alive(&self, alive: bool) {
-        self.hold_state().alive = alive;
+        let mut h = self.hold_state();
+        h.alive = alive;
+        if !alive {
+            // Dropping a task drops its answer channel: the caller learns the
+            // loop is gone.
+            h.tasks.clear();
+        }
+        drop(h);
         self.held.notify_all();
+    }
+
+    /// Runs the tasks handed to the loop, on its thread.
+    fn run_tasks(&self) {
+        let tasks = std::mem::take(&mut self.hold_state().tasks);
+        for t in tasks {
+            t();
+        }
     }
 }
 
@@ -166,6 +197,26 @@ impl EventLoopHandle {
                 .wait(h)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// Runs `f` on the loop's own thread (between events) and returns its
+    /// result; `None` if the loop has ended (or ends before it gets to it).
+    pub fn run_on_loop<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut h = self.control.hold_state();
+            if !h.alive || self.control.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            h.tasks.push(Box::new(move || {
+                let _ = tx.send(f());
+            }));
+        }
+        self.control.wake();
+        rx.recv().ok()
     }
 
     /// Lets a held loop go on; it then re-reads every device's fd set.
@@ -345,6 +396,7 @@ impl EventLoop {
                 return Ok(());
             }
             if woken {
+                self.control.run_tasks();
                 self.control.hold_while_requested();
                 if self.control.stop.load(Ordering::SeqCst) {
                     return Ok(());
@@ -796,5 +848,17 @@ mod tests {
         handle.pause();
         handle.stop();
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn event_loop_runs_a_task_on_its_own_thread_and_refuses_once_ended() {
+        let el = EventLoop::new().unwrap();
+        let handle = el.handle();
+        let thread = el.spawn(|e| panic!("event loop failed: {e}")).unwrap();
+        let name = handle.run_on_loop(|| std::thread::current().name().map(str::to_owned));
+        assert_eq!(name, Some(Some("sm-devices".to_string())));
+        handle.stop();
+        thread.join().unwrap();
+        assert_eq!(handle.run_on_loop(|| 1), None, "an ended loop ran a task");
     }
 }

@@ -14,6 +14,7 @@ pub mod console;
 pub mod event_loop;
 pub mod net;
 pub mod resources;
+pub mod sandbox;
 pub mod timings;
 pub mod virtio;
 pub mod vmm;

@@ -338,6 +338,9 @@ mod linux {
                     .name("passt-log".into())
                     .spawn(move || {
                         use std::io::BufRead;
+                        if let Err(e) = crate::sandbox::confine_helper_thread() {
+                            tracing::warn!("the passt log thread is not sandboxed: {e}");
+                        }
                         for line in io::BufReader::new(err).lines().map_while(Result::ok) {
                             tracing::debug!(target: "passt", "{line}");
                         }

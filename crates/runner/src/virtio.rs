@@ -424,6 +424,14 @@ impl DeviceEvents {
         self.handle.wait_paused();
     }
 
+    /// Runs `f` on the loop's thread; `None` if the loop has ended.
+    pub fn run_on_loop<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Option<R> {
+        self.handle.run_on_loop(f)
+    }
+
     /// Ends the loop and joins its thread. Its queue notifications stay
     /// registered until this is dropped: drop it after the VM, whose destruction
     /// releases them at once, rather than one SRCU grace period each.

@@ -238,6 +238,9 @@ pub enum ControlError {
         #[source]
         source: hypervisor::VmError,
     },
+    /// The sandbox could not be entered.
+    #[error("cannot sandbox the VMM")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// A vCPU answered out of turn (a VMM bug).
     #[error("vCPU {id} answered {answer} to a request to {what}")]
     Protocol {
@@ -570,8 +573,12 @@ impl<V: Vm + 'static> Vmm<V> {
             // SAFETY: the region is a live mapping owned by `mem`. The VM is dropped
             // before `mem` on every path: on an error below `vm` is a local declared
             // after `mem`; once built, `Vmm`'s field order drops `core` (the VM) and
-            // joins every thread holding it before `mem`; device clones of the `Arc`
-            // only delay the unmap further. Nothing else uses that host range.
+            // joins every thread holding it before `mem`; a transport that outlives
+            // the `Vmm` (a kept vsock handle) drops its interrupt line, which holds
+            // the VM, before its clone of `mem` (its field order, tested). The
+            // teardown helper's copy of the VM descriptor outlives the mapping, but
+            // every vCPU has ended by then and no `KVM_RUN` is ever made again, so
+            // the kernel never touches the range. Nothing else uses that range.
             unsafe { vm.map_memory(&r)? };
         }
         timings.phase("memory_ready");
@@ -775,6 +782,56 @@ impl<V: Vm + 'static> Vmm<V> {
             )?;
         }
         self.resume()
+    }
+
+    /// Confines the VMM before its guest runs (or while it is paused): the
+    /// process-wide limits, then every vCPU thread and the device event loop
+    /// on their own threads, then the calling thread, each with its class's
+    /// seccomp filter and landlock (`sandbox`). The calling thread is confined
+    /// too, and every thread it starts from now on inherits that. Threads of
+    /// this process that nobody confined are listed in the report: a library
+    /// caller's own threads must confine themselves
+    /// ([`crate::sandbox::plan`]).
+    pub fn enter_sandbox(
+        &self,
+        cfg: &crate::sandbox::SandboxConfig,
+    ) -> Result<crate::sandbox::SandboxReport, ControlError> {
+        use crate::sandbox::{Sandbox, ThreadClass};
+        let mut ctl = self.lock_control();
+        if ctl.phase == Phase::Running {
+            return Err(ControlError::NotPaused {
+                what: "enter the sandbox",
+            });
+        }
+        let sandbox = Arc::new(Sandbox::prepare(cfg)?);
+        sandbox.enter_process()?;
+        for id in 0..self.vcpus as usize {
+            let r = self.request(
+                &mut ctl,
+                id,
+                VcpuEvent::Sandbox(sandbox.clone()),
+                "enter the sandbox",
+                |r| matches!(r, VcpuResponse::Sandboxed | VcpuResponse::SandboxFailed(_)),
+            )?;
+            if let VcpuResponse::SandboxFailed(e) = r {
+                return Err(e.into());
+            }
+        }
+        if let Some(d) = &self.device_events {
+            let s = sandbox.clone();
+            match d.run_on_loop(move || s.enter_thread(ThreadClass::Devices)) {
+                Some(r) => r?,
+                None => return Err(ControlError::Ended),
+            }
+        }
+        let unconfined_threads = crate::sandbox::unconfined_threads();
+        sandbox.enter_thread(ThreadClass::Controller)?;
+        self.timings().phase("sandboxed");
+        Ok(crate::sandbox::SandboxReport {
+            mode: cfg.mode,
+            landlock: sandbox.landlock(),
+            unconfined_threads,
+        })
     }
 
     /// Parks every vCPU outside the guest and holds the device event loop, and

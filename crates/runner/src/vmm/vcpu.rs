@@ -38,6 +38,8 @@ pub(super) enum VcpuEvent {
     SaveState,
     /// Load a saved vCPU state (parked only).
     RestoreState(Box<VcpuState>),
+    /// Confine this thread (parked only).
+    Sandbox(Arc<crate::sandbox::Sandbox>),
     /// End the thread.
     Stop,
 }
@@ -58,6 +60,10 @@ pub(super) enum VcpuResponse {
     Saved(Box<VcpuState>),
     /// The state is loaded.
     Restored,
+    /// The thread is confined.
+    Sandboxed,
+    /// The thread could not be confined.
+    SandboxFailed(crate::sandbox::SandboxError),
     /// A parked-only request reached a running vCPU.
     NotPaused,
     /// The backend refused the request.
@@ -74,6 +80,8 @@ impl std::fmt::Debug for VcpuResponse {
             Self::Booted => "Booted",
             Self::Saved(_) => "Saved",
             Self::Restored => "Restored",
+            Self::Sandboxed => "Sandboxed",
+            Self::SandboxFailed(_) => "SandboxFailed",
             Self::NotPaused => "NotPaused",
             Self::Failed(_) => "Failed",
         })
@@ -126,6 +134,10 @@ pub(super) fn vcpu_main<V: Vm>(
                 Ok(()) => VcpuResponse::Restored,
                 Err(e) => VcpuResponse::Failed(e),
             },
+            VcpuEvent::Sandbox(s) => match s.enter_thread(crate::sandbox::ThreadClass::Vcpu) {
+                Ok(()) => VcpuResponse::Sandboxed,
+                Err(e) => VcpuResponse::SandboxFailed(e),
+            },
             VcpuEvent::Resume => {
                 if id == 0 {
                     core.timings.phase("first_vcpu_entry");
@@ -167,7 +179,12 @@ fn run<V: Vm>(
                     Ok(VcpuEvent::Resume) => {
                         let _ = resp.send(VcpuResponse::Resumed);
                     }
-                    Ok(VcpuEvent::Boot(_) | VcpuEvent::SaveState | VcpuEvent::RestoreState(_)) => {
+                    Ok(
+                        VcpuEvent::Boot(_)
+                        | VcpuEvent::SaveState
+                        | VcpuEvent::RestoreState(_)
+                        | VcpuEvent::Sandbox(_),
+                    ) => {
                         let _ = resp.send(VcpuResponse::NotPaused);
                     }
                     Err(TryRecvError::Empty) => break,
