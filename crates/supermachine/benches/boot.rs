@@ -108,31 +108,51 @@ fn main() {
     .unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_supermachine"));
 
-    let sm = |_: usize| {
+    let sm = |extra: &[&str]| {
         let mut c = Command::new(bin);
         c.args(["boot", "--kernel"])
             .arg(&elf)
-            .args(["--memory", "256M"]);
+            .args(["--memory", "256M"])
+            .args(extra);
         time_first_byte(c, true)
     };
-    // One warm-up run so the binary and ELF are in the page cache.
-    sm(0);
-    let samples: Vec<Sample> = (0..runs).map(sm).collect();
-    let (fb_med, fb_min, fb_max) = stats(samples.iter().map(|s| s.first_byte).collect());
-    let (ex_med, ex_min, ex_max) = stats(samples.iter().filter_map(|s| s.exit).collect());
-    let mut rss: Vec<i64> = samples.iter().filter_map(|s| s.max_rss_kib).collect();
-    rss.sort();
-    println!("supermachine boot, tiny PVH guest, 256 MiB, {runs} runs:");
+    // One warm-up run of each so the binary and ELF are in the page cache; then
+    // sandboxed (the default) and --no-sandbox runs alternate, so both see the
+    // same machine.
+    sm(&[]);
+    sm(&["--no-sandbox"]);
+    let mut on = Vec::with_capacity(runs);
+    let mut off = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        on.push(sm(&[]));
+        off.push(sm(&["--no-sandbox"]));
+    }
+    let report = |what: &str, samples: &[Sample]| -> (f64, f64, f64) {
+        let (fb_med, fb_min, fb_max) = stats(samples.iter().map(|s| s.first_byte).collect());
+        let (ex_med, ex_min, ex_max) = stats(samples.iter().filter_map(|s| s.exit).collect());
+        let mut rss: Vec<i64> = samples.iter().filter_map(|s| s.max_rss_kib).collect();
+        rss.sort();
+        let rss_med = rss[rss.len() / 2] as f64 / 1024.0;
+        println!("supermachine boot{what}, tiny PVH guest, 256 MiB, {runs} runs:");
+        println!(
+            "  start -> first guest byte: median {fb_med:.2} ms (min {fb_min:.2}, max {fb_max:.2})"
+        );
+        println!(
+            "  start -> process exit:     median {ex_med:.2} ms (min {ex_min:.2}, max {ex_max:.2})"
+        );
+        println!(
+            "  peak RSS: median {rss_med:.2} MiB (max {:.2} MiB)",
+            rss[rss.len() - 1] as f64 / 1024.0
+        );
+        (fb_med, ex_med, rss_med)
+    };
+    let (fb_med, ex_on, rss_on) = report(" (sandboxed, the default)", &on);
+    let (fb_off, ex_off, rss_off) = report(" --no-sandbox", &off);
     println!(
-        "  start -> first guest byte: median {fb_med:.2} ms (min {fb_min:.2}, max {fb_max:.2})"
-    );
-    println!(
-        "  start -> process exit:     median {ex_med:.2} ms (min {ex_min:.2}, max {ex_max:.2})"
-    );
-    println!(
-        "  peak RSS: median {:.2} MiB (max {:.2} MiB)",
-        rss[rss.len() / 2] as f64 / 1024.0,
-        rss[rss.len() - 1] as f64 / 1024.0
+        "  sandbox cost (medians): first byte {:+.2} ms, exit {:+.2} ms, peak RSS {:+.2} MiB",
+        fb_med - fb_off,
+        ex_on - ex_off,
+        rss_on - rss_off
     );
 
     let qemu_ok = Command::new("qemu-system-x86_64")

@@ -43,6 +43,8 @@ pub struct AgentConn<C> {
     conn: C,
     decoder: FrameDecoder,
     buf: Vec<u8>,
+    /// Bytes read after `Ready` in the same read, for `run_process`.
+    pending: Vec<u8>,
 }
 
 /// How the opening of the control channel failed.
@@ -85,6 +87,7 @@ impl<C: Read + Write> AgentConn<C> {
             conn,
             decoder: FrameDecoder::new(),
             buf: vec![0u8; 64 * 1024],
+            pending: Vec::new(),
         };
         let mut heard = false;
         loop {
@@ -105,8 +108,9 @@ impl<C: Read + Write> AgentConn<C> {
             while let Some(raw) = me.decoder.decode(&mut input).map_err(AgentError::Frame)? {
                 match raw.to_frame().map(|f| f.message) {
                     Ok(Message::Ready { .. }) => {
-                        // Nothing follows Ready before the host speaks again; a
-                        // frame that did would be a protocol error anyway.
+                        // Whatever came with it (a heartbeat) is the
+                        // conversation's next bytes.
+                        me.pending = input.to_vec();
                         return Ok(me);
                     }
                     Ok(Message::Error { message }) => return Err(AgentError::Guest(message).into()),
@@ -144,12 +148,17 @@ impl<C: Read + Write> AgentConn<C> {
         send(conn, MAIN_PROCESS_STREAM, &Message::Start)?;
 
         let mut guest_error: Option<String> = None;
+        let mut pending = std::mem::take(&mut self.pending);
         loop {
-            let n = conn.read(&mut self.buf)?;
-            if n == 0 {
-                return Err(guest_error.map_or(AgentError::Closed, AgentError::Guest));
-            }
-            let mut input = &self.buf[..n];
+            let mut input: &[u8] = if pending.is_empty() {
+                let n = conn.read(&mut self.buf)?;
+                if n == 0 {
+                    return Err(guest_error.map_or(AgentError::Closed, AgentError::Guest));
+                }
+                &self.buf[..n]
+            } else {
+                &pending
+            };
             while let Some(raw) = self.decoder.decode(&mut input)? {
                 // An undecodable payload is not fatal (the decoder is at a frame
                 // boundary): skip it.
@@ -175,6 +184,7 @@ impl<C: Read + Write> AgentConn<C> {
                     _ => {}
                 }
             }
+            pending.clear();
         }
     }
 
@@ -264,6 +274,46 @@ mod tests {
         assert_eq!(err, b"err");
         // The host spoke first with a Hello frame.
         assert_eq!(agent.into_inner().written[0], agent_protocol::MAGIC);
+    }
+
+    /// A fake guest whose whole reply arrives in one read.
+    struct Whole(std::io::Cursor<Vec<u8>>);
+    impl Read for Whole {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl Write for Whole {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn frames_that_arrive_with_ready_in_one_read_are_not_lost() {
+        let mut reply = Vec::new();
+        for (s, m) in [
+            (
+                0,
+                Message::Ready {
+                    protocol_version: 1,
+                    agent_version: "g".into(),
+                },
+            ),
+            (0, Message::Heartbeat { seq: 1 }),
+            (1, Message::Stdout(b"early".to_vec())),
+            (1, Message::Exited(ExitStatus::Code(7))),
+        ] {
+            encode_frame(s, &m, &mut reply).unwrap();
+        }
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut agent = AgentConn::hello(Whole(std::io::Cursor::new(reply))).unwrap();
+        let st = agent.run_process(spec(), &mut out, &mut err).unwrap();
+        assert_eq!(st, ExitStatus::Code(7));
+        assert_eq!(out, b"early");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub use runner::resources::{
 /// The guest's vsock context id when none is given (the first one virtio-vsock
 /// does not reserve: 0-2 are the hypervisor, local and host, virtio 1.2 §5.10.4).
 pub const DEFAULT_GUEST_CID: u64 = 3;
+pub use runner::sandbox;
+pub use runner::sandbox::{SandboxMode, SandboxReport};
 pub use runner::timings::Timings;
 pub use runner::vmm::{GuestExit, RunOutcome};
 
@@ -114,6 +116,9 @@ pub enum Error {
         agent: String,
     },
     /// The request cannot be carried out as given.
+    /// The VMM could not be sandboxed.
+    #[error("cannot sandbox the VMM (--no-sandbox runs without it, for debugging only)")]
+    Sandbox(#[source] runner::vmm::ControlError),
     #[error("{0}")]
     Usage(String),
 }
@@ -174,6 +179,10 @@ pub struct BootConfig {
     pub network: Option<NetSpec>,
     /// A virtio-vsock device; `None` = none.
     pub vsock: Option<VsockSpec>,
+    /// Confine the VMM once the VM is built (`sandbox`): `None` (the library's
+    /// default) runs without. The sandbox confines the calling thread too;
+    /// the CLI turns it on unless told `--no-sandbox`.
+    pub sandbox: Option<SandboxMode>,
 }
 
 /// Resolves a [`BootConfig`] into concrete resources (provisioning the kernel and
@@ -279,10 +288,55 @@ pub fn boot_with_console(
     if let Some(i) = interrupt {
         i.attach(vmm.stop_handle());
     }
+    if let Some(mode) = cfg.sandbox {
+        enter_sandbox(&vmm, &res, mode)?;
+    }
     vmm.start().map_err(runner::vmm::RunError::from)?;
+    if cfg.sandbox.is_some() {
+        sandbox_selftest();
+    }
     let outcome = vmm.wait()?;
     match interrupt.and_then(Interrupt::signal) {
         Some(signal) => Err(Error::Interrupted { signal }),
         None => Ok(outcome),
+    }
+}
+
+/// Confines a built VM's VMM (`runner::sandbox`) before its guest runs, with
+/// the paths its resources name.
+pub(crate) fn enter_sandbox<V: hypervisor::Vm + 'static>(
+    vmm: &runner::vmm::Vmm<V>,
+    res: &VmResources,
+    mode: SandboxMode,
+) -> Result<SandboxReport, Error> {
+    let cfg = runner::sandbox::SandboxConfig::for_resources(res, mode);
+    let report = vmm.enter_sandbox(&cfg).map_err(Error::Sandbox)?;
+    if !report.unconfined_threads.is_empty() {
+        tracing::warn!(
+            "threads the VMM's sandbox does not cover: {}",
+            report.unconfined_threads.join(", ")
+        );
+    }
+    tracing::debug!("VMM sandboxed: {report:?}");
+    Ok(report)
+}
+
+/// Test hook, for the sandbox's own tests only (docs/security.md): with
+/// `SUPERMACHINE_SANDBOX_SELFTEST=syscall` the sandboxed VMM's controlling
+/// thread makes a call its filter refuses (`getppid`), which must end the
+/// process with the sandbox's report; with `open:PATH` it tries to open PATH
+/// and says on stderr how that went. It only ever hurts the process that asks.
+pub(crate) fn sandbox_selftest() {
+    let Some(v) = std::env::var_os("SUPERMACHINE_SANDBOX_SELFTEST") else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    if v == "syscall" {
+        let _ = std::os::unix::process::parent_id();
+    } else if let Some(path) = v.strip_prefix("open:") {
+        match std::fs::File::open(path) {
+            Ok(_) => eprintln!("sandbox selftest: opened {path}"),
+            Err(e) => eprintln!("sandbox selftest: cannot open {path}: {e}"),
+        }
     }
 }

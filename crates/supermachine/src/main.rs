@@ -59,6 +59,11 @@ enum Command {
         /// a guest port; guest connections to host port P go to PATH_P.
         #[arg(long, value_name = "PATH")]
         vsock_uds: Option<PathBuf>,
+        /// Run the VMM without its sandbox (seccomp filters, landlock, rlimits):
+        /// for debugging only. SUPERMACHINE_SANDBOX=off does the same; =log lets
+        /// refused calls through and has the kernel log them.
+        #[arg(long)]
+        no_sandbox: bool,
     },
     /// Print the path of the guest kernel (provisioning it and building its
     /// initramfs on first use).
@@ -114,6 +119,11 @@ enum Command {
         /// before the VM is stopped and the run fails (default 600).
         #[arg(long, value_name = "SECONDS")]
         agent_timeout: Option<u64>,
+        /// Run the VMM without its sandbox (seccomp filters, landlock, rlimits):
+        /// for debugging only. SUPERMACHINE_SANDBOX=off does the same; =log lets
+        /// refused calls through and has the kernel log them.
+        #[arg(long)]
+        no_sandbox: bool,
         /// The image.
         image: String,
         /// Command and arguments (replace the image's Cmd).
@@ -156,6 +166,11 @@ fn interrupt_on_signals() -> Option<supermachine::Interrupt> {
     let spawned = std::thread::Builder::new()
         .name("sm-signals".into())
         .spawn(move || {
+            // This thread exists before the VMM's sandbox does; it confines
+            // itself (the sandbox is planned), so no thread is left out.
+            if let Err(e) = supermachine::sandbox::confine_helper_thread() {
+                tracing::warn!("the signal thread is not sandboxed: {e}");
+            }
             for signal in signals.forever() {
                 for_thread.trigger(signal);
             }
@@ -165,6 +180,34 @@ fn interrupt_on_signals() -> Option<supermachine::Interrupt> {
         return None;
     }
     Some(interrupt)
+}
+
+/// The sandbox the VMM enters: on unless `--no-sandbox` or
+/// `SUPERMACHINE_SANDBOX=off`; `SUPERMACHINE_SANDBOX=log` only logs refused
+/// calls. None where the platform has no sandbox.
+fn sandbox_mode(no_sandbox: bool) -> Option<supermachine::SandboxMode> {
+    use supermachine::SandboxMode;
+    if !supermachine::sandbox::SUPPORTED {
+        tracing::debug!("this platform has no VMM sandbox");
+        return None;
+    }
+    if no_sandbox {
+        return None;
+    }
+    let mode = match std::env::var("SUPERMACHINE_SANDBOX").as_deref() {
+        Ok("off") => return None,
+        Ok("log") => SandboxMode::Log,
+        Ok("" | "on" | "enforce") | Err(_) => SandboxMode::Enforce,
+        Ok(other) => {
+            eprintln!(
+                "supermachine: warning: SUPERMACHINE_SANDBOX={other} is not off, log or on; the sandbox is on"
+            );
+            SandboxMode::Enforce
+        }
+    };
+    // Before any thread starts: helper threads confine themselves.
+    supermachine::sandbox::plan(mode);
+    Some(mode)
 }
 
 /// The exit code of a failed command: 128 + the signal that stopped it, else
@@ -269,7 +312,9 @@ fn main() -> ExitCode {
             network,
             vsock_cid,
             vsock_uds,
+            no_sandbox,
         } => {
+            let sandbox = sandbox_mode(no_sandbox);
             let network = match supermachine::NetSpec::parse(&network) {
                 Ok(n) => n,
                 Err(e) => return fail(&e),
@@ -288,6 +333,7 @@ fn main() -> ExitCode {
                 disks,
                 network,
                 vsock,
+                sandbox,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             let interrupt = interrupt_on_signals();
@@ -321,9 +367,11 @@ fn main() -> ExitCode {
             network,
             vsock_uds,
             agent_timeout,
+            no_sandbox,
             image,
             args,
         } => {
+            let sandbox = sandbox_mode(no_sandbox);
             let network = match supermachine::NetSpec::parse(&network) {
                 Ok(n) => n,
                 Err(e) => return fail(&e),
@@ -345,6 +393,7 @@ fn main() -> ExitCode {
                 vsock_uds,
                 agent_timeout: agent_timeout.map(std::time::Duration::from_secs),
                 interrupt: interrupt_on_signals(),
+                sandbox,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(

@@ -62,6 +62,9 @@ pub struct RunOptions {
     pub interrupt: Option<crate::Interrupt>,
     /// How long the guest may take to answer on its agent channel; `None` = 600 s.
     pub agent_timeout: Option<Duration>,
+    /// Confine the VMM once the VM is built (`runner::sandbox`); `None` (the
+    /// library's default) runs without. It confines the calling thread too.
+    pub sandbox: Option<crate::SandboxMode>,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -350,6 +353,7 @@ pub fn run(
         disks: Vec::new(),
         network: opts.network.clone(),
         vsock: None,
+        sandbox: opts.sandbox,
     };
     let mut res = crate::resolve(&cfg)?;
     {
@@ -386,6 +390,12 @@ pub fn run(
     let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
     if let Some(i) = &opts.interrupt {
         i.attach(vmm.stop_handle());
+    }
+    // Before the agent thread starts (it inherits the confinement) and before
+    // the guest runs. The image was pulled and converted above, unconfined,
+    // before any guest code existed.
+    if let Some(mode) = opts.sandbox {
+        crate::enter_sandbox(&vmm, &res, mode)?;
     }
     let stop = vmm.stop_handle();
     let vsock = vmm.vsock().ok_or_else(|| {
@@ -441,7 +451,12 @@ pub fn run(
     };
     // A VM that fails to start is stopped when it is dropped here.
     let vm_result = match vmm.start() {
-        Ok(()) => vmm.wait(),
+        Ok(()) => {
+            if opts.sandbox.is_some() {
+                crate::sandbox_selftest();
+            }
+            vmm.wait()
+        }
         Err(e) => Err(runner::vmm::RunError::from(e)),
     };
     drop(vm_ended_tx);

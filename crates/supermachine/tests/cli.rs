@@ -368,3 +368,165 @@ fn run_whose_agent_never_answers_fails_within_its_agent_timeout_and_leaves_nothi
     );
     assert_eq!(processes_naming(&k), 0, "processes of the run are left");
 }
+
+/// `boot` of a guest that counts forever, once its first output is out.
+fn start_heartbeat(k: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    let mut child = Command::new(bin())
+        .args(["boot", "--kernel", k.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    child
+}
+
+/// `Key:\tvalue` of a /proc status file.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn boot_runs_sandboxed_every_thread_filtered_with_no_new_privs() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("sandboxed");
+    let k = d.join("heartbeat.elf");
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&test_guests::heartbeat_code(20_000)),
+    )
+    .unwrap();
+    let uds = d.join("v.sock");
+    let mut child = start_heartbeat(
+        &k,
+        &["--cpus", "2", "--vsock-uds", uds.to_str().unwrap()],
+        &[],
+    );
+    let proc_dir = PathBuf::from(format!("/proc/{}", child.id()));
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    let mut threads = Vec::new();
+    for t in std::fs::read_dir(proc_dir.join("task")).unwrap().flatten() {
+        let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        threads.push((
+            status_field(&s, "Name:"),
+            status_field(&s, "Seccomp:"),
+            status_field(&s, "NoNewPrivs:"),
+        ));
+    }
+    let limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status_field(&status, "Seccomp:"), "2", "{status}");
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{status}");
+    for name in ["supermachine", "sm-signals", "vcpu0", "vcpu1", "sm-devices"] {
+        assert!(
+            threads.iter().any(|(n, _, _)| n == name),
+            "no {name} thread: {threads:?}"
+        );
+    }
+    for (name, seccomp, nnp) in &threads {
+        assert!(
+            seccomp == "2" && nnp == "1",
+            "thread {name} is not confined: {threads:?}"
+        );
+    }
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default();
+    assert!(nofile.contains(" 4096 "), "{nofile}");
+
+    // --no-sandbox: nothing of it.
+    let mut child = start_heartbeat(&k, &["--no-sandbox"], &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status_field(&status, "Seccomp:"), "0", "{status}");
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "0", "{status}");
+}
+
+#[test]
+fn a_call_outside_the_sandbox_ends_the_vmm_with_a_message_naming_it() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("violation");
+    let k = tiny_guest(&d, b"hi\n", 0);
+    let o = Command::new(bin())
+        .args(["boot", "--kernel", k.to_str().unwrap()])
+        .env("SUPERMACHINE_SANDBOX_SELFTEST", "syscall")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(159), "stderr: {err}");
+    assert!(
+        err.contains("its controlling thread made the system call getppid (110), which its seccomp filter does not allow"),
+        "stderr: {err}"
+    );
+    assert_eq!(processes_naming(&k), 0, "processes of the VMM are left");
+}
+
+/// Whether this kernel has landlock (its ABI version, or an error).
+fn landlock_abi() -> Option<i64> {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    // only returns the ABI version; no memory is passed.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
+    (v > 0).then_some(v)
+}
+
+#[test]
+fn the_sandboxed_vmm_opens_only_the_files_its_vm_uses() {
+    if !kvm_usable() {
+        return;
+    }
+    if landlock_abi().is_none() {
+        eprintln!("skipped: this kernel has no landlock");
+        return;
+    }
+    let d = tmpdir("landlock");
+    let k = tiny_guest(&d, b"hi\n", 0);
+    let other = d.join("secret");
+    std::fs::write(&other, b"not the VM's").unwrap();
+    let selftest = |path: &Path| {
+        let o = Command::new(bin())
+            .args(["boot", "--kernel", k.to_str().unwrap()])
+            .env(
+                "SUPERMACHINE_SANDBOX_SELFTEST",
+                format!("open:{}", path.display()),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = selftest(&other);
+    assert!(
+        err.contains(&format!(
+            "sandbox selftest: cannot open {}: Permission denied",
+            other.display()
+        )),
+        "stderr: {err}"
+    );
+    // The VM's own kernel is in its set.
+    let err = selftest(&k);
+    assert!(
+        err.contains(&format!("sandbox selftest: opened {}", k.display())),
+        "stderr: {err}"
+    );
+}

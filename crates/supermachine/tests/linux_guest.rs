@@ -1647,10 +1647,16 @@ fn run_in_rig(p: &Payload, filter: Option<&str>) -> bool {
         let mut cmd = Command::new(workspace_root().join("tests/nested/rig"));
         cmd.env("RIG_KERNEL", &p.assets.kernel)
             .env("RIG_MODULES", &modules);
+        // The VMM's own knobs pass through (SUPERMACHINE_SANDBOX=log with
+        // RIG_APPEND=loglevel=7 lists every call the sandbox would refuse).
+        let knobs: String = ["SUPERMACHINE_SANDBOX", "SUPERMACHINE_LOG"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| format!(" {k}={v}")))
+            .collect();
         cmd.env(
             "RIG_ENV",
             format!(
-                "{IN_RIG}=1 XDG_CACHE_HOME=/payload/cache SM_TEST_BIN=/payload/supermachine SM_TEST_PAYLOAD=/payload SM_TEST_FILTER={} {}",
+                "{IN_RIG}=1 XDG_CACHE_HOME=/payload/cache SM_TEST_BIN=/payload/supermachine SM_TEST_PAYLOAD=/payload SM_TEST_FILTER={} {}{knobs}",
                 todo.join("|"),
                 p.images.env_line()
             ),
