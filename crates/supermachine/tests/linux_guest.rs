@@ -1649,10 +1649,14 @@ fn run_in_rig(p: &Payload, filter: Option<&str>) -> bool {
             .env("RIG_MODULES", &modules);
         // The VMM's own knobs pass through (SUPERMACHINE_SANDBOX=log with
         // RIG_APPEND=loglevel=7 lists every call the sandbox would refuse).
-        let knobs: String = ["SUPERMACHINE_SANDBOX", "SUPERMACHINE_LOG"]
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| format!(" {k}={v}")))
-            .collect();
+        let knobs: String = [
+            "SUPERMACHINE_SANDBOX",
+            "SUPERMACHINE_SANDBOX_SELFTEST",
+            "SUPERMACHINE_LOG",
+        ]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!(" {k}={v}")))
+        .collect();
         cmd.env(
             "RIG_ENV",
             format!(

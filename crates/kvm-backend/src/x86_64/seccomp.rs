@@ -11,6 +11,7 @@
 use kvm_bindings::*;
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
+ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
@@ -47,11 +48,13 @@ ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 
 /// Requests a vCPU thread makes: `KVM_RUN`, its own state read and written
-/// while parked (boot entry state, save, restore), and `KVM_IRQ_LINE` for the
-/// legacy devices (serial, power) whose port writes it handles.
+/// while parked (boot entry state, save, restore; a save asks the VM whether
+/// it has XCRs), and `KVM_IRQ_LINE` for the legacy devices (serial, power)
+/// whose port writes it handles.
 pub fn vcpu_ioctls() -> Vec<u64> {
     [
         KVM_RUN(),
+        KVM_CHECK_EXTENSION(),
         KVM_GET_REGS(),
         KVM_SET_REGS(),
         KVM_GET_SREGS(),
@@ -91,6 +94,7 @@ pub fn device_ioctls() -> Vec<u64> {
 /// deregistration of ioeventfds and irqfds when the VM is torn down.
 pub fn vm_ioctls() -> Vec<u64> {
     [
+        KVM_CHECK_EXTENSION(),
         KVM_IRQ_LINE(),
         KVM_GET_IRQCHIP(),
         KVM_SET_IRQCHIP(),

@@ -185,3 +185,85 @@ fn landlock_keeps_the_controller_to_its_paths() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_sandboxed_vmm_runs_pauses_saves_and_resumes_its_guest() {
+    if std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("skipped: /dev/kvm cannot be opened here");
+        return;
+    }
+    if is_child() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Console(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Console {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = PathBuf::from(std::env::var("SM_DIR").expect("SM_DIR"));
+        let elf = dir.join("heartbeat.elf");
+        let mut res = VmResources::new(elf);
+        res.memory = 16 << 20;
+        res.vcpus = 2;
+        let hv = crate::backend::open().expect("open /dev/kvm");
+        let console = Console::default();
+        let vmm = crate::vmm::Vmm::build(
+            &hv,
+            &res,
+            Box::new(console.clone()),
+            Arc::new(crate::timings::Timings::start()),
+        )
+        .expect("build");
+        let report = vmm
+            .enter_sandbox(&SandboxConfig::for_resources(&res, SandboxMode::Enforce))
+            .expect("sandbox");
+        println!("unconfined: {:?}", report.unconfined_threads);
+        vmm.start().expect("start");
+        let beats = |c: &Console| c.0.lock().unwrap_or_else(|e| e.into_inner()).len();
+        while beats(&console) < 64 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        vmm.pause().expect("pause");
+        let state = vmm.save_state().expect("save");
+        println!("saved {} vCPUs", state.vcpus.len());
+        let before = beats(&console);
+        vmm.resume().expect("resume");
+        while beats(&console) < before + 64 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        vmm.stop();
+        let outcome = vmm.wait().expect("wait");
+        println!("ended {:?}", outcome.exit);
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sm-sandbox-vmm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("heartbeat.elf"),
+        test_guests::pvh_elf(&test_guests::heartbeat_code(500)),
+    )
+    .expect("write");
+    let out = child(
+        "a_sandboxed_vmm_runs_pauses_saves_and_resumes_its_guest",
+        &[("SM_DIR", dir.to_str().expect("utf-8"))],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("saved 2 vCPUs"), "{stdout}");
+    assert!(stdout.contains("ended Stopped"), "{stdout}");
+}
