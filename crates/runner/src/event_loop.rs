@@ -205,6 +205,16 @@ impl EventLoopHandle {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Option<R> {
+        self.send_to_loop(f)?.recv().ok()
+    }
+
+    /// Hands `f` to the loop's own thread without waiting; its result arrives
+    /// on the receiver (which reports a disconnect if the loop ends first).
+    /// `None` if the loop has ended.
+    pub fn send_to_loop<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Option<std::sync::mpsc::Receiver<R>> {
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let mut h = self.control.hold_state();
@@ -216,7 +226,7 @@ impl EventLoopHandle {
             }));
         }
         self.control.wake();
-        rx.recv().ok()
+        Some(rx)
     }
 
     /// Lets a held loop go on; it then re-reads every device's fd set.

@@ -1,5 +1,6 @@
 //! What a VM is made of, validated before anything is built.
 
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -83,7 +84,7 @@ pub enum ResourceError {
 }
 
 /// A disk image attached as a virtio-blk device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
     /// Raw image file (or block device).
     pub path: PathBuf,
@@ -110,7 +111,7 @@ impl DiskSpec {
 }
 
 /// A virtio-vsock device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockSpec {
     /// The guest's context id (3 or more; 0-2 are reserved by the spec).
     pub cid: u64,
@@ -120,7 +121,7 @@ pub struct VsockSpec {
 }
 
 /// Where a virtio-net device's frames go on the host.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NetBackendSpec {
     /// A `passt` process the VMM starts (rootless user-mode networking: the guest
     /// reaches what the host reaches). The guest's addresses follow the host's
@@ -144,13 +145,56 @@ pub enum NetBackendSpec {
 /// (`sm.net=ADDR/PREFIX,GW,DNS`).
 pub type GuestIpConfig = agent_protocol::cmdline::NetConfig;
 
+/// serde for the guest's IPv4 setup, which agent-protocol (serde-free by
+/// design) defines: a snapshot records the resources.
+mod guest_ip_serde {
+    use std::net::Ipv4Addr;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::GuestIpConfig;
+
+    #[derive(Serialize, Deserialize)]
+    struct Ip {
+        addr: Ipv4Addr,
+        prefix: u8,
+        gateway: Option<Ipv4Addr>,
+        dns: Option<Ipv4Addr>,
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<GuestIpConfig>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.map(|c| Ip {
+            addr: c.addr,
+            prefix: c.prefix,
+            gateway: c.gateway,
+            dns: c.dns,
+        })
+        .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<GuestIpConfig>, D::Error> {
+        Ok(Option::<Ip>::deserialize(d)?.map(|i| GuestIpConfig {
+            addr: i.addr,
+            prefix: i.prefix,
+            gateway: i.gateway,
+            dns: i.dns,
+        }))
+    }
+}
+
 /// A virtio-net device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetSpec {
     /// The host side.
     pub backend: NetBackendSpec,
     /// The guest's IPv4 setup; for passt the runner derives it (and any value
     /// here is replaced), for TAP it is what the user gave, if anything.
+    #[serde(with = "guest_ip_serde")]
     pub guest: Option<GuestIpConfig>,
 }
 
@@ -214,7 +258,7 @@ impl NetSpec {
 }
 
 /// How a VM is built and booted.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmResources {
     /// Guest kernel (bzImage, or ELF with a PVH entry).
     pub kernel: PathBuf,

@@ -424,12 +424,13 @@ impl DeviceEvents {
         self.handle.wait_paused();
     }
 
-    /// Runs `f` on the loop's thread; `None` if the loop has ended.
-    pub fn run_on_loop<R: Send + 'static>(
+    /// Hands `f` to the loop's thread; its result arrives on the receiver.
+    /// `None` if the loop has ended.
+    pub fn send_to_loop<R: Send + 'static>(
         &self,
         f: impl FnOnce() -> R + Send + 'static,
-    ) -> Option<R> {
-        self.handle.run_on_loop(f)
+    ) -> Option<std::sync::mpsc::Receiver<R>> {
+        self.handle.send_to_loop(f)
     }
 
     /// Ends the loop and joins its thread. Its queue notifications stay

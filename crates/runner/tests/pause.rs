@@ -18,7 +18,7 @@ use common::hypervisor;
 use kvm_backend::KvmHypervisor;
 use runner::resources::VmResources;
 use runner::timings::Timings;
-use runner::vmm::{GuestExit, RamImage, RunError, Vmm};
+use runner::vmm::{GuestExit, RunError, Snapshot, Vmm};
 use test_guests::{parse_heartbeats, Beat, HEARTBEAT_COUNTERS};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -191,21 +191,20 @@ fn saved_state_restored_into_a_fresh_vmm_continues_the_count() {
     vmm.start().unwrap();
     wait_for_beats(&first, vcpus, &[3, 3]);
     vmm.pause().unwrap();
-    let state = vmm.save_state().unwrap();
-    let ram = RamImage::capture(vmm.guest_memory()).unwrap();
+    let file = snapshot_path("restore");
+    vmm.snapshot(&file).unwrap();
     let saved_counters: Vec<u32> = (0..vcpus).map(|i| counter(&vmm, i)).collect();
     vmm.stop();
     vmm.wait().unwrap();
     let before = assert_consecutive(&first.bytes(), vcpus);
+    let captured = std::fs::read(&file).unwrap();
 
     let second = Console::default();
     let restored = Vmm::restore(
         &hv,
-        &res,
+        &Snapshot::open(&file).unwrap(),
         Box::new(second.clone()),
         Arc::new(Timings::start()),
-        &state,
-        &ram,
     )
     .unwrap();
     // Restored paused: the counters are where they were saved.
@@ -235,10 +234,23 @@ fn saved_state_restored_into_a_fresh_vmm_continues_the_count() {
     joined.extend_from_slice(&second.bytes());
     let last = assert_consecutive(&joined, vcpus);
     eprintln!("restore: saved at {before:?}, restored VM reached {last:?}");
+    // The guest wrote to its RAM after the restore: copy-on-write, the file
+    // is as captured.
+    assert!(
+        std::fs::read(&file).unwrap() == captured,
+        "the snapshot file changed"
+    );
+}
+
+/// A fresh path for a snapshot file of test `tag`.
+fn snapshot_path(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sm-pause-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("vm.snap")
 }
 
 #[test]
-fn saved_state_for_another_vcpu_count_is_refused() {
+fn a_snapshot_whose_state_does_not_fit_its_resources_is_refused() {
     let Some(hv) = hypervisor() else { return };
     let res = heartbeat("mismatch", 1);
     let console = Console::default();
@@ -246,18 +258,37 @@ fn saved_state_for_another_vcpu_count_is_refused() {
     vmm.start().unwrap();
     wait_for_beats(&console, 1, &[]);
     vmm.pause().unwrap();
-    let state = vmm.save_state().unwrap();
-    let ram = RamImage::capture(vmm.guest_memory()).unwrap();
+    let file = snapshot_path("mismatch");
+    vmm.snapshot(&file).unwrap();
     drop(vmm);
-    let mut two = res.clone();
-    two.vcpus = 2;
+    // A file whose resources say two vCPUs but whose state has one (the
+    // checksums are right: it was written so).
+    let mut state = Snapshot::open(&file).unwrap().state().clone();
+    state.resources.vcpus = 2;
+    let lying = snapshot_path("mismatch-lying");
+    // Page-aligned zeroed RAM of the same size, as the writer needs.
+    let len = state.resources.memory as usize;
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)]).unwrap();
+    let host = vm_memory::GuestMemoryBackend::get_host_address(&mem, GuestAddress(0)).unwrap();
+    // SAFETY: `host .. host + len` is the one region `mem` maps and owns for
+    // this whole scope; nothing else writes it.
+    let bytes = unsafe { std::slice::from_raw_parts(host, len) };
+    snapshot::write(
+        &lying,
+        snapshot::Arch::X86_64,
+        snapshot::Backend::Kvm,
+        &state,
+        &[snapshot::RamSource {
+            guest_addr: 0,
+            bytes,
+        }],
+    )
+    .unwrap();
     let err = Vmm::restore(
         &hv,
-        &two,
+        &Snapshot::open(&lying).unwrap(),
         Box::new(std::io::sink()),
         Arc::new(Timings::start()),
-        &state,
-        &ram,
     )
     .unwrap_err();
     assert!(matches!(err, RunError::StateMismatch { .. }), "{err}");

@@ -14,12 +14,13 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 /// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"SMSNAPSH";
@@ -484,16 +485,28 @@ pub fn load_meta<S: DeserializeOwned>(
     arch: Arch,
     backend: Backend,
 ) -> Result<Meta<S>, SnapshotError> {
-    let mut f = File::open(path).map_err(|source| SnapshotError::Io {
+    let f = File::open(path).map_err(|source| SnapshotError::Io {
         what: "opening",
         path: path.to_path_buf(),
         source,
     })?;
+    load_meta_from(&f, path, arch, backend)
+}
+
+/// [`load_meta`] on a file already open (`path` names it in errors): a
+/// restore keeps the descriptor, so the RAM it maps is the file it checked.
+pub fn load_meta_from<S: DeserializeOwned>(
+    file: &File,
+    path: &Path,
+    arch: Arch,
+    backend: Backend,
+) -> Result<Meta<S>, SnapshotError> {
+    let mut f = file;
     read_meta(&mut f, path, arch, backend)
 }
 
 fn read_meta<S: DeserializeOwned>(
-    f: &mut File,
+    f: &mut &File,
     path: &Path,
     arch: Arch,
     backend: Backend,
@@ -628,69 +641,16 @@ fn check_layout(
     Ok(())
 }
 
-/// One region of guest RAM mapped copy-on-write from a snapshot file: reads come
-/// from the file (holes read as zeros), writes go to private pages and never
-/// reach the file. Unmapped on drop.
-#[derive(Debug)]
-pub struct MappedRegion {
-    /// The region.
-    pub region: RamRegion,
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is private to this value and plain memory; nothing in it
-// is tied to the thread that made it.
-unsafe impl Send for MappedRegion {}
-
-impl MappedRegion {
-    /// The mapping's address (for a hypervisor memory slot or a guest-memory
-    /// wrapper, which must not outlive this value).
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-
-    /// The mapping's length.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether it is empty (never: regions have pages).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The mapped bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr .. ptr + len` is our live mapping, readable, and only
-        // written through `as_mut_slice` (which needs `&mut self`).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    /// The mapped bytes, writable (copy-on-write: the file never changes).
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`; `&mut self` makes this the only access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for MappedRegion {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned; nothing refers to
-        // the mapping once its owner is dropped.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
-    }
-}
-
 /// Maps every RAM region of `meta` from the snapshot `file` (the one
-/// [`load_meta`] read it from), `MAP_PRIVATE`.
+/// [`load_meta`] read it from) copy-on-write (`MAP_PRIVATE | MAP_NORESERVE`):
+/// reads come from the file (holes read as zeros), writes go to private pages
+/// and never reach the file. The regions own their mappings (vm-memory unmaps
+/// them when the last user lets go), ready for a `GuestMemoryMmap`.
 pub fn map_ram<S>(
     file: &File,
     path: &Path,
     meta: &Meta<S>,
-) -> Result<Vec<MappedRegion>, SnapshotError> {
+) -> Result<Vec<GuestRegionMmap>, SnapshotError> {
     let file_len = file
         .metadata()
         .map_err(|source| SnapshotError::Io {
@@ -712,36 +672,32 @@ pub fn map_ram<S>(
                 len: file_len,
             });
         }
-        let (Ok(len), Ok(off)) = (usize::try_from(r.len), libc::off_t::try_from(at)) else {
+        let Ok(len) = usize::try_from(r.len) else {
             return Err(SnapshotError::BadLayout {
                 path: path.to_path_buf(),
                 why: format!("region at {:#x} does not fit this host", r.guest_addr),
             });
         };
-        // SAFETY: a fresh private file mapping of `len` bytes at page-aligned
-        // offset `off` (checked by load_meta) of a file we hold open; the
-        // kernel picks the address, so no existing mapping is touched.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                off,
-            )
+        let map_err = |source: io::Error| SnapshotError::Map {
+            path: path.to_path_buf(),
+            source,
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(SnapshotError::Map {
+        let own = file.try_clone().map_err(map_err)?;
+        // The offset is page-aligned and the region lies inside the file
+        // (load_meta and the check above); vm-memory maps it and owns it.
+        let region = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(own, at))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
+            SnapshotError::BadLayout {
                 path: path.to_path_buf(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        out.push(MappedRegion {
-            region: *r,
-            ptr: ptr.cast(),
-            len,
-        });
+                why: format!("region at {:#x} wraps the address space", r.guest_addr),
+            }
+        })?;
+        out.push(region);
     }
     Ok(out)
 }

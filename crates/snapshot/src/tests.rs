@@ -5,6 +5,14 @@
 use std::os::unix::fs::MetadataExt;
 
 use super::*;
+use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
+
+/// A mapped region's bytes.
+fn region_bytes(r: &GuestRegionMmap) -> Vec<u8> {
+    let mut v = vec![0u8; r.len() as usize];
+    r.read_slice(&mut v, MemoryRegionAddress(0)).unwrap();
+    v
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct TestState {
@@ -116,11 +124,14 @@ fn snapshot_round_trips_state_and_ram_copy_on_write_and_sparse() {
     );
     let file = File::open(&path).unwrap();
     let before = std::fs::read(&path).unwrap();
-    let mut mapped = map_ram(&file, &path, &meta).unwrap();
-    assert_eq!(mapped[0].as_slice(), a.bytes());
-    assert_eq!(mapped[1].as_slice(), b.bytes());
+    let mapped = map_ram(&file, &path, &meta).unwrap();
+    assert_eq!(region_bytes(&mapped[0]), a.bytes());
+    assert_eq!(region_bytes(&mapped[1]), b.bytes());
     // Copy-on-write: the guest writes, the file stays as captured.
-    mapped[0].as_mut_slice()[100] = 0xee;
+    mapped[0]
+        .write_slice(&[0xee], MemoryRegionAddress(100))
+        .unwrap();
+    assert_eq!(region_bytes(&mapped[0])[100], 0xee);
     drop(mapped);
     assert_eq!(std::fs::read(&path).unwrap(), before);
     // Sparse: 17 MiB of RAM, a few pages of data on disk.
@@ -141,8 +152,9 @@ fn snapshot_written_twice_and_loaded_ten_times_is_unchanged() {
     for _ in 0..10 {
         let meta: Meta<TestState> = load_meta(&path, Arch::X86_64, Backend::Kvm).unwrap();
         let file = File::open(&path).unwrap();
-        let mut m = map_ram(&file, &path, &meta).unwrap();
-        m[1].as_mut_slice().fill(7);
+        let m = map_ram(&file, &path, &meta).unwrap();
+        m[1].write_slice(&vec![7; MIB], MemoryRegionAddress(0))
+            .unwrap();
     }
     assert_eq!(std::fs::read(&path).unwrap(), first);
     write_test(&path, &a, &b);

@@ -116,6 +116,20 @@ pub enum Error {
         agent: String,
     },
     /// The request cannot be carried out as given.
+    /// The VM could not be captured.
+    #[error("cannot capture the VM to {path}")]
+    Capture {
+        path: PathBuf,
+        #[source]
+        source: runner::vmm::RunError,
+    },
+    /// The snapshot could not be restored.
+    #[error("cannot restore {path}")]
+    Restore {
+        path: PathBuf,
+        #[source]
+        source: runner::vmm::RunError,
+    },
     /// The VMM could not be sandboxed.
     #[error("cannot sandbox the VMM (--no-sandbox runs without it, for debugging only)")]
     Sandbox(#[source] runner::vmm::ControlError),
@@ -183,6 +197,21 @@ pub struct BootConfig {
     /// default) runs without. The sandbox confines the calling thread too;
     /// the CLI turns it on unless told `--no-sandbox`.
     pub sandbox: Option<SandboxMode>,
+    /// Capture the VM to a snapshot file once, while it runs.
+    pub capture: Option<Capture>,
+}
+
+/// When and where a running VM is captured to a snapshot file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// How long after the guest starts.
+    pub after: std::time::Duration,
+    /// The snapshot file (written atomically).
+    pub path: PathBuf,
+    /// Let the VM run on after the capture; otherwise it ends there (as
+    /// `docker checkpoint create` stops a container unless `--leave-running`),
+    /// and the run's outcome is [`GuestExit::Stopped`].
+    pub leave_running: bool,
 }
 
 /// Resolves a [`BootConfig`] into concrete resources (provisioning the kernel and
@@ -289,12 +318,24 @@ pub fn boot_with_console(
         i.attach(vmm.stop_handle());
     }
     if let Some(mode) = cfg.sandbox {
-        enter_sandbox(&vmm, &res, mode)?;
+        let dirs = cfg.capture.iter().map(|c| c.path.as_path());
+        enter_sandbox(&vmm, &res, mode, dirs)?;
     }
     vmm.start().map_err(runner::vmm::RunError::from)?;
     if cfg.sandbox.is_some() {
         sandbox_selftest();
     }
+    if let Some(c) = &cfg.capture {
+        capture_after(&vmm, c)?;
+    }
+    finish(vmm, interrupt)
+}
+
+/// Waits for the VM's end; a run an interrupt stopped is [`Error::Interrupted`].
+fn finish<V: hypervisor::Vm + 'static>(
+    vmm: runner::vmm::Vmm<V>,
+    interrupt: Option<&Interrupt>,
+) -> Result<RunOutcome, Error> {
     let outcome = vmm.wait()?;
     match interrupt.and_then(Interrupt::signal) {
         Some(signal) => Err(Error::Interrupted { signal }),
@@ -302,14 +343,98 @@ pub fn boot_with_console(
     }
 }
 
+/// Captures the running VM to `c.path` once `c.after` has passed (unless it
+/// ends first), then ends it or lets it run on.
+fn capture_after<V: hypervisor::Vm + 'static>(
+    vmm: &runner::vmm::Vmm<V>,
+    c: &Capture,
+) -> Result<(), Error> {
+    let stop = vmm.stop_handle();
+    let at = std::time::Instant::now() + c.after;
+    while std::time::Instant::now() < at {
+        if stop.is_ending() {
+            return Ok(());
+        }
+        std::thread::sleep(
+            at.saturating_duration_since(std::time::Instant::now())
+                .min(std::time::Duration::from_millis(5)),
+        );
+    }
+    let captured = vmm
+        .pause()
+        .map_err(runner::vmm::RunError::from)
+        .and_then(|()| vmm.snapshot(&c.path));
+    match captured {
+        Ok(()) => {}
+        // The VM ended meanwhile: nothing to capture.
+        Err(runner::vmm::RunError::Control(runner::vmm::ControlError::Ended)) => return Ok(()),
+        Err(e) => {
+            vmm.stop();
+            return Err(Error::Capture {
+                path: c.path.clone(),
+                source: e,
+            });
+        }
+    }
+    if !c.leave_running {
+        vmm.stop();
+        return Ok(());
+    }
+    match vmm.resume() {
+        Ok(()) | Err(runner::vmm::ControlError::Ended) => Ok(()),
+        Err(e) => Err(runner::vmm::RunError::from(e).into()),
+    }
+}
+
+/// Restores the VM in the snapshot file `path` (its resources come from the
+/// file) and runs it to its end, as [`boot_with_console`] runs a booted one.
+pub fn restore_with_console(
+    path: &std::path::Path,
+    sandbox: Option<SandboxMode>,
+    console: Box<dyn Write + Send>,
+    timings: Arc<Timings>,
+    interrupt: Option<&Interrupt>,
+) -> Result<RunOutcome, Error> {
+    let snap = runner::vmm::Snapshot::open(path).map_err(|source| Error::Restore {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    timings.phase("snapshot_opened");
+    let res = snap.resources().clone();
+    let hv = open_hypervisor(&res.kernel)?;
+    timings.phase("hypervisor_open");
+    let vmm = runner::vmm::Vmm::restore(&hv, &snap, console, timings).map_err(|source| {
+        Error::Restore {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    if let Some(i) = interrupt {
+        i.attach(vmm.stop_handle());
+    }
+    if let Some(mode) = sandbox {
+        enter_sandbox(&vmm, &res, mode, std::iter::empty())?;
+    }
+    vmm.start().map_err(runner::vmm::RunError::from)?;
+    finish(vmm, interrupt)
+}
+
 /// Confines a built VM's VMM (`runner::sandbox`) before its guest runs, with
 /// the paths its resources name.
-pub(crate) fn enter_sandbox<V: hypervisor::Vm + 'static>(
+pub(crate) fn enter_sandbox<'a, V: hypervisor::Vm + 'static>(
     vmm: &runner::vmm::Vmm<V>,
     res: &VmResources,
     mode: SandboxMode,
+    snapshot_files: impl Iterator<Item = &'a std::path::Path>,
 ) -> Result<SandboxReport, Error> {
-    let cfg = runner::sandbox::SandboxConfig::for_resources(res, mode);
+    let mut cfg = runner::sandbox::SandboxConfig::for_resources(res, mode);
+    // A snapshot is written beside its final name, then renamed.
+    for f in snapshot_files {
+        cfg.dirs.push(match f.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        });
+    }
     let report = vmm.enter_sandbox(&cfg).map_err(Error::Sandbox)?;
     if !report.unconfined_threads.is_empty() {
         tracing::warn!(

@@ -59,6 +59,21 @@ enum Command {
         /// a guest port; guest connections to host port P go to PATH_P.
         #[arg(long, value_name = "PATH")]
         vsock_uds: Option<PathBuf>,
+        /// Capture the VM to a snapshot file (--snapshot-out) this many
+        /// milliseconds after the guest starts; the VM then ends (exit 0)
+        /// unless --leave-running.
+        #[arg(long, value_name = "MS", requires = "snapshot_out")]
+        snapshot_after_ms: Option<u64>,
+        /// Where --snapshot-after-ms writes the snapshot (atomically).
+        #[arg(long, value_name = "PATH", requires = "snapshot_after_ms")]
+        snapshot_out: Option<PathBuf>,
+        /// Keep the VM running after --snapshot-after-ms captured it.
+        #[arg(long, requires = "snapshot_out")]
+        leave_running: bool,
+        /// Restore the VM in this snapshot file instead of booting a kernel: its
+        /// memory, devices and disks are the captured VM's.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "cpus", "disks", "vsock_cid", "vsock_uds", "snapshot_after_ms"])]
+        restore: Option<PathBuf>,
         /// Run the VMM without its sandbox (seccomp filters, landlock, rlimits):
         /// for debugging only. SUPERMACHINE_SANDBOX=off does the same; =log lets
         /// refused calls through and has the kernel log them.
@@ -180,6 +195,19 @@ fn interrupt_on_signals() -> Option<supermachine::Interrupt> {
         return None;
     }
     Some(interrupt)
+}
+
+/// The exit code of `boot`: the guest's status, or the failure's.
+fn boot_exit(r: Result<supermachine::RunOutcome, supermachine::Error>) -> ExitCode {
+    match r {
+        Ok(outcome) => {
+            if outcome.exit != supermachine::GuestExit::PowerOff {
+                eprintln!("supermachine: guest ended with {:?}", outcome.exit);
+            }
+            ExitCode::from(outcome.exit_code() as u8)
+        }
+        Err(e) => exit_for(&e),
+    }
 }
 
 /// The sandbox the VMM enters: on unless `--no-sandbox` or
@@ -312,9 +340,24 @@ fn main() -> ExitCode {
             network,
             vsock_cid,
             vsock_uds,
+            snapshot_after_ms,
+            snapshot_out,
+            leave_running,
+            restore,
             no_sandbox,
         } => {
             let sandbox = sandbox_mode(no_sandbox);
+            if let Some(path) = restore {
+                let timings = Arc::new(supermachine::Timings::start_at(start));
+                let interrupt = interrupt_on_signals();
+                return boot_exit(supermachine::restore_with_console(
+                    &path,
+                    sandbox,
+                    Box::new(std::io::stdout()),
+                    timings,
+                    interrupt.as_ref(),
+                ));
+            }
             let network = match supermachine::NetSpec::parse(&network) {
                 Ok(n) => n,
                 Err(e) => return fail(&e),
@@ -334,22 +377,29 @@ fn main() -> ExitCode {
                 network,
                 vsock,
                 sandbox,
+                capture: snapshot_out.map(|path| supermachine::Capture {
+                    after: std::time::Duration::from_millis(snapshot_after_ms.unwrap_or(0)),
+                    path,
+                    leave_running,
+                }),
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             let interrupt = interrupt_on_signals();
-            match supermachine::boot_with_console(
+            let captured_and_ended = cfg.capture.as_ref().filter(|c| !c.leave_running).cloned();
+            let r = supermachine::boot_with_console(
                 &cfg,
                 Box::new(std::io::stdout()),
                 timings,
                 interrupt.as_ref(),
-            ) {
-                Ok(outcome) => {
-                    if outcome.exit != supermachine::GuestExit::PowerOff {
-                        eprintln!("supermachine: guest ended with {:?}", outcome.exit);
-                    }
-                    ExitCode::from(outcome.exit_code() as u8)
+            );
+            match (r, captured_and_ended) {
+                // Ended by its capture (in `boot` nothing else stops a VM
+                // without an error): that is success.
+                (Ok(o), Some(c)) if o.exit == supermachine::GuestExit::Stopped => {
+                    eprintln!("supermachine: VM captured to {}", c.path.display());
+                    ExitCode::SUCCESS
                 }
-                Err(e) => exit_for(&e),
+                (r, _) => boot_exit(r),
             }
         }
         Command::Run {

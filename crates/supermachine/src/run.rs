@@ -354,6 +354,7 @@ pub fn run(
         network: opts.network.clone(),
         vsock: None,
         sandbox: opts.sandbox,
+        capture: None,
     };
     let mut res = crate::resolve(&cfg)?;
     {
@@ -395,7 +396,7 @@ pub fn run(
     // the guest runs. The image was pulled and converted above, unconfined,
     // before any guest code existed.
     if let Some(mode) = opts.sandbox {
-        crate::enter_sandbox(&vmm, &res, mode)?;
+        crate::enter_sandbox(&vmm, &res, mode, std::iter::empty())?;
     }
     let stop = vmm.stop_handle();
     let vsock = vmm.vsock().ok_or_else(|| {

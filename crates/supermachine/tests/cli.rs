@@ -530,3 +530,141 @@ fn the_sandboxed_vmm_opens_only_the_files_its_vm_uses() {
         "stderr: {err}"
     );
 }
+
+/// Every vCPU's beats in `out` are 1, 2, 3, ... with none lost or repeated;
+/// returns the last count of each.
+fn consecutive_beats(out: &[u8], vcpus: u32) -> Vec<u32> {
+    let beats = test_guests::parse_heartbeats(out).expect("heartbeat lines");
+    let mut last = vec![0u32; vcpus as usize];
+    for (i, b) in beats.iter().enumerate() {
+        let l = &mut last[b.vcpu as usize];
+        assert_eq!(
+            b.count,
+            *l + 1,
+            "line {i}: vCPU {} went from {l} to {}",
+            b.vcpu,
+            b.count
+        );
+        *l = b.count;
+    }
+    last
+}
+
+#[test]
+fn a_vm_captured_by_boot_is_restored_in_a_new_process_and_counts_on() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("snapshot");
+    let k = d.join("heartbeat.elf");
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&test_guests::heartbeat_code(2_000)),
+    )
+    .unwrap();
+    for vcpus in [1u32, 2] {
+        let snap = d.join(format!("vm{vcpus}.snap"));
+        let captured = Command::new(bin())
+            .args(["boot", "--kernel", k.to_str().unwrap(), "--memory", "64M"])
+            .args(["--cpus", &vcpus.to_string()])
+            .args(["--snapshot-after-ms", "200", "--snapshot-out"])
+            .arg(&snap)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&captured.stderr);
+        assert_eq!(captured.status.code(), Some(0), "stderr: {err}");
+        assert!(err.contains("VM captured to"), "stderr: {err}");
+        let before = consecutive_beats(&captured.stdout, vcpus);
+        assert!(
+            before.iter().all(|&c| c > 0),
+            "every vCPU beat before the capture: {before:?}"
+        );
+        let file_before = std::fs::read(&snap).unwrap();
+
+        // A new process restores it; its beats go on from the captured ones.
+        let mut restored = Command::new(bin())
+            .args(["boot", "--restore"])
+            .arg(&snap)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = captured.stdout.clone();
+        let mut stdout = restored.stdout.take().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+            assert!(n > 0, "the restored VM ended");
+            out.extend_from_slice(&buf[..n]);
+            let beats = test_guests::parse_heartbeats(&out).unwrap_or_default();
+            let mut last = vec![0u32; vcpus as usize];
+            for b in &beats {
+                last[b.vcpu as usize] = b.count;
+            }
+            if (0..vcpus as usize).all(|i| last[i] > before[i] + 20) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the restored VM did not count on: {last:?}"
+            );
+        }
+        let _ = restored.kill();
+        let _ = restored.wait();
+        // The capture's output and the restore's read as one run.
+        let after = consecutive_beats(&out, vcpus);
+        eprintln!("{vcpus} vCPU(s): captured at {before:?}, restored VM reached {after:?}");
+        assert_eq!(
+            std::fs::read(&snap).unwrap(),
+            file_before,
+            "the snapshot file changed"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_snapshot_is_refused_with_a_clear_error() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("snapshot-bad");
+    let k = d.join("heartbeat.elf");
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&test_guests::heartbeat_code(2_000)),
+    )
+    .unwrap();
+    let snap = d.join("vm.snap");
+    let o = Command::new(bin())
+        .args(["boot", "--kernel", k.to_str().unwrap(), "--memory", "64M"])
+        .args(["--snapshot-after-ms", "50", "--snapshot-out"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let good = std::fs::read(&snap).unwrap();
+    // A flipped byte in the state, and a file cut inside its RAM section.
+    let mut flipped = good.clone();
+    flipped[4096 + 10] ^= 0x40;
+    let cut = &good[..good.len() / 2];
+    for (what, bytes, needle) in [
+        ("flipped", flipped.as_slice(), "checksum"),
+        ("truncated", cut, "truncated"),
+    ] {
+        let bad = d.join(format!("{what}.snap"));
+        std::fs::write(&bad, bytes).unwrap();
+        let o = Command::new(bin())
+            .args(["boot", "--restore"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{what}: {err}");
+        assert!(
+            err.contains("cannot restore") && err.to_lowercase().contains(needle),
+            "{what}: {err}"
+        );
+        assert_eq!(processes_naming(&bad), 0, "{what}: processes are left");
+    }
+}

@@ -60,6 +60,29 @@ pub fn print_and_poweroff_code(text: &[u8], exit_status: u32) -> Vec<u8> {
     c
 }
 
+/// Where [`touch_code`] starts writing: above the code and its tables.
+pub const TOUCH_FROM: u64 = 2 << 20;
+
+/// 32-bit code that writes `bytes` bytes of guest RAM from [`TOUCH_FROM`] (so
+/// that many are dirty), writes `!` to COM1, then spins forever: a guest whose
+/// touched memory a snapshot's cost can be measured against.
+pub fn touch_code(bytes: u32) -> Vec<u8> {
+    let mut c = Vec::new();
+    // mov edi, TOUCH_FROM ; mov ecx, bytes / 4 ; mov eax, 0x5a5a5a5a ; rep stosd
+    c.push(0xbf);
+    c.extend_from_slice(&(TOUCH_FROM as u32).to_le_bytes());
+    c.push(0xb9);
+    c.extend_from_slice(&(bytes / 4).to_le_bytes());
+    c.push(0xb8);
+    c.extend_from_slice(&0x5a5a_5a5au32.to_le_bytes());
+    c.extend_from_slice(&[0xf3, 0xab]);
+    // mov dx, 0x3f8 ; mov al, '!' ; out dx, al
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee]);
+    // 1: pause ; jmp 1b
+    c.extend_from_slice(&[0xf3, 0x90, 0xeb, 0xfc]);
+    c
+}
+
 /// Where [`heartbeat_code`] keeps its COM1 lock (a byte) and, from
 /// `HEARTBEAT_COUNTERS`, each vCPU's counter (a `u32` per vCPU index).
 pub const HEARTBEAT_LOCK: u64 = 0x1_1000;

@@ -182,14 +182,22 @@ pub(super) fn rules(class: ThreadClass, ioctls: &BackendIoctls) -> Rules {
                     // The teardown helper's pipe; passt stopped at the end.
                     Sysno::pipe2,
                     Sysno::kill,
-                    // Removing the vsock socket it bound; snapshot files (the
-                    // snapshot issue). Landlock confines every path.
+                    // Removing the vsock socket it bound; writing a snapshot
+                    // (a temporary file sized, written where the guest used
+                    // RAM, as `mincore` tells, fsynced and renamed into
+                    // place). Landlock confines every path.
                     Sysno::openat,
                     Sysno::unlink,
                     Sysno::unlinkat,
+                    Sysno::rename,
                     Sysno::newfstatat,
                     Sysno::statx,
                     Sysno::fstat,
+                    Sysno::ftruncate,
+                    Sysno::mincore,
+                    // Listing its own threads once confined (the sandbox's
+                    // check for threads nobody confined).
+                    Sysno::getdents64,
                     // glibc tries clone3 first; the second filter of this
                     // class answers ENOSYS (it cannot be checked for
                     // namespace flags), and glibc falls back to clone.

@@ -103,13 +103,18 @@ impl Prepared {
     pub(super) fn new(cfg: &SandboxConfig) -> Result<Self, SandboxError> {
         let io = BackendIoctls::kvm();
         let class = |c: ThreadClass| compile(c.name(), filters::rules(c, &io), cfg.mode);
+        let vcpu = class(ThreadClass::Vcpu)?;
+        let devices = class(ThreadClass::Devices)?;
+        let controller = class(ThreadClass::Controller)?;
+        let clone3 = clone3_filter()?;
+        let ruleset = ruleset(cfg)?;
         Ok(Self {
             mode: cfg.mode,
-            vcpu: class(ThreadClass::Vcpu)?,
-            devices: class(ThreadClass::Devices)?,
-            controller: class(ThreadClass::Controller)?,
-            clone3: clone3_filter()?,
-            ruleset: ruleset(cfg)?,
+            vcpu,
+            devices,
+            controller,
+            clone3,
+            ruleset,
             landlock: Mutex::new(LandlockStatus::Enforced),
             max_open_files: cfg.max_open_files,
             max_file_size: cfg.max_file_size,
@@ -214,6 +219,13 @@ fn ruleset(cfg: &SandboxConfig) -> Result<RulesetCreated, SandboxError> {
         .add_rules(landlock::path_beneath_rules(
             &cfg.dirs,
             AccessFs::from_all(abi),
+        ))
+        .map_err(err)?
+        // The process's own thread list (`/proc/<pid>/task`, opened now so it
+        // is this process's), read once confined to find unconfined threads.
+        .add_rules(landlock::path_beneath_rules(
+            ["/proc/self/task"],
+            AccessFs::from_read(abi),
         ))
         .map_err(err)?;
     Ok(created)

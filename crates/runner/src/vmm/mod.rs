@@ -1,16 +1,19 @@
 //! The VMM core: a [`Vmm`] is a built VM (guest memory, interrupt controller,
 //! buses, virtio transports, one parked thread per vCPU, the device event loop)
 //! that other code holds and acts on: start it, pause and resume it, read its
-//! whole state, stop it, wait for its end. [`Vmm::restore`] builds one from a
-//! saved [`VmmState`] and a RAM image instead of from a kernel. [`run`] is build +
+//! whole state, stop it, wait for its end. [`Vmm::snapshot`] writes a paused
+//! one to a snapshot file, and [`Vmm::restore`] builds one from such a file
+//! (its RAM mapped copy-on-write) instead of from a kernel. [`run`] is build +
 //! start + wait.
 
+mod snapshot;
 mod state;
 #[cfg(target_os = "linux")]
 mod teardown;
 mod vcpu;
 
-pub use state::{DeviceStates, RamImage, VirtioDeviceState, VirtioState, VmmState};
+pub use snapshot::{Snapshot, SnapshotState};
+pub use state::{DeviceStates, VirtioDeviceState, VirtioState, VmmState};
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,9 +90,12 @@ pub enum RunError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The RAM image does not fit guest memory.
-    #[error("cannot load the RAM image into guest memory")]
-    RamImage(#[source] vm_memory::GuestMemoryError),
+    /// The snapshot file could not be read, written or mapped.
+    #[error(transparent)]
+    Snapshot(#[from] ::snapshot::SnapshotError),
+    /// Restored guest memory could not be assembled.
+    #[error("cannot set up restored guest memory")]
+    RestoredMemory(#[source] vm_memory::GuestRegionCollectionError),
     /// Starting or restoring the built VM failed.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -389,6 +395,8 @@ pub struct Vmm<V: Vm + 'static> {
     boot: Mutex<Option<BootState>>,
     end: Arc<End>,
     vcpus: u32,
+    /// What it was built from (a snapshot records them).
+    resources: VmResources,
     mem: Arc<GuestMemoryMmap>,
     /// Set while the Vmm is dropped, and dropped last: the helper that destroys
     /// the VM off the caller's path (`teardown`).
@@ -485,22 +493,25 @@ impl<V: Vm + 'static> Vmm<V> {
         timings: Arc<Timings>,
     ) -> Result<Self, RunError> {
         res.validate()?;
-        Self::assemble(hv, res, console, timings, None)
+        let mem = Self::fresh_memory(res)?;
+        Self::assemble(hv, res, console, timings, mem, None)
     }
 
-    /// Builds a VM from a saved state: the same resources the saved VM was built
-    /// from (its disks, sockets and network are opened again), guest RAM from
-    /// `ram`, every device and vCPU from `state`. The VM is left paused:
-    /// [`Vmm::resume`] (or [`Vmm::start`]) continues the guest where it was saved.
+    /// Builds a VM from a snapshot file: the resources it was built from (its
+    /// disks, sockets and network are opened again), guest RAM mapped
+    /// copy-on-write from the file (the file never changes), every device and
+    /// vCPU from the saved state, each vCPU's on its own thread. The VM is left
+    /// paused: [`Vmm::resume`] (or [`Vmm::start`]) continues the guest where it
+    /// was captured.
     pub fn restore<H: Hypervisor<Vm = V>>(
         hv: &H,
-        res: &VmResources,
+        snap: &Snapshot,
         console: Box<dyn Write + Send>,
         timings: Arc<Timings>,
-        state: &VmmState,
-        ram: &RamImage,
     ) -> Result<Self, RunError> {
+        let res = snap.resources();
         res.validate()?;
+        let state = &snap.state().vmm;
         if state.vcpus.len() != res.vcpus as usize {
             return Err(RunError::StateMismatch {
                 what: format!(
@@ -510,7 +521,9 @@ impl<V: Vm + 'static> Vmm<V> {
                 ),
             });
         }
-        let vmm = Self::assemble(hv, res, console, timings, Some((state, ram)))?;
+        let mem = snap.map_ram(res)?;
+        timings.phase("ram_mapped");
+        let vmm = Self::assemble(hv, res, console, timings, mem, Some(state))?;
         vmm.core
             .vm
             .restore_state(&state.vm)
@@ -535,31 +548,49 @@ impl<V: Vm + 'static> Vmm<V> {
         Ok(vmm)
     }
 
+    /// Writes the paused VM to a snapshot file at `path` (atomically): its
+    /// resources, its whole state and guest RAM, where pages the guest never
+    /// touched (or that are all zeros) are holes. The VM stays paused.
+    pub fn snapshot(&self, path: &std::path::Path) -> Result<(), RunError> {
+        self.timings().phase("snapshot_start");
+        let state = SnapshotState {
+            resources: self.resources.clone(),
+            vmm: self.save_state()?,
+        };
+        self.timings().phase("snapshot_state_saved");
+        snapshot::write(path, &state, &self.mem)?;
+        self.timings().phase("snapshot_written");
+        Ok(())
+    }
+
+    /// Fresh guest RAM for `res`: anonymous private mappings.
+    fn fresh_memory(res: &VmResources) -> Result<GuestMemoryMmap, RunError> {
+        let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(res.memory)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| RunError::Memory {
+                size: res.memory,
+                source,
+            })?;
+        advise_huge_pages(&mem);
+        Ok(mem)
+    }
+
     fn assemble<H: Hypervisor<Vm = V>>(
         hv: &H,
         res: &VmResources,
         console: Box<dyn Write + Send>,
         timings: Arc<Timings>,
-        saved: Option<(&VmmState, &RamImage)>,
+        mem: GuestMemoryMmap,
+        saved: Option<&VmmState>,
     ) -> Result<Self, RunError> {
-        // Guest RAM: anonymous private mappings, handed to the hypervisor.
-        let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(res.memory)
-            .into_iter()
-            .map(|(a, l)| (GuestAddress(a), l as usize))
-            .collect();
-        // Shared with the virtio devices, which read and write guest memory directly.
-        let mem = Arc::new(
-            GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| RunError::Memory {
-                size: res.memory,
-                source,
-            })?,
-        );
-        advise_huge_pages(&mem);
+        // Shared with the virtio devices, which read and write guest memory
+        // directly; handed to the hypervisor below.
+        let mem = Arc::new(mem);
         #[cfg(target_os = "linux")]
         teardown::exclude_from_fork(&mem);
-        if let Some((_, ram)) = saved {
-            ram.load_into(&mem)?;
-        }
         let vm = hv.create_vm(&VmConfig { vcpus: res.vcpus })?;
         timings.phase("vm_created");
         for (slot, region) in mem.iter().enumerate() {
@@ -592,14 +623,7 @@ impl<V: Vm + 'static> Vmm<V> {
             power,
             boot,
             virtio,
-        } = arch::setup_platform(
-            &vm,
-            &mem,
-            res,
-            console,
-            &timings,
-            saved.map(|(s, _)| &s.devices),
-        )?;
+        } = arch::setup_platform(&vm, &mem, res, console, &timings, saved.map(|s| &s.devices))?;
 
         let end = Arc::new(End::new());
         let core = Arc::new(Core {
@@ -666,6 +690,7 @@ impl<V: Vm + 'static> Vmm<V> {
             boot: Mutex::new(boot),
             end: end.clone(),
             vcpus: res.vcpus,
+            resources: res.clone(),
             mem,
             reaper: None,
         };
@@ -686,6 +711,7 @@ impl<V: Vm + 'static> Vmm<V> {
             crate::virtio::DeviceEvents::start(&vmm.core.vm, &vmm.virtio, on_error)
                 .map_err(|e| RunError::DeviceEvents(Box::new(e)))?,
         );
+        vmm.timings().phase("vmm_built");
         Ok(vmm)
     }
 
@@ -804,28 +830,40 @@ impl<V: Vm + 'static> Vmm<V> {
             });
         }
         let sandbox = Arc::new(Sandbox::prepare(cfg)?);
+        self.timings().phase("sandbox_prepared");
         sandbox.enter_process()?;
+        // Every thread confines itself at once (the kernel's work per filter,
+        // its action cache, is a good part of the cost): the vCPUs and the
+        // loop are asked, this thread confines itself meanwhile, then the
+        // answers are read.
         for id in 0..self.vcpus as usize {
-            let r = self.request(
-                &mut ctl,
-                id,
-                VcpuEvent::Sandbox(sandbox.clone()),
-                "enter the sandbox",
-                |r| matches!(r, VcpuResponse::Sandboxed | VcpuResponse::SandboxFailed(_)),
-            )?;
+            self.send(id, VcpuEvent::Sandbox(sandbox.clone()))?;
+        }
+        let devices = match &self.device_events {
+            Some(d) => {
+                let s = sandbox.clone();
+                Some(
+                    d.send_to_loop(move || s.enter_thread(ThreadClass::Devices))
+                        .ok_or(ControlError::Ended)?,
+                )
+            }
+            None => None,
+        };
+        sandbox.enter_thread(ThreadClass::Controller)?;
+        for id in 0..self.vcpus as usize {
+            let r = self.answer(&mut ctl, id, "enter the sandbox", |r| {
+                matches!(r, VcpuResponse::Sandboxed | VcpuResponse::SandboxFailed(_))
+            })?;
             if let VcpuResponse::SandboxFailed(e) = r {
                 return Err(e.into());
             }
         }
-        if let Some(d) = &self.device_events {
-            let s = sandbox.clone();
-            match d.run_on_loop(move || s.enter_thread(ThreadClass::Devices)) {
-                Some(r) => r?,
-                None => return Err(ControlError::Ended),
-            }
+        if let Some(rx) = devices {
+            rx.recv().map_err(|_| ControlError::Ended)??;
         }
+        self.timings().phase("sandbox_threads");
+        // Landlock lets this thread read its own process's thread list.
         let unconfined_threads = crate::sandbox::unconfined_threads();
-        sandbox.enter_thread(ThreadClass::Controller)?;
         self.timings().phase("sandboxed");
         Ok(crate::sandbox::SandboxReport {
             mode: cfg.mode,
@@ -894,7 +932,7 @@ impl<V: Vm + 'static> Vmm<V> {
 
     /// The whole state of a paused VM: every vCPU (read on its own thread), the
     /// VM-wide interrupt controller and clock, every device. Guest RAM stays where
-    /// it is ([`Vmm::guest_memory`], [`RamImage::capture`]).
+    /// it is ([`Vmm::guest_memory`]; [`Vmm::snapshot`] writes both).
     pub fn save_state(&self) -> Result<VmmState, ControlError> {
         let mut ctl = self.lock_control();
         if ctl.phase != Phase::Paused {

@@ -1,6 +1,6 @@
 //! The state a [`super::Vmm`] saves and is restored from: plain serializable
-//! structs (no backend type crosses the hypervisor seam), and a RAM image that a
-//! test or a snapshot writer can copy out of a paused VM and into a new one.
+//! structs (no backend type crosses the hypervisor seam). Guest RAM travels in
+//! the snapshot file beside it (`super::snapshot`).
 
 use devices::virtio::block::{Block, BlockState};
 use devices::virtio::mmio::{MmioTransport, MmioTransportState};
@@ -8,9 +8,6 @@ use devices::virtio::net::{Net, NetState};
 use devices::virtio::vsock::{Vsock, VsockState};
 use hypervisor::{VcpuState, VmState};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-
-use super::RunError;
 
 /// Everything of a paused VM but its RAM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,57 +82,5 @@ pub(crate) fn save_virtio(t: &MmioTransport) -> VirtioState {
     VirtioState {
         transport: t.state(),
         device,
-    }
-}
-
-/// A copy of guest RAM, region by region.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct RamImage {
-    /// `(guest address, bytes)` of each RAM region.
-    pub regions: Vec<(u64, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for RamImage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(
-                self.regions
-                    .iter()
-                    .map(|(a, b)| format!("{a:#x}+{:#x}", b.len())),
-            )
-            .finish()
-    }
-}
-
-impl RamImage {
-    /// Copies every region of `mem`.
-    pub fn capture(mem: &GuestMemoryMmap) -> Result<Self, vm_memory::GuestMemoryError> {
-        let mut regions = Vec::new();
-        for r in mem.iter() {
-            let mut bytes = vec![0u8; r.len() as usize];
-            mem.read_slice(&mut bytes, r.start_addr())?;
-            regions.push((r.start_addr().0, bytes));
-        }
-        Ok(Self { regions })
-    }
-
-    /// Writes the image into `mem`, which must have the same regions.
-    pub(crate) fn load_into(&self, mem: &GuestMemoryMmap) -> Result<(), RunError> {
-        let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        let saved: Vec<(u64, u64)> = self
-            .regions
-            .iter()
-            .map(|(a, b)| (*a, b.len() as u64))
-            .collect();
-        if layout != saved {
-            return Err(RunError::StateMismatch {
-                what: format!("RAM regions {saved:x?} saved, {layout:x?} in this VM"),
-            });
-        }
-        for (addr, bytes) in &self.regions {
-            mem.write_slice(bytes, GuestAddress(*addr))
-                .map_err(RunError::RamImage)?;
-        }
-        Ok(())
     }
 }
