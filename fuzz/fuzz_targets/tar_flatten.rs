@@ -151,6 +151,7 @@ fuzz_target!(|layers: Vec<Vec<Entry>>| {
         max_meta_entry: 4096,
         max_entries: 100,
         max_bytes: 1 << 20,
+        max_tree_bytes: 64 << 10,
     };
     let mut tree = Tree::with_limits(limits);
     for (i, layer) in layers.iter().take(3).enumerate() {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use image::erofs::build_rootfs;
 use image::flatten::{Compression, Layer};
+use image::tar_guard::Limits;
 
 const MIB: f64 = 1024.0 * 1024.0;
 const RUNS: usize = 5;
@@ -115,7 +116,7 @@ fn main() {
     let mut stats = None;
     for _ in 0..RUNS {
         let start = Instant::now();
-        let s = build_rootfs(&layers, &out).unwrap();
+        let s = build_rootfs(&layers, &out, Limits::default()).unwrap();
         conv.push(start.elapsed());
         std::fs::remove_file(&out).unwrap();
         raw.push(raw_write(&dir.path().join("raw"), s.image_bytes));
@@ -170,7 +171,7 @@ fn main() {
         })
         .collect();
     let start = Instant::now();
-    build_rootfs(&gz, &out).unwrap();
+    build_rootfs(&gz, &out, Limits::default()).unwrap();
     let t = start.elapsed();
     println!(
         "gzip layers (1 run): {:.0} ms = {:.0} MiB/s of image",

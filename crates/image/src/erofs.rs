@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::flatten::{
     self, DataSink, FileData, InodeId, InodeKind, Layer, LayerError, SinkError, Tree, Xattr, ROOT,
 };
+use crate::tar_guard::Limits;
 
 /// Block size (`blkszbits` 12); the only size a 4 KiB-page kernel mounts everywhere.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -141,7 +142,13 @@ pub struct RootfsStats {
 /// Build the EROFS root file system of an image from its layers (lowest first)
 /// at `out`, atomically: a temporary file in `out`'s directory is synced and
 /// renamed over `out`, so `out` is either absent, the old image, or complete.
-pub fn build_rootfs(layers: &[Layer], out: &Path) -> Result<RootfsStats, RootfsError> {
+/// The layers are held to `limits` (`Limits::default()` suits every real image
+/// we know of).
+pub fn build_rootfs(
+    layers: &[Layer],
+    out: &Path,
+    limits: Limits,
+) -> Result<RootfsStats, RootfsError> {
     let out_err = |source| RootfsError::Output {
         path: out.to_path_buf(),
         source,
@@ -160,7 +167,7 @@ pub fn build_rootfs(layers: &[Layer], out: &Path) -> Result<RootfsStats, RootfsE
     let tails = tempfile::tempfile_in(dir).map_err(out_err)?;
     let image = tmp.as_file().try_clone().map_err(out_err)?;
     let mut writer = ErofsWriter::new(image, tails)?;
-    let tree = flatten::flatten(layers, &mut writer)?;
+    let tree = flatten::flatten_with(layers, &mut writer, limits)?;
     let mut stats = writer.finish(&tree)?;
     stats.layers = layers.len();
     // tempfile creates 0600; the image is not secret and other tools of the

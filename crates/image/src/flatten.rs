@@ -268,6 +268,38 @@ pub struct Tree {
     /// Bounds on the layers applied (entries, sizes), and how far they got.
     limits: Limits,
     totals: Totals,
+    /// What the tree holds in memory, as [`Limits::max_tree_bytes`] counts it.
+    tree_bytes: u64,
+}
+
+/// Memory an inode takes in [`Tree::inodes`] beyond its variable parts (the
+/// vector's slack included).
+const INODE_COST: u64 = std::mem::size_of::<Inode>() as u64 + 16;
+/// Memory a directory entry takes beyond its name: its slot in a B-tree node
+/// (nodes are little more than half full when names come sorted, as tars give
+/// them) and the name's allocation header.
+const CHILD_COST: u64 = 96;
+
+/// The memory a directory entry named `name` takes (allocations are at least 32
+/// bytes).
+fn child_cost(name: &[u8]) -> u64 {
+    CHILD_COST + (name.len() as u64).max(24)
+}
+
+/// The memory an inode's variable parts take.
+fn inode_cost(inode: &Inode) -> u64 {
+    let link = match &inode.kind {
+        InodeKind::Symlink(t) => t.len() as u64,
+        _ => 0,
+    };
+    INODE_COST + link + xattrs_cost(&inode.xattrs)
+}
+
+fn xattrs_cost(xattrs: &[Xattr]) -> u64 {
+    xattrs
+        .iter()
+        .map(|x| (std::mem::size_of::<Xattr>() + x.name.len() + x.value.len()) as u64 + 32)
+        .sum()
 }
 
 /// The root directory's inode id.
@@ -308,6 +340,7 @@ impl Tree {
             stats: FlattenStats::default(),
             limits: Limits::default(),
             totals: Totals::default(),
+            tree_bytes: INODE_COST,
         }
     }
 
@@ -337,6 +370,7 @@ impl Tree {
     }
 
     fn add_inode(&mut self, inode: Inode) -> InodeId {
+        self.tree_bytes += inode_cost(&inode);
         self.inodes.push(inode);
         self.inodes.len() - 1
     }
@@ -413,6 +447,7 @@ impl Tree {
                         mtime_nsec: 0,
                         xattrs: Vec::new(),
                     });
+                    self.tree_bytes += child_cost(&comp);
                     if let Some(c) = self.children_mut(cur) {
                         c.insert(comp, Child { inode: id, layer });
                     }
@@ -433,6 +468,7 @@ impl Tree {
             NewEntry::Inode(inode) => {
                 if let (Some(old), InodeKind::Dir(_)) = (existing, &inode.kind) {
                     if let InodeKind::Dir(_) = self.inodes[old.inode].kind {
+                        self.tree_bytes += xattrs_cost(&inode.xattrs);
                         let target = &mut self.inodes[old.inode];
                         target.perm = inode.perm;
                         target.uid = inode.uid;
@@ -449,6 +485,9 @@ impl Tree {
                 self.add_inode(inode)
             }
         };
+        if existing.is_none() {
+            self.tree_bytes += child_cost(&name);
+        }
         if let Some(children) = self.children_mut(parent) {
             children.insert(name, Child { inode: id, layer });
         }
@@ -506,6 +545,12 @@ impl Tree {
         for entry in entries {
             let mut entry = entry.map_err(FlattenError::Tar)?;
             self.apply_entry(&mut entry, layer, sink)?;
+            if self.tree_bytes > self.limits.max_tree_bytes {
+                return Err(FlattenError::Limit(LimitError::TreeTooLarge {
+                    limit: self.limits.max_tree_bytes,
+                    entries: self.stats.entries,
+                }));
+            }
         }
         Ok(())
     }
@@ -615,6 +660,8 @@ impl Tree {
                 root.gid = gid;
                 root.mtime = mtime;
                 root.mtime_nsec = mtime_nsec;
+                self.tree_bytes += xattrs_cost(&xattrs);
+                let root = &mut self.inodes[ROOT];
                 root.xattrs = xattrs;
                 return Ok(());
             }
@@ -993,6 +1040,29 @@ mod tests {
         let mut t = Tree::new();
         apply(&mut t, 0, &[E::File("a", b"1"), E::File(".wh.a", b"")]).unwrap();
         assert!(t.lookup(b"a").is_some());
+    }
+
+    #[test]
+    fn the_tree_budget_counts_names_and_link_targets() {
+        let limits = Limits {
+            max_tree_bytes: 27_000,
+            ..Limits::default()
+        };
+        // 100 short names fit in 27,000 bytes (about 220 each)...
+        let short: Vec<String> = (0..100).map(|i| format!("f{i}")).collect();
+        let entries: Vec<E<'_>> = short.iter().map(|n| E::File(n, b"")).collect();
+        apply(&mut Tree::with_limits(limits), 0, &entries).unwrap();
+        // ...the same count of 99-byte symlink targets does not.
+        let target = "t".repeat(99);
+        let links: Vec<E<'_>> = short.iter().map(|n| E::Sym(n, &target)).collect();
+        let mut tree = Tree::with_limits(limits);
+        let err = apply(&mut tree, 0, &links).unwrap_err();
+        let FlattenError::Limit(LimitError::TreeTooLarge { limit, entries }) = err else {
+            panic!("expected the tree limit, got {err}");
+        };
+        assert_eq!(limit, 27_000);
+        assert!((50..100).contains(&entries), "refused at entry {entries}");
+        assert!(tree.tree_bytes > 27_000);
     }
 
     #[test]

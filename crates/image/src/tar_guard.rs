@@ -26,6 +26,11 @@ pub struct Limits {
     pub max_entries: u64,
     /// Most uncompressed tar bytes over all layers.
     pub max_bytes: u64,
+    /// Most memory the merged file tree may take (names, link targets,
+    /// extended attributes and a fixed cost per inode and directory entry), so
+    /// that a layer of millions of tiny entries is refused before it exhausts
+    /// the host: the tree is the one part of a conversion held in RAM.
+    pub max_tree_bytes: u64,
 }
 
 impl Default for Limits {
@@ -34,6 +39,9 @@ impl Default for Limits {
             max_meta_entry: 1 << 20,
             max_entries: 1_000_000,
             max_bytes: 64 << 30,
+            // About 250,000 files with short names; the process stays under
+            // 64 MiB while it refuses a bigger tree.
+            max_tree_bytes: 48 << 20,
         }
     }
 }
@@ -56,6 +64,17 @@ pub enum LimitError {
     TooManyEntries {
         /// The limit.
         limit: u64,
+    },
+    /// A file tree that needs more memory than allowed.
+    #[error(
+        "the image's file tree needs more than {limit} bytes of metadata in memory \
+         (refused at entry {entries})"
+    )]
+    TreeTooLarge {
+        /// The limit.
+        limit: u64,
+        /// Entries read when it was reached.
+        entries: u64,
     },
     /// More uncompressed bytes than allowed.
     #[error("the image's layers hold more than {limit} bytes uncompressed")]

@@ -16,6 +16,7 @@ use std::process::Command;
 
 use image::erofs::build_rootfs;
 use image::flatten::{Compression, Layer};
+use image::tar_guard::Limits;
 use sha2::{Digest, Sha256};
 
 const BIG: usize = 32 << 20;
@@ -205,6 +206,7 @@ fn rootfs_two_layers_match_erofs_utils_view() {
             },
         ],
         &img,
+        Limits::default(),
     )
     .unwrap();
     assert_eq!(stats.layers, 2);
@@ -487,6 +489,7 @@ fn rootfs_edge_layouts_pass_fsck_and_extract() {
             compression: Compression::None,
         }],
         &img,
+        Limits::default(),
     )
     .unwrap();
     let fsck = Command::new("fsck.erofs").arg(&img).output().unwrap();

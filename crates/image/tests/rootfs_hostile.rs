@@ -8,6 +8,7 @@ use std::path::Path;
 
 use image::erofs::{build_rootfs, RootfsError};
 use image::flatten::{Compression, FlattenError, Layer};
+use image::tar_guard::Limits;
 
 /// A tar with one entry whose raw name and link name are written as given
 /// (the tar crate's own setters refuse `..`, hostile producers do not).
@@ -36,6 +37,7 @@ fn build(dir: &Path, blob: &[u8], compression: Compression) -> Result<(), Rootfs
             compression,
         }],
         &dir.join("out/rootfs.erofs"),
+        Limits::default(),
     )
     .map(|_| ())
 }
@@ -240,4 +242,114 @@ fn rootfs_build_sweeps_old_leftovers_of_killed_builds_only() {
     assert!(!old.exists(), "a killed build's leftover is swept");
     assert!(fresh.exists(), "a running build's file is left alone");
     assert!(other.exists(), "files that are not ours are left alone");
+}
+
+/// Runs the test `name` of this binary again, alone in a child process with
+/// `CHILD_ENV` set (so its peak RSS is its own), and returns what it printed.
+fn run_alone(name: &str) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the child failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+const CHILD_ENV: &str = "ROOTFS_HOSTILE_CHILD";
+
+/// A gzip layer of 10 million empty-file entries, about 10 MB on disk: 300,000
+/// distinct files in 30 directories, then 970 gzip members of the same 10,000
+/// headers for one name (each a valid entry that replaces the last), with no
+/// end-of-archive marker until the very end.
+fn write_ten_million_entries(path: &Path) -> u64 {
+    let header = |name: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path(name).unwrap();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h.set_cksum();
+        *h.as_bytes()
+    };
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut entries = 0u64;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    for i in 0..300_000u32 {
+        gz.write_all(&header(&format!("d{:02}/file-{i:07}", i / 10_000)))
+            .unwrap();
+        entries += 1;
+    }
+    file.write_all(&gz.finish().unwrap()).unwrap();
+    let same = header("zz-same");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    for _ in 0..10_000 {
+        gz.write_all(&same).unwrap();
+    }
+    let member = gz.finish().unwrap();
+    for _ in 0..970 {
+        file.write_all(&member).unwrap();
+        entries += 10_000;
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&[0u8; 1024]).unwrap();
+    file.write_all(&gz.finish().unwrap()).unwrap();
+    file.flush().unwrap();
+    entries
+}
+
+#[test]
+fn rootfs_ten_million_entries_are_refused_in_bounded_memory() {
+    const NAME: &str = "rootfs_ten_million_entries_are_refused_in_bounded_memory";
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let out = run_alone(NAME);
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .unwrap_or_else(|| panic!("no result from the child: {out}"));
+        let (peak, msg) = line.split_once(' ').unwrap();
+        let peak: u64 = peak.parse().unwrap();
+        eprintln!("refused with a peak RSS of {} MiB: {msg}", peak >> 20);
+        assert!(
+            msg.contains("layer 0") && msg.contains("file tree") && msg.contains("50331648"),
+            "the error names the layer and the limit: {msg}"
+        );
+        assert!(peak < 64 << 20, "peak RSS {} MiB", peak >> 20);
+        return;
+    }
+    let dir = setup();
+    let layer = dir.path().join("layer");
+    let entries = write_ten_million_entries(&layer);
+    assert_eq!(entries, 10_000_000);
+    let size = std::fs::metadata(&layer).unwrap().len();
+    assert!(size < 32 << 20, "the layer is small: {size} bytes");
+    let base = peak_rss();
+    let err = build_rootfs(
+        &[Layer {
+            path: layer,
+            compression: Compression::Gzip,
+        }],
+        &dir.path().join("out/rootfs.erofs"),
+        Limits::default(),
+    )
+    .unwrap_err();
+    let msg = image_error_chain(&err);
+    assert!(
+        matches!(
+            flatten_error(err),
+            FlattenError::Limit(image::tar_guard::LimitError::TreeTooLarge { .. })
+        ),
+        "a tree limit error: {msg}"
+    );
+    assert_nothing_left(dir.path());
+    println!("base peak {} MiB", base >> 20);
+    println!("RESULT {} {msg}", peak_rss());
 }

@@ -98,6 +98,21 @@ pub enum Error {
         #[source]
         source: image::erofs::RootfsError,
     },
+    /// The image's file tree needs more memory to convert than allowed.
+    #[error(
+        "cannot build the root filesystem of {reference}: its file tree is larger than \
+         {limit_mib} MiB of metadata allow (set {} to a higher number of MiB to convert it)",
+        run::TREE_LIMIT_ENV
+    )]
+    RootfsTooBig {
+        /// The image.
+        reference: String,
+        /// The limit in force.
+        limit_mib: u64,
+        /// What failed.
+        #[source]
+        source: image::erofs::RootfsError,
+    },
     /// A directory of the cache could not be created.
     #[error("cannot create {path}")]
     CacheDir {

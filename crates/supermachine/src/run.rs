@@ -163,6 +163,27 @@ impl image::source::PullProgress for TerminalProgress {
     }
 }
 
+/// Names the memory, in MiB, an image's file tree may take while it is converted
+/// (default 48, about 250,000 files): the one knob for images with more files.
+pub const TREE_LIMIT_ENV: &str = "SUPERMACHINE_MAX_TREE_MIB";
+
+/// The limits layers are converted under: the defaults, with the tree budget
+/// from [`TREE_LIMIT_ENV`] when it is set to a number.
+fn image_limits() -> image::tar_guard::Limits {
+    let mut limits = image::tar_guard::Limits::default();
+    if let Ok(v) = std::env::var(TREE_LIMIT_ENV) {
+        match v.trim().parse::<u64>() {
+            Ok(mib) if mib > 0 => limits.max_tree_bytes = mib.saturating_mul(1 << 20),
+            _ => eprintln!(
+                "supermachine: warning: {TREE_LIMIT_ENV}={v} is not a positive number of MiB; \
+                 using {} MiB",
+                limits.max_tree_bytes >> 20
+            ),
+        }
+    }
+    limits
+}
+
 /// Where the root filesystem of the image with manifest `digest` is cached.
 pub fn rootfs_path(digest: &str) -> Result<PathBuf, Error> {
     let hex = digest.trim_start_matches("sha256:");
@@ -191,9 +212,29 @@ fn prepare(
                 compression: l.compression,
             })
             .collect();
-        image::erofs::build_rootfs(&layers, &rootfs).map_err(|source| Error::Rootfs {
-            reference: reference.clone(),
-            source,
+        let limits = image_limits();
+        image::erofs::build_rootfs(&layers, &rootfs, limits).map_err(|source| {
+            let too_big = matches!(
+                &source,
+                image::erofs::RootfsError::Layer(l) if matches!(
+                    l.source,
+                    image::flatten::FlattenError::Limit(
+                        image::tar_guard::LimitError::TreeTooLarge { .. }
+                    )
+                )
+            );
+            if too_big {
+                Error::RootfsTooBig {
+                    reference: reference.clone(),
+                    limit_mib: limits.max_tree_bytes >> 20,
+                    source,
+                }
+            } else {
+                Error::Rootfs {
+                    reference: reference.clone(),
+                    source,
+                }
+            }
         })?;
     }
     Ok(PreparedImage {
