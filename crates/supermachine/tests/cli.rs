@@ -668,3 +668,89 @@ fn a_damaged_snapshot_is_refused_with_a_clear_error() {
         assert_eq!(processes_naming(&bad), 0, "{what}: processes are left");
     }
 }
+
+/// Restores `snap` in a new process, reads its console until every vCPU has
+/// beaten `beats` more times, kills it, and returns what it printed.
+fn restore_and_beat(snap: &Path, vcpus: u32, beats: u32) -> Vec<u8> {
+    let mut restored = Command::new(bin())
+        .args(["boot", "--restore"])
+        .arg(snap)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = restored.stdout.take().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "the restored VM ended");
+        out.extend_from_slice(&buf[..n]);
+        let got = test_guests::parse_heartbeats(&out).unwrap_or_default();
+        if (0..vcpus).all(|v| got.iter().filter(|b| b.vcpu == v).count() as u32 >= beats) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restored VM did not beat {beats} times"
+        );
+    }
+    let _ = restored.kill();
+    let _ = restored.wait();
+    out
+}
+
+#[test]
+fn ten_restores_of_one_snapshot_each_start_where_it_was_taken_and_leave_it_unchanged() {
+    use sha2::{Digest, Sha256};
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("snapshot-ten");
+    let k = d.join("heartbeat.elf");
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&test_guests::heartbeat_code(2_000)),
+    )
+    .unwrap();
+    let snap = d.join("vm.snap");
+    let captured = Command::new(bin())
+        .args(["boot", "--kernel", k.to_str().unwrap(), "--memory", "64M"])
+        .args([
+            "--cpus",
+            "2",
+            "--snapshot-after-ms",
+            "200",
+            "--snapshot-out",
+        ])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert_eq!(
+        captured.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&captured.stderr)
+    );
+    let at_capture = consecutive_beats(&captured.stdout, 2);
+    let sha = || hex(&Sha256::digest(std::fs::read(&snap).unwrap()));
+    let taken = sha();
+    for i in 0..10 {
+        // Each restore writes its RAM (the counters), and each starts from the
+        // captured counts: no restore sees what an earlier one wrote.
+        let out = restore_and_beat(&snap, 2, 5);
+        let mut whole = captured.stdout.clone();
+        whole.extend_from_slice(&out);
+        let reached = consecutive_beats(&whole, 2);
+        assert!(
+            (0..2).all(|v| reached[v] >= at_capture[v] + 5),
+            "restore {i}: from {at_capture:?} to {reached:?}"
+        );
+        assert_eq!(sha(), taken, "restore {i} changed the snapshot file");
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
