@@ -648,9 +648,15 @@ fn a_damaged_snapshot_is_refused_with_a_clear_error() {
     let mut flipped = good.clone();
     flipped[4096 + 10] ^= 0x40;
     let cut = &good[..good.len() / 2];
+    // Format version 2, with a header checksum that matches it.
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182).checksum(&newer[..64]);
+    newer[64..72].copy_from_slice(&crc.to_le_bytes());
     for (what, bytes, needle) in [
         ("flipped", flipped.as_slice(), "checksum"),
         ("truncated", cut, "truncated"),
+        ("newer", newer.as_slice(), "format 2"),
     ] {
         let bad = d.join(format!("{what}.snap"));
         std::fs::write(&bad, bytes).unwrap();
