@@ -130,7 +130,16 @@ pub enum Error {
         /// What the agent conversation said (its error chain).
         agent: String,
     },
-    /// The request cannot be carried out as given.
+    /// A capture was asked of a VM with a writable disk: the snapshot and
+    /// every restore of it would write to the same file.
+    #[error(
+        "cannot capture a VM with the writable disk {disk}: every restore would write to \
+         the same file; attach it read-only (--disk {disk},ro) or capture without it"
+    )]
+    CaptureWithWritableDisk {
+        /// The disk.
+        disk: PathBuf,
+    },
     /// The VM could not be captured.
     #[error("cannot capture the VM to {path}")]
     Capture {
@@ -325,6 +334,13 @@ pub fn boot_with_console(
 ) -> Result<RunOutcome, Error> {
     let res = resolve(cfg)?;
     res.validate().map_err(runner::vmm::RunError::from)?;
+    if cfg.capture.is_some() {
+        if let Some(d) = res.disks.iter().find(|d| !d.read_only) {
+            return Err(Error::CaptureWithWritableDisk {
+                disk: d.path.clone(),
+            });
+        }
+    }
     timings.phase("resolved");
     let hv = open_hypervisor(&res.kernel)?;
     timings.phase("hypervisor_open");

@@ -760,3 +760,42 @@ fn ten_restores_of_one_snapshot_each_start_where_it_was_taken_and_leave_it_uncha
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn a_vm_with_a_writable_disk_is_not_captured_and_the_error_says_which() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("snapshot-disk");
+    let k = d.join("heartbeat.elf");
+    std::fs::write(
+        &k,
+        test_guests::pvh_elf(&test_guests::heartbeat_code(2_000)),
+    )
+    .unwrap();
+    let disk = d.join("data.img");
+    std::fs::write(&disk, vec![0x5au8; 1 << 20]).unwrap();
+    let snap = d.join("vm.snap");
+    let capture = |disk_arg: &str| {
+        Command::new(bin())
+            .args(["boot", "--kernel", k.to_str().unwrap(), "--memory", "64M"])
+            .args(["--disk", disk_arg, "--snapshot-after-ms", "50"])
+            .arg("--snapshot-out")
+            .arg(&snap)
+            .output()
+            .unwrap()
+    };
+    let o = capture(disk.to_str().unwrap());
+    assert_one_line_error(&o, "cannot capture a VM with the writable disk");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(disk.to_str().unwrap()),
+        "names the disk: {err}"
+    );
+    assert!(!snap.exists(), "no snapshot was written");
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![0x5au8; 1 << 20]);
+    // Read-only, the same disk is captured with the VM.
+    let o = capture(&format!("{},ro", disk.display()));
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(snap.exists(), "the snapshot was written");
+}
