@@ -123,12 +123,14 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The VM ended before its process did, and the agent gave no status.
-    #[error("the VM ended ({exit:?}) before the process: {agent}")]
+    #[error("the VM ended ({exit:?}) before the process: {agent}{console}")]
     EndedEarly {
         /// How the VM ended.
         exit: GuestExit,
         /// What the agent conversation said (its error chain).
         agent: String,
+        /// The guest console's last line, as a clause ("" when there was none).
+        console: String,
     },
     /// A capture was asked of a VM with a writable disk: the snapshot and
     /// every restore of it would write to the same file.

@@ -423,10 +423,13 @@ pub fn run(
     });
     timings.phase("resources_ready");
 
+    // Unshown, the console is still kept in part: if the VM ends before the
+    // process did, its last line (a kernel panic, say) is the best clue there is.
+    let tail = ConsoleTail::default();
     let console: Box<dyn Write + Send> = if opts.console {
         Box::new(std::io::stderr())
     } else {
-        Box::new(std::io::sink())
+        Box::new(tail.clone())
     };
     let hv = crate::open_hypervisor(&res.kernel)?;
     let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
@@ -528,9 +531,79 @@ pub fn run(
                 return Err(Error::EndedEarly {
                     exit: outcome.exit,
                     agent: e,
+                    console: tail.last_line().map_or_else(String::new, |l| {
+                        format!("; the guest console's last line: {l:?} (--console shows it all)")
+                    }),
                 });
             }
             Ok(outcome.exit_code())
         }
+    }
+}
+
+/// The last bytes the guest wrote to its console (a bounded ring), for the
+/// error when the VM ends before its process.
+#[derive(Debug, Clone, Default)]
+struct ConsoleTail(Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>);
+
+impl ConsoleTail {
+    /// Bytes kept: a kernel panic's last lines, without holding a chatty
+    /// guest's whole log.
+    const KEEP: usize = 4096;
+
+    /// The last line with something printable in it, trimmed.
+    fn last_line(&self) -> Option<String> {
+        let ring = self.0.lock().ok()?;
+        let bytes: Vec<u8> = ring.iter().copied().collect();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c.is_control()))
+            .rfind(|l| !l.is_empty())
+            .map(str::to_string)
+    }
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut ring) = self.0.lock() {
+            let keep = &buf[buf.len().saturating_sub(Self::KEEP)..];
+            let held = ring.len();
+            let overflow = (held + keep.len()).saturating_sub(Self::KEEP);
+            ring.drain(..overflow.min(held));
+            ring.extend(keep);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_tail_keeps_the_last_line_within_its_bound() {
+        let mut t = ConsoleTail::default();
+        assert_eq!(t.last_line(), None);
+        for i in 0..10_000 {
+            write!(t, "line {i}\r\n").unwrap();
+        }
+        t.write_all(b"Kernel panic - not syncing: boom\r\n\n  \n")
+            .unwrap();
+        assert_eq!(
+            t.last_line().as_deref(),
+            Some("Kernel panic - not syncing: boom")
+        );
+        assert!(t.0.lock().unwrap().len() <= ConsoleTail::KEEP);
+        // One write larger than the ring keeps its end.
+        let mut big = vec![b'x'; 3 * ConsoleTail::KEEP];
+        big.extend_from_slice(b"\nlast");
+        t.write_all(&big).unwrap();
+        assert_eq!(t.last_line().as_deref(), Some("last"));
+        assert_eq!(t.0.lock().unwrap().len(), ConsoleTail::KEEP);
     }
 }

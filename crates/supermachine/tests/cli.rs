@@ -799,3 +799,50 @@ fn a_vm_with_a_writable_disk_is_not_captured_and_the_error_says_which() {
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     assert!(snap.exists(), "the snapshot was written");
 }
+
+#[test]
+fn run_of_a_vm_that_resets_early_names_the_guest_consoles_last_line() {
+    if !kvm_usable() {
+        return;
+    }
+    let d = tmpdir("early-reset");
+    // A "kernel" that prints a panic line and resets through the i8042, as a
+    // Linux guest does with panic=-1 when its init dies.
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in b"[    0.5] Kernel panic - not syncing: boom\r\n" {
+        code.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b ; out dx, al
+    }
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe ; out 0x64, al
+    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 1: hlt ; jmp 1b
+    let k = d.join("panics.elf");
+    std::fs::write(&k, test_guests::pvh_elf(&code)).unwrap();
+    let layout = support::busybox_layout();
+    let image = format!("oci:{}:{}", layout.display(), support::BUSYBOX_TAG);
+    let cache = d.join("cache");
+    let pulled = Command::new(bin())
+        .args(["pull", &image])
+        .env("XDG_CACHE_HOME", &cache)
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    let o = Command::new(bin())
+        .args(["run", "--network", "none", "--kernel"])
+        .arg(&k)
+        .args([&image, "true"])
+        .env("XDG_CACHE_HOME", &cache)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "stderr: {err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("supermachine: error: the VM ended (Reset) before the process")
+            && last.contains(r#"last line: "[    0.5] Kernel panic - not syncing: boom""#),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty(), "the console is not on stdout");
+}
