@@ -164,7 +164,7 @@ fuzz_target!(|layers: Vec<Vec<Entry>>| {
     for inode in &tree.inodes {
         if let InodeKind::Dir(children) = &inode.kind {
             for child in children.values() {
-                assert!(child.inode < tree.inodes.len(), "a dangling directory entry");
+                assert!(child.inode() < tree.inodes.len(), "a dangling directory entry");
             }
         }
     }

@@ -296,9 +296,7 @@ impl ErofsWriter {
             let size = match &inode.kind {
                 InodeKind::File(d) => d.size,
                 InodeKind::Symlink(t) => t.len() as u64,
-                InodeKind::Dir(children) => {
-                    dir_size(&dir_names(children.keys().map(|k| k.as_slice())))
-                }
+                InodeKind::Dir(children) => dir_size(&dir_names(children.keys().map(|k| &k[..]))),
                 _ => 0,
             };
             let extended = !(inode.uid <= 0xffff
@@ -392,8 +390,8 @@ impl ErofsWriter {
                     for (name, child) in children {
                         entries.push((
                             name,
-                            nid_of(child.inode),
-                            file_type(&tree.inodes[child.inode].kind),
+                            nid_of(child.inode()),
+                            file_type(&tree.inodes[child.inode()].kind),
                         ));
                     }
                     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -618,14 +616,14 @@ fn walk(tree: &Tree) -> (Vec<InodeId>, Vec<InodeId>, Vec<u32>, KindCounts) {
         };
         let mut subdirs = 0u32;
         for child in children.values() {
-            if tree.children(child.inode).is_some() {
+            if tree.children(child.inode()).is_some() {
                 subdirs = subdirs.saturating_add(1);
             } else {
-                nlink[child.inode] = nlink[child.inode].saturating_add(1);
+                nlink[child.inode()] = nlink[child.inode()].saturating_add(1);
             }
-            if !seen[child.inode] {
-                seen[child.inode] = true;
-                order.push(child.inode);
+            if !seen[child.inode()] {
+                seen[child.inode()] = true;
+                order.push(child.inode());
                 parents.push(id);
             }
         }
@@ -661,7 +659,7 @@ fn path_of(
         let parent = parents[slot_of[id]];
         if let Some((name, _)) = tree
             .children(parent)
-            .and_then(|c| c.iter().find(|(_, c)| c.inode == id))
+            .and_then(|c| c.iter().find(|(_, c)| c.inode() == id))
         {
             parts.push(String::from_utf8_lossy(name).into_owned());
         }

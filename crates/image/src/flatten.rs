@@ -191,15 +191,46 @@ pub trait DataSink {
 /// Index of an inode in [`Tree::inodes`].
 pub type InodeId = usize;
 
-/// A directory entry: the inode it names and the layer that last wrote it.
+/// A directory entry: the inode it names and the layer that last wrote it,
+/// 8 bytes (a tree holds hundreds of thousands of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Child {
-    /// The inode.
-    pub inode: InodeId,
-    /// The layer (index into the layer list) that created or last touched the entry;
-    /// whiteouts and opaque markers only remove entries of lower layers.
-    pub layer: usize,
+    inode: u32,
+    layer: u32,
 }
+
+impl Child {
+    /// `inode` and `layer` fit 32 bits: [`Tree::apply_layer`] keeps the inode
+    /// count below [`MAX_INODES`], and an image has far fewer layers.
+    fn new(inode: InodeId, layer: usize) -> Self {
+        Self {
+            inode: u32::try_from(inode).unwrap_or(u32::MAX),
+            layer: u32::try_from(layer).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The inode.
+    pub fn inode(&self) -> InodeId {
+        self.inode as InodeId
+    }
+
+    /// The layer (index into the layer list) that created or last touched the
+    /// entry; whiteouts and opaque markers only remove entries of lower layers.
+    pub fn layer(&self) -> usize {
+        self.layer as usize
+    }
+
+    fn touch(&mut self, layer: usize) {
+        self.layer = u32::try_from(layer).unwrap_or(u32::MAX);
+    }
+}
+
+/// A directory's entries by name, sorted by name bytes (the order EROFS needs).
+pub type Children = BTreeMap<Box<[u8]>, Child>;
+
+/// Inodes a tree may hold: [`Child`] indexes them in 32 bits, and one entry
+/// adds at most a path's worth of directories.
+const MAX_INODES: usize = u32::MAX as usize - 2 * MAX_PATH_LEN;
 
 /// What an inode is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,7 +238,7 @@ pub enum InodeKind {
     /// A regular file.
     File(FileData),
     /// A directory, children sorted by name bytes (the order EROFS needs).
-    Dir(BTreeMap<Vec<u8>, Child>),
+    Dir(Children),
     /// A symbolic link and its target, stored verbatim.
     Symlink(Vec<u8>),
     /// A character device.
@@ -244,7 +275,7 @@ pub struct Inode {
     /// Nanoseconds part of the modification time.
     pub mtime_nsec: u32,
     /// Extended attributes in the order the tar gave them.
-    pub xattrs: Vec<Xattr>,
+    pub xattrs: Box<[Xattr]>,
 }
 
 /// Counters of what applying layers did.
@@ -275,10 +306,11 @@ pub struct Tree {
 /// Memory an inode takes in [`Tree::inodes`] beyond its variable parts (the
 /// vector's slack included).
 const INODE_COST: u64 = std::mem::size_of::<Inode>() as u64 + 16;
-/// Memory a directory entry takes beyond its name: its slot in a B-tree node
-/// (nodes are little more than half full when names come sorted, as tars give
-/// them) and the name's allocation header.
-const CHILD_COST: u64 = 96;
+/// Memory a directory entry takes beyond its name: its 24-byte slot in a
+/// B-tree node (nodes are little more than half full when names come sorted,
+/// as tars give them) and the name's allocation header. Calibrated: a million
+/// short-named files peak at 158 MiB, this count says 168.
+const CHILD_COST: u64 = 56;
 
 /// The memory a directory entry named `name` takes (allocations are at least 32
 /// bytes).
@@ -335,7 +367,7 @@ impl Tree {
                 gid: 0,
                 mtime: 0,
                 mtime_nsec: 0,
-                xattrs: Vec::new(),
+                xattrs: Box::default(),
             }],
             stats: FlattenStats::default(),
             limits: Limits::default(),
@@ -345,7 +377,7 @@ impl Tree {
     }
 
     /// The children of a directory inode, or `None` if it is not a directory.
-    pub fn children(&self, id: InodeId) -> Option<&BTreeMap<Vec<u8>, Child>> {
+    pub fn children(&self, id: InodeId) -> Option<&Children> {
         match &self.inodes.get(id)?.kind {
             InodeKind::Dir(children) => Some(children),
             _ => None,
@@ -357,12 +389,12 @@ impl Tree {
         let comps = normalize(path).ok()?;
         let mut cur = ROOT;
         for c in &comps {
-            cur = self.children(cur)?.get(c)?.inode;
+            cur = self.children(cur)?.get(c.as_slice())?.inode();
         }
         Some(cur)
     }
 
-    fn children_mut(&mut self, id: InodeId) -> Option<&mut BTreeMap<Vec<u8>, Child>> {
+    fn children_mut(&mut self, id: InodeId) -> Option<&mut Children> {
         match &mut self.inodes.get_mut(id)?.kind {
             InodeKind::Dir(children) => Some(children),
             _ => None,
@@ -405,16 +437,22 @@ impl Tree {
                 continue;
             }
             let cur = *stack.last().unwrap_or(&ROOT);
-            let existing = self.children(cur).and_then(|c| c.get(&comp)).copied();
+            let existing = self
+                .children(cur)
+                .and_then(|c| c.get(comp.as_slice()))
+                .copied();
             match existing {
-                Some(child) => match &self.inodes[child.inode].kind {
+                Some(child) => match &self.inodes[child.inode()].kind {
                     InodeKind::Dir(_) => {
                         if create {
-                            if let Some(c) = self.children_mut(cur).and_then(|c| c.get_mut(&comp)) {
-                                c.layer = layer;
+                            if let Some(c) = self
+                                .children_mut(cur)
+                                .and_then(|c| c.get_mut(comp.as_slice()))
+                            {
+                                c.touch(layer);
                             }
                         }
-                        stack.push(child.inode);
+                        stack.push(child.inode());
                     }
                     InodeKind::Symlink(target) => {
                         hops += 1;
@@ -445,11 +483,11 @@ impl Tree {
                         gid: 0,
                         mtime: 0,
                         mtime_nsec: 0,
-                        xattrs: Vec::new(),
+                        xattrs: Box::default(),
                     });
                     self.tree_bytes += child_cost(&comp);
                     if let Some(c) = self.children_mut(cur) {
-                        c.insert(comp, Child { inode: id, layer });
+                        c.insert(comp.into_boxed_slice(), Child::new(id, layer));
                     }
                     stack.push(id);
                 }
@@ -462,22 +500,28 @@ impl Tree {
     /// Put `inode` at `name` in `parent`: a directory over a directory merges
     /// (metadata replaced, children kept); anything else replaces the old entry.
     fn place(&mut self, parent: InodeId, name: Vec<u8>, layer: usize, new: NewEntry) {
-        let existing = self.children(parent).and_then(|c| c.get(&name)).copied();
+        let existing = self
+            .children(parent)
+            .and_then(|c| c.get(name.as_slice()))
+            .copied();
         let id = match new {
             NewEntry::Link(id) => id,
             NewEntry::Inode(inode) => {
                 if let (Some(old), InodeKind::Dir(_)) = (existing, &inode.kind) {
-                    if let InodeKind::Dir(_) = self.inodes[old.inode].kind {
+                    if let InodeKind::Dir(_) = self.inodes[old.inode()].kind {
                         self.tree_bytes += xattrs_cost(&inode.xattrs);
-                        let target = &mut self.inodes[old.inode];
+                        let target = &mut self.inodes[old.inode()];
                         target.perm = inode.perm;
                         target.uid = inode.uid;
                         target.gid = inode.gid;
                         target.mtime = inode.mtime;
                         target.mtime_nsec = inode.mtime_nsec;
                         target.xattrs = inode.xattrs;
-                        if let Some(c) = self.children_mut(parent).and_then(|c| c.get_mut(&name)) {
-                            c.layer = layer;
+                        if let Some(c) = self
+                            .children_mut(parent)
+                            .and_then(|c| c.get_mut(name.as_slice()))
+                        {
+                            c.touch(layer);
                         }
                         return;
                     }
@@ -489,7 +533,7 @@ impl Tree {
             self.tree_bytes += child_cost(&name);
         }
         if let Some(children) = self.children_mut(parent) {
-            children.insert(name, Child { inode: id, layer });
+            children.insert(name.into_boxed_slice(), Child::new(id, layer));
         }
     }
 
@@ -501,8 +545,8 @@ impl Tree {
             let Some(children) = self.children_mut(d) else {
                 continue;
             };
-            children.retain(|_, c| c.layer >= layer);
-            let keep: Vec<InodeId> = children.values().map(|c| c.inode).collect();
+            children.retain(|_, c| c.layer() >= layer);
+            let keep: Vec<InodeId> = children.values().map(Child::inode).collect();
             for id in keep {
                 if matches!(self.inodes[id].kind, InodeKind::Dir(_)) {
                     work.push(id);
@@ -545,7 +589,7 @@ impl Tree {
         for entry in entries {
             let mut entry = entry.map_err(FlattenError::Tar)?;
             self.apply_entry(&mut entry, layer, sink)?;
-            if self.tree_bytes > self.limits.max_tree_bytes {
+            if self.tree_bytes > self.limits.max_tree_bytes || self.inodes.len() > MAX_INODES {
                 return Err(FlattenError::Limit(LimitError::TreeTooLarge {
                     limit: self.limits.max_tree_bytes,
                     entries: self.stats.entries,
@@ -601,7 +645,7 @@ impl Tree {
                     if let Some(children) = self.children_mut(dir) {
                         // Only lower layers' entries: layer.md says a whiteout never
                         // hides a file of its own layer.
-                        if children.get(target).is_some_and(|c| c.layer < layer) {
+                        if children.get(target).is_some_and(|c| c.layer() < layer) {
                             children.remove(target);
                             self.stats.whiteouts += 1;
                         }
@@ -648,7 +692,7 @@ impl Tree {
             gid,
             mtime,
             mtime_nsec,
-            xattrs: xattrs.clone(),
+            xattrs: xattrs.clone().into_boxed_slice(),
         };
 
         let Some((name, _)) = comps.split_last() else {
@@ -662,7 +706,7 @@ impl Tree {
                 root.mtime_nsec = mtime_nsec;
                 self.tree_bytes += xattrs_cost(&xattrs);
                 let root = &mut self.inodes[ROOT];
-                root.xattrs = xattrs;
+                root.xattrs = xattrs.into_boxed_slice();
                 return Ok(());
             }
             return Err(FlattenError::RootNotDirectory { path: display });
@@ -743,9 +787,9 @@ impl Tree {
                     .ok_or_else(missing)?;
                 let id = self
                     .children(dir)
-                    .and_then(|c| c.get(tname))
+                    .and_then(|c| c.get(tname.as_slice()))
                     .ok_or_else(missing)?
-                    .inode;
+                    .inode();
                 if matches!(self.inodes[id].kind, InodeKind::Dir(_)) {
                     return Err(FlattenError::HardlinkToDirectory {
                         path: display,

@@ -39,7 +39,7 @@ impl Default for Limits {
             max_meta_entry: 1 << 20,
             max_entries: 1_000_000,
             max_bytes: 64 << 30,
-            // About 250,000 files with short names; the process stays under
+            // About 285,000 files with short names; the process stays under
             // 64 MiB while it refuses a bigger tree.
             max_tree_bytes: 48 << 20,
         }

@@ -164,7 +164,7 @@ impl image::source::PullProgress for TerminalProgress {
 }
 
 /// Names the memory, in MiB, an image's file tree may take while it is converted
-/// (default 48, about 250,000 files): the one knob for images with more files.
+/// (default 48, about 285,000 files): the one knob for images with more files.
 pub const TREE_LIMIT_ENV: &str = "SUPERMACHINE_MAX_TREE_MIB";
 
 /// The limits layers are converted under: the defaults, with the tree budget
