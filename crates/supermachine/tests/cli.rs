@@ -330,19 +330,8 @@ fn run_whose_agent_never_answers_fails_within_its_agent_timeout_and_leaves_nothi
         test_guests::pvh_elf(&test_guests::heartbeat_code(20_000)),
     )
     .unwrap();
-    let layout = support::busybox_layout();
-    let image = format!("oci:{}:{}", layout.display(), support::BUSYBOX_TAG);
     let cache = d.join("cache");
-    let pulled = Command::new(bin())
-        .args(["pull", &image])
-        .env("XDG_CACHE_HOME", &cache)
-        .output()
-        .unwrap();
-    assert!(
-        pulled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pulled.stderr)
-    );
+    let image = pull_busybox(&cache);
     let started = std::time::Instant::now();
     let o = Command::new(bin())
         .args([
@@ -816,19 +805,8 @@ fn run_of_a_vm_that_resets_early_names_the_guest_consoles_last_line() {
     code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 1: hlt ; jmp 1b
     let k = d.join("panics.elf");
     std::fs::write(&k, test_guests::pvh_elf(&code)).unwrap();
-    let layout = support::busybox_layout();
-    let image = format!("oci:{}:{}", layout.display(), support::BUSYBOX_TAG);
     let cache = d.join("cache");
-    let pulled = Command::new(bin())
-        .args(["pull", &image])
-        .env("XDG_CACHE_HOME", &cache)
-        .output()
-        .unwrap();
-    assert!(
-        pulled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pulled.stderr)
-    );
+    let image = pull_busybox(&cache);
     let o = Command::new(bin())
         .args(["run", "--network", "none", "--kernel"])
         .arg(&k)
@@ -845,4 +823,21 @@ fn run_of_a_vm_that_resets_early_names_the_guest_consoles_last_line() {
         "{err}"
     );
     assert!(o.stdout.is_empty(), "the console is not on stdout");
+}
+
+/// Pulls the test busybox image into the cache at `cache`; returns its reference.
+fn pull_busybox(cache: &Path) -> String {
+    let layout = support::busybox_layout();
+    let image = format!("oci:{}:{}", layout.display(), support::BUSYBOX_TAG);
+    let pulled = Command::new(bin())
+        .args(["pull", &image])
+        .env("XDG_CACHE_HOME", cache)
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    image
 }
