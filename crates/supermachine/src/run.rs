@@ -328,14 +328,15 @@ fn connect_agent(
                 return Ok(a);
             }
             Err(HelloError::NotListening) => std::thread::sleep(AGENT_RETRY),
+            // Unanswered for the Hello timeout (a guest whose vsock driver is
+            // not up yet leaves the request waiting; under nested emulation
+            // that can outlast it): ask again on a new connection, until the
+            // deadline. A read timeout may also fire a hair before the deadline.
             Err(HelloError::Agent(agent::AgentError::Io(e)))
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) && Instant::now() >= deadline =>
-            {
-                break;
-            }
+                ) => {}
             Err(HelloError::Agent(e)) => return Err(crate::error_chain(&e)),
         }
     }

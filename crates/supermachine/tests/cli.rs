@@ -682,14 +682,25 @@ fn restore_and_beat(snap: &Path, vcpus: u32, beats: u32) -> Vec<u8> {
         let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
         assert!(n > 0, "the restored VM ended");
         out.extend_from_slice(&buf[..n]);
-        let got = test_guests::parse_heartbeats(&out).unwrap_or_default();
+        // The capture may have cut a line: the restore then prints its rest
+        // first, so count from the first whole line.
+        let whole = match out.iter().position(|&b| b == b'\n') {
+            Some(nl) if test_guests::parse_heartbeats(&out[..=nl]).is_none() => &out[nl + 1..],
+            _ => &out[..],
+        };
+        let got = test_guests::parse_heartbeats(whole).unwrap_or_default();
         if (0..vcpus).all(|v| got.iter().filter(|b| b.vcpu == v).count() as u32 >= beats) {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restored VM did not beat {beats} times"
-        );
+        if std::time::Instant::now() >= deadline {
+            let _ = restored.kill();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut restored.stderr.take().unwrap(), &mut err);
+            panic!(
+                "the restored VM did not beat {beats} times in 10 s; stdout: {:?}; stderr: {err}",
+                String::from_utf8_lossy(&out)
+            );
+        }
     }
     let _ = restored.kill();
     let _ = restored.wait();
