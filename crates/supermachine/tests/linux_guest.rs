@@ -750,7 +750,7 @@ fn run_readonly_extra_disk_rejects_writes(env: &Env) -> Result<(), String> {
 const VSOCK_CONNECTIONS: usize = 64;
 /// Size of each guest-to-host payload (`guest-N\n` repeated).
 const GUEST_PAYLOAD: usize = 8192;
-/// How long the guest's 64 clients may take to connect.
+/// How long the guest's clients may take to connect.
 const GO_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long any one socket operation may block before the scenario fails.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(300);
@@ -938,25 +938,30 @@ fn run_vsock_echo_both_directions_many_connections(env: &Env) -> Result<(), Stri
     let echoes = Arc::new(GuestEchoes::default());
     let server = serve_guest_echoes(listener, stop.clone(), echoes.clone());
 
-    // The guest: an echo listener on 5000 for the host's 64 clients; when the
-    // host connects to 5003 (its clients are done), 64 clients of host port 6000
+    // The guest: an echo listener on 5000 for the host's clients; when the
+    // host connects to 5003 (its clients are done), as many clients of host port 6000
     // that connect at once and send their payload only when the host, having
-    // seen all 64 open, connects to 5002; each checks its echo; then the guest
+    // seen all of them open, connects to 5002; each checks its echo; then the guest
     // waits until the host connects to 5001 to say it is done. The guest's
     // connections are made while no data flows because its kernel gives a vsock
     // connect 2 s (SO_VM_SOCKETS_CONNECT_TIMEOUT), which handshakes queued
     // behind a flood of echo data exceeded under nested TCG (6 of 64 once).
+    // Each client waits for "go" in the open of its own FIFO, which the script
+    // opens for writing (no fork) once the host says go: a `sleep 1` poll per
+    // client cost the TCG guest 64 forks a second and starved the connects (the
+    // scenario took 300-600 s, and twice L1 went silent in it; now about 60 s).
     let script = format!(
         "S=/usr/bin/socat; \
          $S VSOCK-LISTEN:5000,fork,reuseaddr,backlog=128 EXEC:cat & L=$!; \
          $S -u VSOCK-LISTEN:5003 STDOUT > /dev/null; \
          pids=; i=0; while [ $i -lt {VSOCK_CONNECTIONS} ]; do \
-           yes guest-$i | head -c {GUEST_PAYLOAD} > /tmp/p$i; \
-           ( ( while [ ! -e /tmp/go ]; do sleep 1; done; cat /tmp/p$i ) \
+           yes guest-$i | head -c {GUEST_PAYLOAD} > /tmp/p$i; mkfifo /tmp/g$i; \
+           ( ( read -r x < /tmp/g$i; cat /tmp/p$i ) \
              | $S -t 60 -T 300 - VSOCK-CONNECT:2:6000 > /tmp/r$i 2>/tmp/e$i \
              && cmp -s /tmp/p$i /tmp/r$i && : > /tmp/ok$i ) & pids=\"$pids $!\"; i=$((i+1)); \
          done; \
-         $S -u VSOCK-LISTEN:5002 STDOUT > /dev/null; : > /tmp/go; \
+         $S -u VSOCK-LISTEN:5002 STDOUT > /dev/null; \
+         i=0; while [ $i -lt {VSOCK_CONNECTIONS} ]; do : > /tmp/g$i; i=$((i+1)); done; \
          wait $pids; \
          echo \"guest-to-host: $(ls /tmp | grep -c '^ok') ok\"; \
          for f in /tmp/e*; do [ -s $f ] && head -c 300 $f; done; \
