@@ -6,6 +6,7 @@
 //!   initramfs-<key>.cpio                   built initramfs archives (crate::initramfs)
 //!   store/                                 OCI blobs and image records (image::store)
 //!   rootfs/<manifest digest>.erofs         converted root filesystems
+//!   snapshots/<manifest digest>/<key>.snap ready VMs `run` restores (one per VM configuration)
 //! ```
 //!
 //! Other crates take these paths as arguments and never compute them.
@@ -66,6 +67,11 @@ impl CacheLayout {
     /// Converted root filesystems.
     pub fn rootfs(&self) -> PathBuf {
         self.root.join("rootfs")
+    }
+
+    /// Snapshots of ready VMs, one directory per image (manifest digest).
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
     }
 
     /// Where initramfs archives are kept (the root itself).

@@ -95,7 +95,7 @@ pub fn run(opts: &Options) -> u32 {
     let mut pre = PreStart::default();
     let mut chan: Option<Channel> = None;
     if let Some(l) = listener {
-        let deadline = std::time::Instant::now() + HOST_CONNECT_TIMEOUT;
+        let mut deadline = std::time::Instant::now() + HOST_CONNECT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let sock = match agent::accept(&l, left) {
@@ -117,6 +117,13 @@ pub fn run(opts: &Options) -> u32 {
                     break;
                 }
                 Err(Handshake::Abandoned) => continue,
+                Err(Handshake::Reset) => {
+                    // A restored VM's host connects after the restore, however
+                    // long after the capture that is (the guest's clocks
+                    // resume where they were captured).
+                    deadline = std::time::Instant::now() + HOST_CONNECT_TIMEOUT;
+                    continue;
+                }
                 Err(Handshake::Failed(msg)) => {
                     fail!("{msg}");
                     let _ = c.send(CONTROL_STREAM, &Message::Error { message: msg });
@@ -421,6 +428,10 @@ struct PreStart {
 enum Handshake {
     /// The connection closed before the host said Hello: try the next one.
     Abandoned,
+    /// The connection ended after Ready and before Start: this VM was restored
+    /// from a snapshot taken there (or its host is gone). The next connection
+    /// is awaited afresh.
+    Reset,
     /// Protocol misuse or a failed setup: the message for the host.
     Failed(String),
 }
@@ -457,14 +468,11 @@ fn handshake(
         }
         let frames = match chan.receive() {
             Incoming::Frames(f) => f,
-            Incoming::Closed if !greeted => return Err(Handshake::Abandoned),
-            Incoming::Closed => {
-                return Err(Handshake::Failed(
-                    "the host closed the control channel before Start".into(),
-                ))
-            }
-            Incoming::Broken(_) if !greeted => return Err(Handshake::Abandoned),
-            Incoming::Broken(e) => return Err(Handshake::Failed(format!("control channel: {e}"))),
+            Incoming::Closed | Incoming::Broken(_) if !greeted => return Err(Handshake::Abandoned),
+            // After Ready: a restore of this VM reset every vsock connection
+            // (the device's transport reset), or the host went away; either way
+            // the next host connection is the one to serve.
+            Incoming::Closed | Incoming::Broken(_) => return Err(Handshake::Reset),
         };
         for frame in frames {
             let frame = match frame {

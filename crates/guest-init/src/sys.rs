@@ -147,8 +147,8 @@ pub fn set_realtime(unix_nanos: u64) -> io::Result<()> {
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 
 /// Mixes `bytes` into the kernel RNG and credits them (the host's randomness
-/// is trusted: it is the hypervisor). Falls back to an uncredited write to
-/// `/dev/urandom` when the ioctl is refused.
+/// is trusted: it is the hypervisor), falling back to an uncredited write to
+/// `/dev/urandom` when the ioctl is refused, then reseeds the CRNG from them.
 pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let bytes = &bytes[..bytes.len().min(4096)];
@@ -169,11 +169,18 @@ pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     // SAFETY: info is a properly aligned rand_pool_info whose buf_size bytes of
     // buffer follow the header inside the allocation; the kernel only reads it.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
-    if rc == 0 {
-        return Ok(());
+    if rc != 0 {
+        file.write_all(bytes)?;
     }
-    file.write_all(bytes)
+    // The crediting alone leaves the CRNG's key as it was until its next
+    // scheduled reseed: two clones of one snapshot would go on producing the
+    // same bytes. Reseed now from the pool the host's bytes just went into.
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG as _) }).map(drop)
 }
+
+/// `RNDRESEEDCRNG` (include/uapi/linux/random.h): `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 /// A socket for the interface ioctls (netdevice(7): any AF_INET socket).
 fn inet_socket() -> io::Result<OwnedFd> {

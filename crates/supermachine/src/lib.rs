@@ -19,6 +19,7 @@ use std::sync::Arc;
 pub mod agent;
 pub mod interrupt;
 pub mod run;
+pub mod snapshots;
 
 pub use interrupt::Interrupt;
 pub use run::{PreparedImage, RunOptions};

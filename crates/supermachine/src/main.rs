@@ -139,6 +139,11 @@ enum Command {
         /// refused calls through and has the kernel log them.
         #[arg(long)]
         no_sandbox: bool,
+        /// Boot, and capture nothing: without it, a run restores the snapshot
+        /// the first run of the same VM configuration captured once its guest
+        /// was ready (`supermachine snapshots` lists them).
+        #[arg(long)]
+        no_snapshot: bool,
         /// The image.
         image: String,
         /// Command and arguments (replace the image's Cmd).
@@ -155,12 +160,89 @@ enum Command {
     },
     /// List the images in the store.
     Images,
-    /// Remove images from the store (blobs no other image uses are deleted).
+    /// Remove images from the store (blobs no other image uses are deleted, and
+    /// the image's root filesystem and snapshots once no image names it).
     Rmi {
         /// The images.
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// List the snapshots `run` restores (one per image and VM configuration),
+    /// with their sizes; `prune` removes them all.
+    Snapshots {
+        #[command(subcommand)]
+        action: Option<SnapshotsAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotsAction {
+    /// List them (the default).
+    Ls,
+    /// Remove every snapshot (the next run of each configuration boots and
+    /// captures again).
+    Prune,
+}
+
+/// `supermachine snapshots [ls|prune]`.
+fn snapshots(action: Option<SnapshotsAction>) -> ExitCode {
+    use supermachine::snapshots;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    match action.unwrap_or(SnapshotsAction::Ls) {
+        SnapshotsAction::Ls => {
+            let list = match snapshots::list() {
+                Ok(l) => l,
+                Err(e) => return fail(&e),
+            };
+            // Each image's references, by digest.
+            let names: Vec<(String, String)> = supermachine::run::store()
+                .and_then(|s| Ok(s.list()?))
+                .map(|l| {
+                    l.into_iter()
+                        .map(|r| (r.manifest_digest.to_string(), r.reference))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<40} {:<14} {:<34} {:>10} {:>10}",
+                "IMAGE", "DIGEST", "KEY", "ON DISK", "RAM"
+            );
+            for e in list {
+                let image = names
+                    .iter()
+                    .filter(|(d, _)| *d == e.digest)
+                    .map(|(_, r)| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let short = e
+                    .digest
+                    .trim_start_matches("sha256:")
+                    .get(..12)
+                    .unwrap_or("");
+                println!(
+                    "{:<40} {:<14} {:<34} {:>9.1}M {:>9.1}M",
+                    if image.is_empty() { "<none>" } else { &image },
+                    short,
+                    e.key,
+                    mib(e.allocated),
+                    mib(e.len)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        SnapshotsAction::Prune => match snapshots::prune() {
+            Ok(removed) => {
+                let bytes: u64 = removed.iter().map(|e| e.allocated).sum();
+                println!(
+                    "Removed {} snapshot(s), {:.1} MiB",
+                    removed.len(),
+                    mib(bytes)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
 }
 
 /// An [`supermachine::Interrupt`] triggered by SIGINT, SIGTERM or SIGHUP: the
@@ -418,6 +500,7 @@ fn main() -> ExitCode {
             vsock_uds,
             agent_timeout,
             no_sandbox,
+            no_snapshot,
             image,
             args,
         } => {
@@ -444,6 +527,7 @@ fn main() -> ExitCode {
                 agent_timeout: agent_timeout.map(std::time::Duration::from_secs),
                 interrupt: interrupt_on_signals(),
                 sandbox,
+                no_snapshot,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(
@@ -504,11 +588,15 @@ fn main() -> ExitCode {
                         if let Ok(p) = supermachine::run::rootfs_path(&d) {
                             let _ = std::fs::remove_file(p);
                         }
+                        if let Err(e) = supermachine::snapshots::remove_image(&d) {
+                            return fail(&e);
+                        }
                     }
                 }
             }
             ExitCode::SUCCESS
         }
+        Command::Snapshots { action } => snapshots(action),
         Command::Kernel => match supermachine::cache()
             .and_then(|c| Ok((guest_assets::kernel::provision(&c)?, c)))
         {

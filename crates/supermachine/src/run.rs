@@ -4,7 +4,9 @@
 //!    its read-only root filesystem (EROFS, built from the layers) from the cache,
 //!    keyed by the manifest digest.
 //! 2. A VM boots the guest kernel with supermachine's initramfs in container mode,
-//!    the rootfs as the first (read-only) disk and a vsock device.
+//!    the rootfs as the first (read-only) disk and a vsock device; it is captured
+//!    once its agent is ready, and later runs of the same VM configuration restore
+//!    that snapshot instead of booting (`crate::snapshots`).
 //! 3. The host connects to the guest agent on vsock port 1024 through the VMM's
 //!    UNIX socket (`CONNECT 1024`), sends the process spec, and copies the
 //!    process's stdout and stderr to ours until it exits; that exit status is the
@@ -65,6 +67,9 @@ pub struct RunOptions {
     /// Confine the VMM once the VM is built (`runner::sandbox`); `None` (the
     /// library's default) runs without. It confines the calling thread too.
     pub sandbox: Option<crate::SandboxMode>,
+    /// Neither restore this configuration's ready snapshot nor capture one:
+    /// boot, as every run did before snapshots (`--no-snapshot`).
+    pub no_snapshot: bool,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -386,6 +391,55 @@ pub fn run(
     }
     timings.phase("image_ready");
     let spec = process_spec(&img.config, opts)?;
+    let res = run_resources(opts, &img)?;
+    timings.phase("resources_ready");
+
+    // A VM of this configuration that ran before left its ready snapshot:
+    // restore it instead of booting (docs/architecture.md, "run snapshots").
+    let snapshot = if opts.no_snapshot {
+        None
+    } else {
+        crate::snapshots::for_run(&img, &res)?
+    };
+    let mut io = (out, err);
+    if let Some(path) = &snapshot {
+        if let Some(snap) = crate::snapshots::open_matching(path, &res) {
+            timings.phase("snapshot_opened");
+            match launch(
+                opts,
+                &res,
+                Start::Restore(&snap),
+                spec.clone(),
+                io,
+                timings.clone(),
+            )? {
+                Launched::Done(code) => return Ok(code),
+                Launched::NotReady { why, out, err } => {
+                    eprintln!(
+                        "supermachine: warning: the VM restored from {} did not get ready ({why}); \
+                         booting afresh and capturing a new snapshot",
+                        path.display()
+                    );
+                    let _ = std::fs::remove_file(path);
+                    io = (out, err);
+                }
+            }
+        }
+    }
+    let start = Start::Boot {
+        capture: snapshot.as_deref(),
+    };
+    match launch(opts, &res, start, spec, io, timings)? {
+        Launched::Done(code) => Ok(code),
+        // Only a restore is retried; a boot's failures are errors above.
+        Launched::NotReady { why, .. } => Err(Error::Usage(why)),
+    }
+}
+
+/// The VM `run` needs for `img`: the guest kernel and initramfs in container
+/// mode, the image's root filesystem as the first (read-only) disk, the user's
+/// disks after it, the network, and a vsock device for the agent.
+fn run_resources(opts: &RunOptions, img: &PreparedImage) -> Result<crate::VmResources, Error> {
     let cfg = crate::BootConfig {
         kernel: opts.kernel.clone(),
         initrd: None,
@@ -422,8 +476,58 @@ pub fn run(
         // the filesystem only when the user asks for one.
         uds_path: opts.vsock_uds.clone(),
     });
-    timings.phase("resources_ready");
+    Ok(res)
+}
 
+/// How a run's VM comes to be.
+enum Start<'a> {
+    /// Restored from its ready snapshot.
+    Restore(&'a runner::vmm::Snapshot),
+    /// Booted; captured to `capture` (when given) once its agent is ready.
+    Boot {
+        capture: Option<&'a std::path::Path>,
+    },
+}
+
+/// How a launch ended.
+enum Launched {
+    /// The process ran (or the run failed in a way a fresh boot would not
+    /// mend): docker's exit code.
+    Done(i32),
+    /// A restored VM never got ready for the process (nothing was sent to
+    /// it, and it is gone): the caller boots afresh with the same output.
+    NotReady {
+        why: String,
+        out: Box<dyn Write + Send>,
+        err: Box<dyn Write + Send>,
+    },
+}
+
+/// What the agent thread hands back.
+struct AgentEnd {
+    /// The process's status, or why there is none.
+    result: Result<ExitStatus, String>,
+    /// Whether the guest agent answered at all.
+    connected: bool,
+    out: Box<dyn Write + Send>,
+    err: Box<dyn Write + Send>,
+}
+
+/// How long a restored guest may take to answer its agent channel before the
+/// snapshot is given up for a fresh boot: it answers in milliseconds on
+/// hardware and in seconds under nested emulation.
+const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds (or restores) the VM, runs `spec` in it through the agent, and
+/// waits for the VM's end.
+fn launch(
+    opts: &RunOptions,
+    res: &crate::VmResources,
+    start: Start<'_>,
+    spec: ProcessSpec,
+    (out, err): (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    timings: Arc<Timings>,
+) -> Result<Launched, Error> {
     // Unshown, the console is still kept in part: if the VM ends before the
     // process did, its last line (a kernel panic, say) is the best clue there is.
     let tail = ConsoleTail::default();
@@ -433,7 +537,23 @@ pub fn run(
         Box::new(tail.clone())
     };
     let hv = crate::open_hypervisor(&res.kernel)?;
-    let vmm = runner::vmm::Vmm::build(&hv, &res, console, timings)?;
+    let (vmm, restored, capture) = match start {
+        Start::Restore(snap) => match runner::vmm::Vmm::restore(&hv, snap, console, timings) {
+            Ok(vmm) => (vmm, true, None),
+            Err(e) => {
+                return Ok(Launched::NotReady {
+                    why: crate::error_chain(&e),
+                    out,
+                    err,
+                })
+            }
+        },
+        Start::Boot { capture } => (
+            runner::vmm::Vmm::build(&hv, res, console, timings)?,
+            false,
+            capture,
+        ),
+    };
     if let Some(i) = &opts.interrupt {
         i.attach(vmm.stop_handle());
     }
@@ -441,7 +561,7 @@ pub fn run(
     // the guest runs. The image was pulled and converted above, unconfined,
     // before any guest code existed.
     if let Some(mode) = opts.sandbox {
-        crate::enter_sandbox(&vmm, &res, mode, std::iter::empty())?;
+        crate::enter_sandbox(&vmm, res, mode, capture.into_iter())?;
     }
     let stop = vmm.stop_handle();
     let vsock = vmm.vsock().ok_or_else(|| {
@@ -450,13 +570,20 @@ pub fn run(
     let vsock_after = vsock.clone();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
-    let agent_timeout = opts.agent_timeout.unwrap_or(AGENT_CONNECT_TIMEOUT);
+    // The agent's "ready" (its Hello answered) for a capture, and the capture's
+    // "done" back: the process spec goes to the guest only after the capture.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (captured_tx, captured_rx) = std::sync::mpsc::channel::<()>();
+    let wants_capture = capture.is_some();
+    let mut agent_timeout = opts.agent_timeout.unwrap_or(AGENT_CONNECT_TIMEOUT);
+    if restored {
+        agent_timeout = agent_timeout.min(RESTORE_READY_TIMEOUT);
+    }
     let agent = {
         std::thread::Builder::new()
             .name("sm-agent".into())
-            .spawn(move || -> Result<ExitStatus, String> {
-                let mut out = out;
-                let mut err = err;
+            .spawn(move || -> AgentEnd {
+                let (mut out, mut err) = (out, err);
                 let deadline = Instant::now() + agent_timeout;
                 let mut conn =
                     match connect_agent(&vsock, agent_protocol::CONTROL_PORT, deadline, &stop) {
@@ -464,9 +591,19 @@ pub fn run(
                         Err(e) => {
                             // Nobody else ends a VM whose agent never answered.
                             stop.stop();
-                            return Err(e);
+                            return AgentEnd {
+                                result: Err(e),
+                                connected: false,
+                                out,
+                                err,
+                            };
                         }
                     };
+                if wants_capture && ready_tx.send(()).is_ok() {
+                    // Captured (or not): the run goes on either way.
+                    let _ = captured_rx.recv();
+                }
+                drop(ready_tx);
                 let r = conn
                     .run_process(spec, &mut *out, &mut *err)
                     .map_err(|e| crate::error_chain(&e));
@@ -488,7 +625,12 @@ pub fn run(
                         stop.stop();
                     }
                 }
-                r
+                AgentEnd {
+                    result: r,
+                    connected: true,
+                    out,
+                    err,
+                }
             })
             .map_err(|source| Error::Thread {
                 what: "the agent thread",
@@ -501,17 +643,28 @@ pub fn run(
             if opts.sandbox.is_some() {
                 crate::sandbox_selftest();
             }
+            if let Some(path) = capture {
+                // The agent says ready, or drops its end when it never will.
+                if ready_rx.recv().is_ok() {
+                    capture_ready(&vmm, path);
+                    let _ = captured_tx.send(());
+                }
+            }
             vmm.wait()
         }
         Err(e) => Err(runner::vmm::RunError::from(e)),
     };
     drop(vm_ended_tx);
+    // No capture any more: an agent thread that said ready late does not wait.
+    drop(ready_rx);
+    drop(captured_tx);
     // The VM is gone: its connections end, so an agent conversation still
     // waiting for the guest reads end-of-file instead of waiting forever.
     vsock_after.close_connections();
-    let agent_result = agent
-        .join()
-        .unwrap_or_else(|_| Err("agent thread panicked".into()));
+    let end = agent.join().map_err(|_| Error::Thread {
+        what: "the agent thread",
+        source: std::io::Error::other("it panicked"),
+    })?;
     if let Some(uds) = &opts.vsock_uds {
         // The device bound it; nothing listens there any more.
         let _ = std::fs::remove_file(uds);
@@ -519,9 +672,23 @@ pub fn run(
     if let Some(signal) = opts.interrupt.as_ref().and_then(crate::Interrupt::signal) {
         return Err(Error::Interrupted { signal });
     }
+    if restored && !end.connected {
+        return Ok(Launched::NotReady {
+            why: match vm_result {
+                Ok(o) => format!(
+                    "{}; the VM ended ({:?})",
+                    end.result.err().unwrap_or_default(),
+                    o.exit
+                ),
+                Err(e) => crate::error_chain(&e),
+            },
+            out: end.out,
+            err: end.err,
+        });
+    }
     let outcome = vm_result?;
-    match agent_result {
-        Ok(status) => Ok(agent::exit_code(status)),
+    match end.result {
+        Ok(status) => Ok(Launched::Done(agent::exit_code(status))),
         // No status over vsock: the guest's own report on the power device is the
         // next best (guest-init writes the same docker code there).
         Err(e) => {
@@ -537,7 +704,35 @@ pub fn run(
                     }),
                 });
             }
-            Ok(outcome.exit_code())
+            Ok(Launched::Done(outcome.exit_code()))
+        }
+    }
+}
+
+/// Captures the VM whose agent just answered (guest-init waits for the
+/// process spec, the root filesystem is mounted) to `path`, then lets it go
+/// on. A capture that fails costs this run nothing but the warning.
+fn capture_ready<V: hypervisor::Vm + 'static>(vmm: &runner::vmm::Vmm<V>, path: &std::path::Path) {
+    let captured = vmm
+        .pause()
+        .map_err(runner::vmm::RunError::from)
+        .and_then(|()| vmm.snapshot(path));
+    match captured {
+        Ok(()) => {}
+        Err(runner::vmm::RunError::Control(runner::vmm::ControlError::Ended)) => return,
+        Err(e) => eprintln!(
+            "supermachine: warning: cannot capture a snapshot to {}: {}; later runs boot too",
+            path.display(),
+            crate::error_chain(&e)
+        ),
+    }
+    if let Err(e) = vmm.resume() {
+        if !matches!(e, runner::vmm::ControlError::Ended) {
+            eprintln!(
+                "supermachine: warning: the VM did not resume after its capture: {}",
+                crate::error_chain(&e)
+            );
+            vmm.stop();
         }
     }
 }

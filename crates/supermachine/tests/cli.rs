@@ -852,3 +852,69 @@ fn pull_busybox(cache: &Path) -> String {
     );
     image
 }
+
+#[test]
+fn snapshots_lists_and_prunes_and_rmi_removes_an_images_snapshots() {
+    let d = tmpdir("snapshots-verb");
+    let cache = d.join("cache");
+    let image = pull_busybox(&cache);
+    let pulled = Command::new(bin())
+        .args(["pull", &image])
+        .env("XDG_CACHE_HOME", &cache)
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&pulled.stdout).to_string();
+    let digest = line.split_whitespace().nth(1).unwrap().to_string();
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    let snapshots = |args: &[&str]| {
+        let o = Command::new(bin())
+            .arg("snapshots")
+            .args(args)
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    // As `run` leaves them: a sparse file per VM configuration (its 3 MiB of
+    // RAM touched out of 64).
+    let dir = cache.join("supermachine/snapshots").join(&hex);
+    std::fs::create_dir_all(&dir).unwrap();
+    let place = |key: &str| {
+        let f = std::fs::File::create(dir.join(format!("{key}.snap"))).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![7u8; 3 << 20], 0).unwrap();
+    };
+    place("0123456789abcdef0123456789abcdef");
+    let listed = snapshots(&[]);
+    let row = listed
+        .lines()
+        .find(|l| l.contains("0123456789abcdef0123456789abcdef"))
+        .unwrap_or_else(|| panic!("no row for the snapshot: {listed}"));
+    assert!(row.contains(&hex[..12]), "{row}");
+    assert!(row.contains("busybox"), "the image's reference: {row}");
+    assert!(
+        row.contains("3.0M") && row.contains("64.0M"),
+        "on disk and RAM sizes: {row}"
+    );
+    assert_eq!(snapshots(&["ls"]), listed);
+
+    let pruned = snapshots(&["prune"]);
+    assert!(
+        pruned.contains("Removed 1 snapshot(s), 3.0 MiB"),
+        "{pruned}"
+    );
+    assert!(!dir.exists(), "the emptied image directory is gone");
+    assert_eq!(snapshots(&[]).lines().count(), 1, "only the header is left");
+
+    // rmi of the image's last reference takes its snapshots with it.
+    std::fs::create_dir_all(&dir).unwrap();
+    place("fedcba9876543210fedcba9876543210");
+    let o = Command::new(bin())
+        .args(["rmi", &image])
+        .env("XDG_CACHE_HOME", &cache)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(!dir.exists(), "rmi left {}", dir.display());
+}

@@ -306,8 +306,14 @@ impl Running {
 impl Env {
     /// Starts the product with `args`.
     fn spawn(&self, args: &[&str]) -> Result<Running, String> {
+        self.spawn_env(args, &[])
+    }
+
+    /// Starts the product with `args` and `envs` added to its environment.
+    fn spawn_env(&self, args: &[&str], envs: &[(&str, &str)]) -> Result<Running, String> {
         let mut child = Command::new(&self.bin)
             .args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1504,7 +1510,199 @@ const SCENARIOS: &[Scenario] = &[
         name: "run_network_none_has_only_loopback",
         run: run_network_none_has_only_loopback,
     },
+    Scenario {
+        name: "run_restores_its_ready_snapshot_for_any_command",
+        run: run_restores_its_ready_snapshot_for_any_command,
+    },
 ];
+
+/// Guest memory of the snapshot scenario: a VM configuration no other scenario
+/// has, so its first run is the one that boots and captures.
+const SNAPSHOT_MEMORY: &str = "320M";
+
+/// `run` with SUPERMACHINE_TIMINGS=1 in the snapshot scenario's configuration.
+fn run_timed(env: &Env, extra: &[&str], cmd: &[&str]) -> Result<Outcome, String> {
+    let img = images()?;
+    let mut args = vec!["run", NO_NET[0], NO_NET[1], "--memory", SNAPSHOT_MEMORY];
+    args.extend_from_slice(extra);
+    args.push(&img.oci);
+    args.extend_from_slice(cmd);
+    let t = Instant::now();
+    let o = env
+        .spawn_env(&args, &[("SUPERMACHINE_TIMINGS", "1")])?
+        .finish(BOOT_TIMEOUT)?;
+    let how = if restored(&o) {
+        "restored"
+    } else if booted(&o) {
+        "booted and captured"
+    } else {
+        "booted"
+    };
+    eprintln!(
+        "  snapshot: `run {}` {how} in {:.1}s",
+        cmd.join(" ").chars().take(30).collect::<String>(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(o)
+}
+
+/// The `.snap` files under the cache's snapshots directory.
+fn snapshot_files() -> Vec<PathBuf> {
+    let root = PathBuf::from(std::env::var("XDG_CACHE_HOME").unwrap_or_default())
+        .join("supermachine/snapshots");
+    let mut v = Vec::new();
+    for image in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(image.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if f.path().extension().is_some_and(|e| e == "snap") {
+                v.push(f.path());
+            }
+        }
+    }
+    v
+}
+
+fn booted(o: &Outcome) -> bool {
+    o.stderr.contains("[timing] snapshot_written=") && !o.stderr.contains("[timing] restored=")
+}
+
+fn restored(o: &Outcome) -> bool {
+    o.stderr.contains("[timing] restored=") && !o.stderr.contains("[timing] snapshot_written=")
+}
+
+/// The `[timing] NAME=Nus` value, in ms.
+fn timing_ms(o: &Outcome, name: &str) -> Option<f64> {
+    let at = o.stderr.find(&format!("[timing] {name}="))?;
+    let rest = &o.stderr[at + name.len() + 10..];
+    let us: f64 = rest.split("us").next()?.parse().ok()?;
+    Some(us / 1000.0)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Issue 12's `run` acceptance: the first run of a VM configuration boots and
+/// captures it once the guest is ready; later runs with other commands restore
+/// it and give their own output and exit codes; two restored clones differ in
+/// their randomness and have the host's wall clock; a damaged snapshot is a
+/// warning and a fresh boot (and a new snapshot); `--no-snapshot` boots.
+fn run_restores_its_ready_snapshot_for_any_command(env: &Env) -> Result<(), String> {
+    let before = snapshot_files();
+    let first = run_timed(env, &[], &["sh", "-c", "echo first; exit 3"])?;
+    expect(
+        first.stdout == "first\n" && first.code == Some(3),
+        "the first run's own output and status",
+        &first,
+    )?;
+    expect(booted(&first), "the first run boots and captures", &first)?;
+    let new: Vec<PathBuf> = snapshot_files()
+        .into_iter()
+        .filter(|f| !before.contains(f))
+        .collect();
+    expect(
+        new.len() == 1,
+        &format!("one new snapshot file: {new:?}"),
+        &first,
+    )?;
+    let snap = &new[0];
+    let second = run_timed(env, &[], &["sh", "-c", "echo second >&2; exit 4"])?;
+    expect(
+        restored(&second) && second.code == Some(4) && second.stdout.is_empty(),
+        "the second run restores and gives its own status",
+        &second,
+    )?;
+    expect(
+        second.stderr.contains("second\n"),
+        "the second run's stderr is its process's",
+        &second,
+    )?;
+    // Two clones of the one snapshot: their own randomness, the host's clock.
+    let probe = "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    let mut clones = Vec::new();
+    for _ in 0..2 {
+        let host_before = unix_now();
+        let o = run_timed(env, &[], &["sh", "-c", probe])?;
+        let host_after = unix_now();
+        expect(restored(&o) && o.code == Some(0), "a clone restores", &o)?;
+        let lines: Vec<&str> = o.stdout.lines().collect();
+        expect(lines.len() == 3, "uuid, random bytes and the date", &o)?;
+        let guest: f64 = lines[2]
+            .parse()
+            .map_err(|e| format!("date {:?}: {e}", lines[2]))?;
+        // busybox's date has whole seconds: the guest's clock is in [s, s + 1).
+        expect(
+            guest + 1.0 >= host_before - 1.0 && guest <= host_after + 1.0,
+            &format!(
+                "the clone's wall clock ({guest:.3}) is within 1 s of the host's \
+                 ({host_before:.3}..{host_after:.3})"
+            ),
+            &o,
+        )?;
+        clones.push((lines[0].to_string(), lines[1].to_string(), o));
+    }
+    expect(
+        clones[0].0 != clones[1].0 && clones[0].1 != clones[1].1,
+        &format!(
+            "two clones differ in uuid ({} / {}) and /dev/urandom ({} / {})",
+            clones[0].0, clones[1].0, clones[0].1, clones[1].1
+        ),
+        &clones[1].2,
+    )?;
+    if let (Some(boot), Some(restore)) = (
+        timing_ms(&first, "init_ready"),
+        timing_ms(&clones[1].2, "restored"),
+    ) {
+        eprintln!("  snapshot: first run ready at {boot:.0} ms, a restore done at {restore:.0} ms");
+    }
+    // `snapshots` lists it with its size.
+    let listed = env.supermachine(&["snapshots"], BOOT_TIMEOUT)?;
+    let key = snap
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    expect(
+        listed.code == Some(0)
+            && listed
+                .stdout
+                .lines()
+                .any(|l| l.contains(&key) && l.contains('M')),
+        &format!("`snapshots` lists {key} with its size"),
+        &listed,
+    )?;
+    // A flipped byte in its state: a warning, a fresh boot and a new snapshot.
+    let mut bytes = std::fs::read(snap).map_err(|e| format!("read {}: {e}", snap.display()))?;
+    bytes[4096 + 10] ^= 0x40;
+    std::fs::write(snap, &bytes).map_err(|e| format!("write {}: {e}", snap.display()))?;
+    let damaged = run_timed(env, &[], &["sh", "-c", "echo after-damage"])?;
+    expect(
+        damaged.stdout == "after-damage\n"
+            && damaged.code == Some(0)
+            && damaged.stderr.contains("cannot be used")
+            && booted(&damaged),
+        "a damaged snapshot: warning, fresh boot, new capture",
+        &damaged,
+    )?;
+    let again = run_timed(env, &[], &["true"])?;
+    expect(
+        restored(&again) && again.code == Some(0),
+        "the new snapshot restores",
+        &again,
+    )?;
+    let opted_out = run_timed(env, &["--no-snapshot"], &["sh", "-c", "exit 7"])?;
+    expect(
+        opted_out.code == Some(7)
+            && !opted_out.stderr.contains("[timing] restored=")
+            && !opted_out.stderr.contains("[timing] snapshot_written="),
+        "--no-snapshot boots and captures nothing",
+        &opted_out,
+    )
+}
 
 fn run_scenarios(env: &Env, filter: Option<&str>) -> bool {
     let (mut passed, mut failed) = (0, 0);
