@@ -391,7 +391,7 @@ pub fn run(
     }
     timings.phase("image_ready");
     let spec = process_spec(&img.config, opts)?;
-    let res = run_resources(opts, &img)?;
+    let res = vm_resources(opts, &img)?;
     timings.phase("resources_ready");
 
     // A VM of this configuration that ran before left its ready snapshot:
@@ -439,7 +439,7 @@ pub fn run(
 /// The VM `run` needs for `img`: the guest kernel and initramfs in container
 /// mode, the image's root filesystem as the first (read-only) disk, the user's
 /// disks after it, the network, and a vsock device for the agent.
-fn run_resources(opts: &RunOptions, img: &PreparedImage) -> Result<crate::VmResources, Error> {
+pub fn vm_resources(opts: &RunOptions, img: &PreparedImage) -> Result<crate::VmResources, Error> {
     let cfg = crate::BootConfig {
         kernel: opts.kernel.clone(),
         initrd: None,
@@ -644,10 +644,20 @@ fn launch(
                 crate::sandbox_selftest();
             }
             if let Some(path) = capture {
-                // The agent says ready, or drops its end when it never will.
-                if ready_rx.recv().is_ok() {
-                    capture_ready(&vmm, path);
-                    let _ = captured_tx.send(());
+                // The agent says ready, or drops its end when it never will;
+                // a VM that ends first ends the wait too (its connections are
+                // closed only after it, so the agent may still be waiting).
+                let ending = vmm.stop_handle();
+                loop {
+                    match ready_rx.recv_timeout(Duration::from_millis(5)) {
+                        Ok(()) => {
+                            capture_ready(&vmm, path);
+                            let _ = captured_tx.send(());
+                            break;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !ending.is_ending() => {}
+                        Err(_) => break,
+                    }
                 }
             }
             vmm.wait()

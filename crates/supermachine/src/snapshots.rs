@@ -43,8 +43,9 @@ pub fn image_dir(digest: &str) -> Result<PathBuf, Error> {
     Ok(crate::cache()?.snapshots().join(hex))
 }
 
-/// The key of a VM configuration: a hex SHA-256 prefix over what shapes it.
-pub fn key(digest: &str, res: &VmResources) -> String {
+/// The key of a VM configuration run by the supermachine `executable`: a hex
+/// SHA-256 prefix over what shapes it.
+pub fn key(digest: &str, res: &VmResources, executable: &Path) -> String {
     let mut h = Sha256::new();
     h.update(b"supermachine run snapshot 1\0");
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
@@ -53,11 +54,10 @@ pub fn key(digest: &str, res: &VmResources) -> String {
     h.update([0]);
     // serde_json renders a struct's fields in their declared order.
     h.update(serde_json::to_vec(res).unwrap_or_default());
-    let exe = std::env::current_exe().ok();
     for file in [
         Some(res.kernel.as_path()),
         res.initrd.as_deref(),
-        exe.as_deref(),
+        Some(executable),
     ] {
         let (len, mtime) = file.map_or((0, 0), identity);
         h.update(len.to_le_bytes());
@@ -99,7 +99,10 @@ pub(crate) fn for_run(img: &PreparedImage, res: &VmResources) -> Result<Option<P
         path: dir.clone(),
         source,
     })?;
-    Ok(Some(dir.join(format!("{}.snap", key(&img.digest, res)))))
+    let exe = std::env::current_exe().unwrap_or_default();
+    Ok(Some(
+        dir.join(format!("{}.snap", key(&img.digest, res, &exe))),
+    ))
 }
 
 /// The snapshot at `path`, when there is one and it is of `res`. One that
@@ -227,25 +230,37 @@ mod tests {
 
     #[test]
     fn the_key_is_stable_and_changes_with_what_shapes_the_vm() {
-        let base = key("sha256:aa", &res());
+        let base = key("sha256:aa", &res(), Path::new("/bin/sh"));
         assert_eq!(base.len(), 32);
-        assert_eq!(key("sha256:aa", &res()), base, "the same VM, the same key");
-        assert_ne!(key("sha256:bb", &res()), base, "another image");
+        assert_eq!(
+            key("sha256:aa", &res(), Path::new("/bin/sh")),
+            base,
+            "the same VM, the same key"
+        );
+        assert_ne!(
+            key("sha256:bb", &res(), Path::new("/bin/sh")),
+            base,
+            "another image"
+        );
         let mut r = res();
         r.memory = 1 << 30;
-        assert_ne!(key("sha256:aa", &r), base, "memory");
+        assert_ne!(key("sha256:aa", &r, Path::new("/bin/sh")), base, "memory");
         let mut r = res();
         r.vcpus = 2;
-        assert_ne!(key("sha256:aa", &r), base, "vCPUs");
+        assert_ne!(key("sha256:aa", &r, Path::new("/bin/sh")), base, "vCPUs");
         let mut r = res();
         r.cmdline.push_str(" loglevel=7");
-        assert_ne!(key("sha256:aa", &r), base, "command line");
+        assert_ne!(
+            key("sha256:aa", &r, Path::new("/bin/sh")),
+            base,
+            "command line"
+        );
         let mut r = res();
         r.disks.push(crate::DiskSpec {
             path: "/data.img".into(),
             read_only: true,
         });
-        assert_ne!(key("sha256:aa", &r), base, "disks");
+        assert_ne!(key("sha256:aa", &r, Path::new("/bin/sh")), base, "disks");
     }
 
     #[test]
@@ -256,9 +271,9 @@ mod tests {
         std::fs::write(&k, b"one").unwrap();
         let mut r = res();
         r.kernel = k.clone();
-        let before = key("sha256:aa", &r);
+        let before = key("sha256:aa", &r, Path::new("/bin/sh"));
         std::fs::write(&k, b"another kernel").unwrap();
-        assert_ne!(key("sha256:aa", &r), before);
+        assert_ne!(key("sha256:aa", &r, Path::new("/bin/sh")), before);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -48,6 +48,31 @@ fn processes_naming(path: &Path) -> usize {
         .count()
 }
 
+/// A child process that is killed and reaped when dropped: a test that fails
+/// while a heartbeat guest (which counts forever) runs must not leave it
+/// spinning on the machine's cores for whatever runs next.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn kvm_usable() -> bool {
     let ok = std::fs::File::options()
         .read(true)
@@ -281,12 +306,14 @@ fn boot_stopped_by_sigterm_or_sigint_exits_128_plus_the_signal_and_leaves_nothin
     )
     .unwrap();
     for (signal, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
-        let mut child = Command::new(bin())
-            .args(["boot", "--kernel", k.to_str().unwrap()])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Reaped(
+            Command::new(bin())
+                .args(["boot", "--kernel", k.to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         // The guest is running once its first heartbeat line is out.
         let mut out = child.stdout.take().unwrap();
         let mut first = [0u8; 1];
@@ -359,15 +386,17 @@ fn run_whose_agent_never_answers_fails_within_its_agent_timeout_and_leaves_nothi
 }
 
 /// `boot` of a guest that counts forever, once its first output is out.
-fn start_heartbeat(k: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Child {
-    let mut child = Command::new(bin())
-        .args(["boot", "--kernel", k.to_str().unwrap()])
-        .args(extra)
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+fn start_heartbeat(k: &Path, extra: &[&str], env: &[(&str, &str)]) -> Reaped {
+    let mut child = Reaped(
+        Command::new(bin())
+            .args(["boot", "--kernel", k.to_str().unwrap()])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut first = [0u8; 1];
     std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
     child
@@ -571,13 +600,15 @@ fn a_vm_captured_by_boot_is_restored_in_a_new_process_and_counts_on() {
         let file_before = std::fs::read(&snap).unwrap();
 
         // A new process restores it; its beats go on from the captured ones.
-        let mut restored = Command::new(bin())
-            .args(["boot", "--restore"])
-            .arg(&snap)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut restored = Reaped(
+            Command::new(bin())
+                .args(["boot", "--restore"])
+                .arg(&snap)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let mut out = captured.stdout.clone();
         let mut stdout = restored.stdout.take().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -667,13 +698,15 @@ fn a_damaged_snapshot_is_refused_with_a_clear_error() {
 /// Restores `snap` in a new process, reads its console until every vCPU has
 /// beaten `beats` more times, kills it, and returns what it printed.
 fn restore_and_beat(snap: &Path, vcpus: u32, beats: u32) -> Vec<u8> {
-    let mut restored = Command::new(bin())
-        .args(["boot", "--restore"])
-        .arg(snap)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut restored = Reaped(
+        Command::new(bin())
+            .args(["boot", "--restore"])
+            .arg(snap)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut stdout = restored.stdout.take().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut out = Vec::new();
