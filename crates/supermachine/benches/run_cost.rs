@@ -110,28 +110,13 @@ fn main() {
     }
     for &network in variants {
         one(network).expect("a warm-up run reached the first vCPU entry");
-        let mut samples = Vec::new();
-        let mut last_phases = Vec::new();
-        for _ in 0..runs {
-            if let Some((us, phases)) = one(network) {
-                samples.push(us);
-                last_phases = phases;
-            }
-        }
-        samples.sort();
-        let ms = |us: u64| us as f64 / 1000.0;
-        println!(
-            "supermachine run --network {network}, image cached, process start -> first vCPU entry ({} runs): median {:.2} ms (min {:.2}, max {:.2}); target <= 15 ms",
-            samples.len(),
-            ms(samples[samples.len() / 2]),
-            ms(samples[0]),
-            ms(samples[samples.len() - 1])
+        let (samples, phases) = sample(runs, || one(network), |_| {});
+        report(
+            &format!("supermachine run --network {network}, image cached"),
+            15,
+            &samples,
+            &phases,
         );
-        let phases: Vec<String> = last_phases
-            .iter()
-            .map(|(n, us)| format!("{n}={:.2}ms", ms(*us)))
-            .collect();
-        println!("  phases of the last run: {}", phases.join(" "));
     }
 
     // The restore path: a snapshot of this run's VM where the CLI looks for
@@ -173,28 +158,54 @@ fn main() {
     let restored = |phases: &[(String, u64)]| phases.iter().any(|(n, _)| n == "restored");
     let (_, warm) = one("none").expect("a warm-up restore reached the first vCPU entry");
     assert!(restored(&warm), "the run did not restore: {warm:?}");
+    let (samples, phases) = sample(
+        runs,
+        || one("none"),
+        |phases| assert!(restored(phases), "a run did not restore: {phases:?}"),
+    );
+    report(
+        "supermachine run --network none, image and snapshot cached (restore path)",
+        8,
+        &samples,
+        &phases,
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// `runs` samples of `one` (each checked by `check`), sorted, and the phases of
+/// the last.
+fn sample(
+    runs: usize,
+    one: impl Fn() -> Option<(u64, Vec<(String, u64)>)>,
+    check: impl Fn(&[(String, u64)]),
+) -> (Vec<u64>, Vec<(String, u64)>) {
     let mut samples = Vec::new();
     let mut last_phases = Vec::new();
     for _ in 0..runs {
-        if let Some((us, phases)) = one("none") {
-            assert!(restored(&phases), "a run did not restore: {phases:?}");
+        if let Some((us, phases)) = one() {
+            check(&phases);
             samples.push(us);
             last_phases = phases;
         }
     }
     samples.sort();
+    (samples, last_phases)
+}
+
+/// Prints the median, min and max of `samples` (µs) against `target_ms`, and
+/// the phases of one run.
+fn report(what: &str, target_ms: u32, samples: &[u64], phases: &[(String, u64)]) {
     let ms = |us: u64| us as f64 / 1000.0;
     println!(
-        "supermachine run --network none, image and snapshot cached (restore path), process start -> first vCPU entry ({} runs): median {:.2} ms (min {:.2}, max {:.2}); target <= 8 ms",
+        "{what}, process start -> first vCPU entry ({} runs): median {:.2} ms (min {:.2}, max {:.2}); target <= {target_ms} ms",
         samples.len(),
         ms(samples[samples.len() / 2]),
         ms(samples[0]),
         ms(samples[samples.len() - 1])
     );
-    let phases: Vec<String> = last_phases
+    let phases: Vec<String> = phases
         .iter()
         .map(|(n, us)| format!("{n}={:.2}ms", ms(*us)))
         .collect();
     println!("  phases of the last run: {}", phases.join(" "));
-    let _ = std::fs::remove_dir_all(&cache);
 }
