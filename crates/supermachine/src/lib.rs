@@ -394,14 +394,10 @@ fn capture_after<V: hypervisor::Vm + 'static>(
                 .min(std::time::Duration::from_millis(5)),
         );
     }
-    let captured = vmm
-        .pause()
-        .map_err(runner::vmm::RunError::from)
-        .and_then(|()| vmm.snapshot(&c.path));
-    match captured {
-        Ok(()) => {}
+    match pause_and_capture(vmm, &c.path) {
+        Ok(true) => {}
         // The VM ended meanwhile: nothing to capture.
-        Err(runner::vmm::RunError::Control(runner::vmm::ControlError::Ended)) => return Ok(()),
+        Ok(false) => return Ok(()),
         Err(e) => {
             vmm.stop();
             return Err(Error::Capture {
@@ -417,6 +413,23 @@ fn capture_after<V: hypervisor::Vm + 'static>(
     match vmm.resume() {
         Ok(()) | Err(runner::vmm::ControlError::Ended) => Ok(()),
         Err(e) => Err(runner::vmm::RunError::from(e).into()),
+    }
+}
+
+/// Pauses the VM and writes it to `path`; `Ok(false)` when it had ended
+/// first (nothing to capture). The VM is left paused.
+pub(crate) fn pause_and_capture<V: hypervisor::Vm + 'static>(
+    vmm: &runner::vmm::Vmm<V>,
+    path: &std::path::Path,
+) -> Result<bool, runner::vmm::RunError> {
+    match vmm
+        .pause()
+        .map_err(runner::vmm::RunError::from)
+        .and_then(|()| vmm.snapshot(path))
+    {
+        Ok(()) => Ok(true),
+        Err(runner::vmm::RunError::Control(runner::vmm::ControlError::Ended)) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

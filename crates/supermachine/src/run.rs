@@ -723,13 +723,9 @@ fn launch(
 /// process spec, the root filesystem is mounted) to `path`, then lets it go
 /// on. A capture that fails costs this run nothing but the warning.
 fn capture_ready<V: hypervisor::Vm + 'static>(vmm: &runner::vmm::Vmm<V>, path: &std::path::Path) {
-    let captured = vmm
-        .pause()
-        .map_err(runner::vmm::RunError::from)
-        .and_then(|()| vmm.snapshot(path));
-    match captured {
-        Ok(()) => {}
-        Err(runner::vmm::RunError::Control(runner::vmm::ControlError::Ended)) => return,
+    match crate::pause_and_capture(vmm, path) {
+        Ok(true) => {}
+        Ok(false) => return,
         Err(e) => eprintln!(
             "supermachine: warning: cannot capture a snapshot to {}: {}; later runs boot too",
             path.display(),
