@@ -20,6 +20,10 @@ pub enum MessageType {
     TimeSync = 0x0005,
     /// [`Message::Entropy`].
     Entropy = 0x0006,
+    /// [`Message::WatchListen`].
+    WatchListen = 0x0007,
+    /// [`Message::Listening`].
+    Listening = 0x0008,
     /// [`Message::ProcessSpec`].
     ProcessSpec = 0x0100,
     /// [`Message::Start`].
@@ -38,17 +42,21 @@ pub enum MessageType {
     Resize = 0x0107,
     /// [`Message::Exited`].
     Exited = 0x0108,
+    /// [`Message::Attach`].
+    Attach = 0x0109,
 }
 
 impl MessageType {
     /// Every known type, for tests and tools.
-    pub const ALL: [MessageType; 15] = [
+    pub const ALL: [MessageType; 18] = [
         Self::Hello,
         Self::Ready,
         Self::Heartbeat,
         Self::Error,
         Self::TimeSync,
         Self::Entropy,
+        Self::WatchListen,
+        Self::Listening,
         Self::ProcessSpec,
         Self::Start,
         Self::Stdin,
@@ -58,6 +66,7 @@ impl MessageType {
         Self::Signal,
         Self::Resize,
         Self::Exited,
+        Self::Attach,
     ];
 
     /// The type for a wire code, `None` when this build does not know it.
@@ -163,6 +172,16 @@ pub enum Message {
     },
     /// Host -> guest: randomness to mix into (and credit to) the guest's RNG.
     Entropy(Vec<u8>),
+    /// Host -> guest: report the first TCP port the container listens on
+    /// (with [`Message::Listening`]).
+    WatchListen,
+    /// Guest -> host: a process in the guest listens on this TCP port (sent
+    /// once, for the ports of the first scan that found any, after
+    /// [`Message::WatchListen`]).
+    Listening {
+        /// The port (IPv4 or IPv6, any address).
+        port: u16,
+    },
     /// Host -> guest: the process to run on this frame's stream.
     ProcessSpec(ProcessSpec),
     /// Host -> guest: start the process of this stream.
@@ -189,6 +208,10 @@ pub enum Message {
     },
     /// Guest -> host: the process ended; all its output was sent before.
     Exited(ExitStatus),
+    /// Host -> guest: this connection carries on the running process of this
+    /// stream (after a restore reset the one it started on): its output from
+    /// here, and the rest of the conversation, as after Start.
+    Attach,
 }
 
 /// A decoded frame: the stream it travelled on and its message.
@@ -258,6 +281,9 @@ impl Message {
             Self::Signal { .. } => MessageType::Signal,
             Self::Resize { .. } => MessageType::Resize,
             Self::Exited(_) => MessageType::Exited,
+            Self::WatchListen => MessageType::WatchListen,
+            Self::Listening { .. } => MessageType::Listening,
+            Self::Attach => MessageType::Attach,
         }
     }
 
@@ -301,7 +327,8 @@ impl Message {
                 w.bool(p.tty);
                 w.bool(p.stdin);
             }
-            Self::Start | Self::StdinEof => {}
+            Self::Start | Self::StdinEof | Self::WatchListen | Self::Attach => {}
+            Self::Listening { port } => w.u16(*port),
             Self::Signal { signo } => w.i32(*signo),
             Self::Resize { rows, cols } => {
                 w.u16(*rows);
@@ -340,6 +367,9 @@ impl Message {
                 unix_nanos: r.u64()?,
             },
             MessageType::Entropy => Self::Entropy(r.rest()),
+            MessageType::WatchListen => Self::WatchListen,
+            MessageType::Listening => Self::Listening { port: r.u16()? },
+            MessageType::Attach => Self::Attach,
             MessageType::Stdin => Self::Stdin(r.rest()),
             MessageType::Stdout => Self::Stdout(r.rest()),
             MessageType::Stderr => Self::Stderr(r.rest()),
@@ -442,6 +472,9 @@ mod tests {
             Message::Resize { rows: 24, cols: 80 },
             Message::Exited(ExitStatus::Code(42)),
             Message::Exited(ExitStatus::Signaled(9)),
+            Message::WatchListen,
+            Message::Listening { port: 8080 },
+            Message::Attach,
         ]
     }
 

@@ -94,11 +94,11 @@ pub fn run(opts: &Options) -> u32 {
     // deadline.
     let mut pre = PreStart::default();
     let mut chan: Option<Channel> = None;
-    if let Some(l) = listener {
+    if let Some(l) = listener.as_ref() {
         let mut deadline = std::time::Instant::now() + HOST_CONNECT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let sock = match agent::accept(&l, left) {
+            let sock = match agent::accept(l, left) {
                 Ok(Some(sock)) => sock,
                 Ok(None) => {
                     fail!("the host did not connect to vsock port {} in {HOST_CONNECT_TIMEOUT:?}; output goes to the console", agent_protocol::CONTROL_PORT);
@@ -158,7 +158,13 @@ pub fn run(opts: &Options) -> u32 {
         pre.size,
     ) {
         Ok(mut p) => {
-            let status = p.supervise(sigfd.as_raw_fd(), &mut chan, stream, pre.stdin);
+            let status = p.supervise(
+                sigfd.as_raw_fd(),
+                listener.as_ref(),
+                &mut chan,
+                stream,
+                (pre.stdin, pre.watch_listen),
+            );
             if let Some(c) = chan.as_mut() {
                 let _ = c.send(stream, &Message::Exited(status));
             }
@@ -422,6 +428,8 @@ struct PreStart {
     start_stream: Option<u32>,
     size: Option<(u16, u16)>,
     stdin: Vec<u8>,
+    /// The host asked for [`Message::Listening`].
+    watch_listen: bool,
 }
 
 /// Why a handshake did not reach Start.
@@ -519,6 +527,14 @@ fn handshake(
                     return Ok(());
                 }
                 Message::Resize { rows, cols } => pre.size = Some((rows, cols)),
+                Message::WatchListen => pre.watch_listen = true,
+                Message::Attach => {
+                    return Err(Handshake::Failed(
+                        "Attach: no process runs in this VM yet (was it captured before its \
+                         process started?)"
+                            .into(),
+                    ))
+                }
                 Message::Stdin(d) if pre.stdin.len() + d.len() <= STDIN_BACKLOG => {
                     pre.stdin.extend_from_slice(&d)
                 }
@@ -723,28 +739,52 @@ impl Process {
     }
 
     /// PID 1's loop until the main process is gone and its output drained.
+    ///
+    /// With a `listener`, a control channel that ends while the process runs
+    /// (a restore's vsock transport reset) detaches the process rather than
+    /// sending its output to the console: the output is held (up to
+    /// [`DETACHED_BACKLOG`], then the process waits on its pipes) until a host
+    /// connects again and says Hello and Attach, and then goes to that host.
+    /// A process that ends while detached waits up to [`HOST_CONNECT_TIMEOUT`]
+    /// for the host to attach, so that its output and status reach it.
     fn supervise(
         &mut self,
         sigfd: RawFd,
+        listener: Option<&OwnedFd>,
         chan: &mut Option<Channel>,
         stream: u32,
-        mut stdin_pending: Vec<u8>,
+        (mut stdin_pending, mut watch_listen): (Vec<u8>, bool),
     ) -> ExitStatus {
         let mut status: Option<ExitStatus> = None;
         let mut drain_deadline: Option<Instant> = None;
         let mut next_beat = Instant::now() + HEARTBEAT_EVERY;
+        let mut next_scan = Instant::now();
         let mut seq = 0u64;
         let mut stdin_eof = false;
         let mut buf = vec![0u8; 64 * 1024];
+        let mut held = Held::default();
+        // A connection accepted while detached that has not said Attach yet.
+        let mut joining: Option<(Channel, bool)> = None;
+        let mut attach_deadline: Option<Instant> = None;
         loop {
-            if status.is_some() && self.stdout.is_none() && self.stderr.is_none() {
-                break;
-            }
             if drain_deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
+                self.stdout = None;
+                self.stderr = None;
+            }
+            if status.is_some() && self.stdout.is_none() && self.stderr.is_none() {
+                if !held.detached {
+                    break;
+                }
+                let d =
+                    *attach_deadline.get_or_insert_with(|| Instant::now() + HOST_CONNECT_TIMEOUT);
+                if Instant::now() >= d {
+                    fail!("no host attached within {HOST_CONNECT_TIMEOUT:?} of the process's end; its held output goes to the console");
+                    held.spill_to_console();
+                    break;
+                }
             }
             let chan_fd = chan.as_ref().filter(|c| c.alive()).map(Channel::fd);
-            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(5);
+            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(7);
             let mut push = |fd: Option<RawFd>, events: libc::c_short| {
                 let i = fds.len();
                 fds.push(libc::pollfd {
@@ -755,8 +795,14 @@ impl Process {
                 i
             };
             let i_sig = push(Some(sigfd), libc::POLLIN);
-            let i_out = push(self.stdout.as_ref().map(AsRawFd::as_raw_fd), libc::POLLIN);
-            let i_err = push(self.stderr.as_ref().map(AsRawFd::as_raw_fd), libc::POLLIN);
+            // A detached process whose held output is full waits on its pipes.
+            let output_events = if held.bytes < DETACHED_BACKLOG {
+                libc::POLLIN
+            } else {
+                0
+            };
+            let i_out = push(self.stdout.as_ref().map(AsRawFd::as_raw_fd), output_events);
+            let i_err = push(self.stderr.as_ref().map(AsRawFd::as_raw_fd), output_events);
             let chan_events = if stdin_pending.len() < STDIN_BACKLOG {
                 libc::POLLIN
             } else {
@@ -769,9 +815,18 @@ impl Process {
                 .map(AsRawFd::as_raw_fd)
                 .filter(|_| !stdin_pending.is_empty());
             let i_in = push(stdin_fd, libc::POLLOUT);
+            let accepting = listener
+                .filter(|_| held.detached && joining.is_none())
+                .map(AsRawFd::as_raw_fd);
+            let i_listen = push(accepting, libc::POLLIN);
+            let i_join = push(joining.as_ref().map(|(c, _)| c.fd()), libc::POLLIN);
             let now = Instant::now();
             let mut wait = next_beat.saturating_duration_since(now);
-            if let Some(d) = drain_deadline {
+            for d in [drain_deadline, attach_deadline]
+                .into_iter()
+                .flatten()
+                .chain(watch_listen.then_some(next_scan))
+            {
                 wait = wait.min(d.saturating_duration_since(now));
             }
             if let Err(e) = sys::poll(&mut fds, wait) {
@@ -813,7 +868,7 @@ impl Process {
                 };
                 match sys::read(fd, &mut buf) {
                     Ok(0) => *slot = None,
-                    Ok(n) => forward_output(chan, stream, is_err, &buf[..n]),
+                    Ok(n) => held.forward(chan, listener.is_some(), stream, is_err, &buf[..n]),
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
                             || e.kind() == io::ErrorKind::Interrupted => {}
@@ -831,6 +886,9 @@ impl Process {
                         Incoming::Frames(frames) => {
                             for f in frames {
                                 match f {
+                                    Ok(f) if matches!(f.message, Message::WatchListen) => {
+                                        watch_listen = true;
+                                    }
                                     Ok(f) => self.process_message(
                                         c,
                                         stream,
@@ -850,11 +908,37 @@ impl Process {
                                 }
                             }
                         }
+                        Incoming::Closed | Incoming::Broken(_) if listener.is_some() => {
+                            held.detach(chan);
+                        }
                         Incoming::Closed => {
                             fail!("the host closed the control channel; output goes to the console")
                         }
                         Incoming::Broken(e) => {
                             fail!("control channel broken ({e}); output goes to the console")
+                        }
+                    }
+                }
+            }
+            if fds[i_listen].revents != 0 {
+                if let Some(l) = listener {
+                    match agent::accept(l, Duration::from_millis(1)) {
+                        Ok(Some(sock)) => joining = Some((Channel::new(sock), false)),
+                        Ok(None) => {}
+                        Err(e) => fail!("accepting a host connection: {e}"),
+                    }
+                }
+            }
+            if fds[i_join].revents != 0 {
+                if let Some((mut c, mut greeted)) = joining.take() {
+                    match join(&mut c, &mut greeted, stream, &mut watch_listen) {
+                        Join::Pending => joining = Some((c, greeted)),
+                        Join::Gone => {}
+                        Join::Attached => {
+                            if held.flush_to(&mut c, stream) {
+                                *chan = Some(c);
+                                attach_deadline = None;
+                            }
                         }
                     }
                 }
@@ -879,6 +963,18 @@ impl Process {
             }
             if stdin_eof && stdin_pending.is_empty() && self.pty.is_none() {
                 self.stdin = None;
+            }
+            if watch_listen && Instant::now() >= next_scan {
+                next_scan = Instant::now() + LISTEN_SCAN_EVERY;
+                let ports = listening_ports();
+                if !ports.is_empty() {
+                    watch_listen = false;
+                    if let Some(c) = chan.as_mut().filter(|c| c.alive()) {
+                        for port in ports {
+                            let _ = c.send(CONTROL_STREAM, &Message::Listening { port });
+                        }
+                    }
+                }
             }
             if Instant::now() >= next_beat {
                 next_beat = Instant::now() + HEARTBEAT_EVERY;
@@ -943,12 +1039,197 @@ impl Process {
     }
 }
 
-/// Sends output to the host, or to the console when the channel is gone.
-fn forward_output(chan: &mut Option<Channel>, stream: u32, stderr: bool, data: &[u8]) {
-    if let Some(c) = chan.as_mut().filter(|c| c.alive()) {
-        if c.send_output(stream, stderr, data).is_ok() {
-            return;
+/// A detached process's output, held for the next host that attaches.
+#[derive(Default)]
+struct Held {
+    /// The control channel ended mid-process and a listener awaits the next.
+    detached: bool,
+    /// Output in the order it came: (stderr?, bytes).
+    chunks: std::collections::VecDeque<(bool, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Sends output to the host; holds it while detached (or once sending
+    /// fails, when a host can attach again); else to the console.
+    fn forward(
+        &mut self,
+        chan: &mut Option<Channel>,
+        can_attach: bool,
+        stream: u32,
+        stderr: bool,
+        data: &[u8],
+    ) {
+        if !self.detached {
+            if let Some(c) = chan.as_mut().filter(|c| c.alive()) {
+                if c.send_output(stream, stderr, data).is_ok() {
+                    return;
+                }
+                if can_attach {
+                    self.detach(chan);
+                }
+            }
+        }
+        if self.detached {
+            self.bytes += data.len();
+            self.chunks.push_back((stderr, data.to_vec()));
+        } else {
+            sys::write_all_lossy(if stderr { 2 } else { 1 }, data);
         }
     }
-    sys::write_all_lossy(if stderr { 2 } else { 1 }, data);
+
+    /// The host's connection is gone; output waits for the next one.
+    fn detach(&mut self, chan: &mut Option<Channel>) {
+        if !self.detached {
+            fail!("the host's connection ended while the process runs (a restore resets it); its output is held for the next host to attach");
+        }
+        self.detached = true;
+        *chan = None;
+    }
+
+    /// Sends what is held to the host that attached on `c`; `false` (with the
+    /// rest still held) when that fails.
+    fn flush_to(&mut self, c: &mut Channel, stream: u32) -> bool {
+        while let Some((stderr, data)) = self.chunks.front() {
+            if c.send_output(stream, *stderr, data).is_err() {
+                return false;
+            }
+            self.bytes -= data.len();
+            self.chunks.pop_front();
+        }
+        self.detached = false;
+        true
+    }
+
+    /// No host came: what is held goes where unattached output goes.
+    fn spill_to_console(&mut self) {
+        for (stderr, data) in self.chunks.drain(..) {
+            sys::write_all_lossy(if stderr { 2 } else { 1 }, &data);
+        }
+        self.bytes = 0;
+    }
+}
+
+/// How a connection that joins a detached process is getting on.
+enum Join {
+    /// Not attached yet.
+    Pending,
+    /// It closed (or broke the protocol) before Attach.
+    Gone,
+    /// It said Hello, then Attach for the process's stream.
+    Attached,
+}
+
+/// One read of a joining connection: Hello -> Ready, control messages
+/// (TimeSync and Entropy, the clone-safety step after a restore), then Attach.
+fn join(c: &mut Channel, greeted: &mut bool, stream: u32, watch_listen: &mut bool) -> Join {
+    let frames = match c.receive() {
+        Incoming::Frames(f) => f,
+        Incoming::Closed | Incoming::Broken(_) => return Join::Gone,
+    };
+    let mut attached = false;
+    for frame in frames {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = c.send(
+                    CONTROL_STREAM,
+                    &Message::Error {
+                        message: e.to_string(),
+                    },
+                );
+                continue;
+            }
+        };
+        match frame.message {
+            Message::Hello { .. } => {
+                *greeted = true;
+                let _ = c.send(
+                    CONTROL_STREAM,
+                    &Message::Ready {
+                        protocol_version: u16::from(VERSION),
+                        agent_version: AGENT_VERSION.into(),
+                    },
+                );
+            }
+            Message::Attach if *greeted && frame.stream == stream => attached = true,
+            Message::WatchListen => *watch_listen = true,
+            m @ (Message::TimeSync { .. }
+            | Message::Entropy(_)
+            | Message::Heartbeat { .. }
+            | Message::Error { .. }) => control_message(c, m),
+            other => {
+                let _ = c.send(
+                    frame.stream,
+                    &Message::Error {
+                        message: format!(
+                            "a process runs in this VM: a new connection says Hello, then Attach on stream {stream} (got {:?} on stream {})",
+                            other.kind(),
+                            frame.stream
+                        ),
+                    },
+                );
+            }
+        }
+    }
+    if attached {
+        Join::Attached
+    } else {
+        Join::Pending
+    }
+}
+
+/// How often the guest looks for a listening socket once asked to.
+const LISTEN_SCAN_EVERY: Duration = Duration::from_millis(10);
+
+/// Output held for a detached process before it waits on its pipes.
+const DETACHED_BACKLOG: usize = 1 << 20;
+
+/// TCP ports something listens on in the guest (`/proc/net/tcp` and `tcp6`).
+fn listening_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for p in parse_listening_ports(&read_optional(table)) {
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+    }
+    ports
+}
+
+/// The local ports of the LISTEN (`0A`) rows of a `/proc/net/tcp{,6}` table.
+fn parse_listening_ports(table: &str) -> Vec<u16> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            if state != "0A" {
+                return None;
+            }
+            u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_ports_are_the_listen_rows_of_proc_net_tcp() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+            0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n   \
+            1: 0100007F:1F90 0100007F:A2C4 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n   \
+            2: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0\n";
+        assert_eq!(parse_listening_ports(tcp), vec![80, 8081]);
+        let tcp6 = "  sl  local_address                         remote_address                        st\n   \
+            0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 0\n";
+        assert_eq!(parse_listening_ports(tcp6), vec![8080]);
+        // Garbage rows are skipped, never a panic.
+        assert!(parse_listening_ports("header\n0: zz:zz 0 0A\n1:\n\n  2: 1:GGGG 0 0A").is_empty());
+    }
 }
