@@ -7,7 +7,10 @@
 //! are finite), everything the host writes is well-formed frames, and what
 //! reaches stdout and stderr is exactly the Stdout and Stderr payloads the
 //! guest sent after Ready on any stream, in order, up to the main process's
-//! Exited (all of them when the run succeeds, a prefix when it fails).
+//! Exited (all of them when the run succeeds, a prefix when it fails), and
+//! the heartbeats and listening ports of the control stream reach the event
+//! callback the same way. The first byte's low bit also picks whether the
+//! host starts a process or attaches to a restored one.
 #![no_main]
 
 #[path = "../../crates/supermachine/src/agent.rs"]
@@ -16,7 +19,7 @@ mod agent;
 
 use std::io::{Read, Write};
 
-use agent_protocol::{FrameDecoder, Message, MAIN_PROCESS_STREAM};
+use agent_protocol::{FrameDecoder, Message, CONTROL_STREAM, MAIN_PROCESS_STREAM};
 use libfuzzer_sys::fuzz_target;
 
 struct Guest<'a> {
@@ -44,27 +47,51 @@ impl Write for Guest<'_> {
     }
 }
 
-/// What a correct host shows for `bytes`: stdout, stderr and the exit status,
-/// if the guest's bytes get that far.
-fn oracle(bytes: &[u8]) -> (Vec<u8>, Vec<u8>, Option<agent_protocol::ExitStatus>) {
+/// What a correct host shows for `bytes`.
+struct Seen {
+    out: Vec<u8>,
+    err: Vec<u8>,
+    events: Vec<agent::Event>,
+    status: Option<agent_protocol::ExitStatus>,
+}
+
+/// What a correct host shows for `bytes`: stdout, stderr, the events and the
+/// exit status, if the guest's bytes get that far.
+fn oracle(bytes: &[u8]) -> Seen {
     let mut dec = FrameDecoder::new();
     let mut input = bytes;
-    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (mut out, mut err, mut events) = (Vec::new(), Vec::new(), Vec::new());
     let mut ready = false;
     while let Ok(Some(raw)) = dec.decode(&mut input) {
         let Ok(frame) = raw.to_frame() else { continue };
         match frame.message {
             Message::Ready { .. } if !ready => ready = true,
-            Message::Error { .. } if !ready => return (out, err, None),
+            Message::Error { .. } if !ready => break,
             Message::Stdout(d) if ready => out.extend_from_slice(&d),
             Message::Stderr(d) if ready => err.extend_from_slice(&d),
+            Message::Heartbeat { seq } if ready && frame.stream == CONTROL_STREAM => {
+                events.push(agent::Event::Heartbeat(seq))
+            }
+            Message::Listening { port } if ready && frame.stream == CONTROL_STREAM => {
+                events.push(agent::Event::Listening(port))
+            }
             Message::Exited(st) if ready && frame.stream == MAIN_PROCESS_STREAM => {
-                return (out, err, Some(st));
+                return Seen {
+                    out,
+                    err,
+                    events,
+                    status: Some(st),
+                };
             }
             _ => {}
         }
     }
-    (out, err, None)
+    Seen {
+        out,
+        err,
+        events,
+        status: None,
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -76,8 +103,8 @@ fuzz_target!(|data: &[u8]| {
         chunk: usize::from(chunk).max(1),
         written: Vec::new(),
     };
-    let (want_out, want_err, want_status) = oracle(reply);
-    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let want = oracle(reply);
+    let (mut out, mut err, mut events) = (Vec::new(), Vec::new(), Vec::new());
     let written = match agent::AgentConn::hello(guest) {
         Ok(mut conn) => {
             let spec = agent_protocol::ProcessSpec {
@@ -88,16 +115,27 @@ fuzz_target!(|data: &[u8]| {
                 tty: false,
                 stdin: false,
             };
-            match conn.run_process(spec, &mut out, &mut err) {
+            let begin = if chunk & 1 == 1 {
+                agent::Begin::Attach
+            } else {
+                agent::Begin::Start {
+                    spec,
+                    watch_listen: chunk & 2 == 2,
+                }
+            };
+            let r = conn.run_process(begin, &mut out, &mut err, &mut |e| events.push(e));
+            match r {
                 Ok(status) => {
-                    assert_eq!(Some(status), want_status);
-                    assert_eq!(out, want_out);
+                    assert_eq!(Some(status), want.status);
+                    assert_eq!(out, want.out);
+                    assert_eq!(events, want.events);
                     // A process that never ran has its reason appended.
-                    assert!(err.starts_with(&want_err));
+                    assert!(err.starts_with(&want.err));
                 }
                 Err(_) => {
-                    assert!(want_out.starts_with(&out));
-                    assert!(want_err.starts_with(&err));
+                    assert!(want.out.starts_with(&out));
+                    assert!(want.err.starts_with(&err));
+                    assert!(want.events.starts_with(&events));
                 }
             }
             conn.into_inner().written

@@ -47,6 +47,30 @@ pub struct AgentConn<C> {
     pending: Vec<u8>,
 }
 
+/// How the main process of a conversation comes to be.
+#[derive(Debug, Clone)]
+pub enum Begin {
+    /// Start it from `spec`; with `watch_listen`, the guest reports the first
+    /// TCP port it listens on ([`Event::Listening`]).
+    Start {
+        /// The process.
+        spec: ProcessSpec,
+        /// Ask for [`Event::Listening`].
+        watch_listen: bool,
+    },
+    /// Carry on the process a restored VM runs (captured mid-process).
+    Attach,
+}
+
+/// What the guest reports besides the process's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The guest's `seq`th heartbeat (one a second while the process runs).
+    Heartbeat(u64),
+    /// A process in the guest listens on this TCP port.
+    Listening(u16),
+}
+
 /// How the opening of the control channel failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HelloError {
@@ -125,14 +149,16 @@ impl<C: Read + Write> AgentConn<C> {
         &self.conn
     }
 
-    /// Runs `spec`: the clock and entropy, the process spec and `Start`, then
-    /// the process's stdout and stderr go to `out` and `err` as they arrive.
-    /// Returns how the process ended.
+    /// Runs the main process: the clock and entropy, then the process spec
+    /// and `Start` (or `Attach` to the one a restored VM runs), then its stdout
+    /// and stderr go to `out` and `err` as they arrive, and what else the guest
+    /// reports to `events`. Returns how the process ended.
     pub fn run_process(
         &mut self,
-        spec: ProcessSpec,
+        begin: Begin,
         out: &mut dyn Write,
         err: &mut dyn Write,
+        events: &mut dyn FnMut(Event),
     ) -> Result<ExitStatus, AgentError> {
         let conn = &mut self.conn;
         let now = SystemTime::now()
@@ -144,8 +170,16 @@ impl<C: Read + Write> AgentConn<C> {
         if getrandom::fill(&mut seed).is_ok() {
             send(conn, CONTROL_STREAM, &Message::Entropy(seed))?;
         }
-        send(conn, MAIN_PROCESS_STREAM, &Message::ProcessSpec(spec))?;
-        send(conn, MAIN_PROCESS_STREAM, &Message::Start)?;
+        match begin {
+            Begin::Start { spec, watch_listen } => {
+                if watch_listen {
+                    send(conn, CONTROL_STREAM, &Message::WatchListen)?;
+                }
+                send(conn, MAIN_PROCESS_STREAM, &Message::ProcessSpec(spec))?;
+                send(conn, MAIN_PROCESS_STREAM, &Message::Start)?;
+            }
+            Begin::Attach => send(conn, MAIN_PROCESS_STREAM, &Message::Attach)?,
+        }
 
         let mut guest_error: Option<String> = None;
         let mut pending = std::mem::take(&mut self.pending);
@@ -172,7 +206,12 @@ impl<C: Read + Write> AgentConn<C> {
                         err.write_all(&data)?;
                         err.flush()?;
                     }
-                    Message::Heartbeat { .. } | Message::Ready { .. } => {}
+                    Message::Heartbeat { seq } if frame.stream == CONTROL_STREAM => {
+                        events(Event::Heartbeat(seq))
+                    }
+                    Message::Listening { port } if frame.stream == CONTROL_STREAM => {
+                        events(Event::Listening(port))
+                    }
                     Message::Error { message } => guest_error = Some(message),
                     Message::Exited(status) if frame.stream == MAIN_PROCESS_STREAM => {
                         if let Some(m) = guest_error.take() {
@@ -245,6 +284,97 @@ mod tests {
         }
     }
 
+    fn start() -> Begin {
+        Begin::Start {
+            spec: spec(),
+            watch_listen: false,
+        }
+    }
+
+    /// Every frame the host wrote, decoded.
+    fn frames(written: &[u8]) -> Vec<(u32, Message)> {
+        let mut dec = agent_protocol::FrameDecoder::new();
+        let mut w = written;
+        let mut all = Vec::new();
+        while let Some(raw) = dec.decode(&mut w).unwrap() {
+            let f = raw.to_frame().unwrap();
+            all.push((f.stream, f.message));
+        }
+        all
+    }
+
+    #[test]
+    fn attach_sends_no_spec_and_events_reach_the_callback() {
+        let mut reply = Vec::new();
+        for (s, m) in [
+            (
+                0,
+                Message::Ready {
+                    protocol_version: 1,
+                    agent_version: "g".into(),
+                },
+            ),
+            (0, Message::Heartbeat { seq: 7 }),
+            (1, Message::Stdout(b"held".to_vec())),
+            (0, Message::Listening { port: 8080 }),
+            // A heartbeat on a process stream is not the guest's.
+            (1, Message::Heartbeat { seq: 99 }),
+            (1, Message::Exited(ExitStatus::Code(0))),
+        ] {
+            encode_frame(s, &m, &mut reply).unwrap();
+        }
+        let conn = Fake {
+            reply: std::io::Cursor::new(reply),
+            written: Vec::new(),
+        };
+        let (mut out, mut err, mut events) = (Vec::new(), Vec::new(), Vec::new());
+        let mut agent = AgentConn::hello(conn).unwrap();
+        let st = agent
+            .run_process(Begin::Attach, &mut out, &mut err, &mut |e| events.push(e))
+            .unwrap();
+        assert_eq!(st, ExitStatus::Code(0));
+        assert_eq!(out, b"held");
+        assert_eq!(events, [Event::Heartbeat(7), Event::Listening(8080)]);
+        let sent = frames(&agent.into_inner().written);
+        assert!(sent.contains(&(MAIN_PROCESS_STREAM, Message::Attach)));
+        assert!(!sent
+            .iter()
+            .any(|(_, m)| matches!(m, Message::ProcessSpec(_) | Message::Start)));
+    }
+
+    #[test]
+    fn watch_listen_is_asked_for_on_the_control_stream_before_start() {
+        let mut reply = Vec::new();
+        for (s, m) in [
+            (
+                0,
+                Message::Ready {
+                    protocol_version: 1,
+                    agent_version: "g".into(),
+                },
+            ),
+            (1, Message::Exited(ExitStatus::Code(0))),
+        ] {
+            encode_frame(s, &m, &mut reply).unwrap();
+        }
+        let conn = Fake {
+            reply: std::io::Cursor::new(reply),
+            written: Vec::new(),
+        };
+        let mut agent = AgentConn::hello(conn).unwrap();
+        let begin = Begin::Start {
+            spec: spec(),
+            watch_listen: true,
+        };
+        agent
+            .run_process(begin, &mut Vec::new(), &mut Vec::new(), &mut |_| {})
+            .unwrap();
+        let sent = frames(&agent.into_inner().written);
+        let at = |want: &Message| sent.iter().position(|(_, m)| m == want).unwrap();
+        assert_eq!(sent[at(&Message::WatchListen)].0, CONTROL_STREAM);
+        assert!(at(&Message::WatchListen) < at(&Message::Start));
+    }
+
     #[test]
     fn run_process_splits_stdout_and_stderr_and_returns_status() {
         let mut reply = Vec::new();
@@ -268,7 +398,9 @@ mod tests {
         };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut agent = AgentConn::hello(conn).unwrap();
-        let st = agent.run_process(spec(), &mut out, &mut err).unwrap();
+        let st = agent
+            .run_process(start(), &mut out, &mut err, &mut |_| {})
+            .unwrap();
         assert_eq!(st, ExitStatus::Code(3));
         assert_eq!(out, b"out");
         assert_eq!(err, b"err");
@@ -311,7 +443,9 @@ mod tests {
         }
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut agent = AgentConn::hello(Whole(std::io::Cursor::new(reply))).unwrap();
-        let st = agent.run_process(spec(), &mut out, &mut err).unwrap();
+        let st = agent
+            .run_process(start(), &mut out, &mut err, &mut |_| {})
+            .unwrap();
         assert_eq!(st, ExitStatus::Code(7));
         assert_eq!(out, b"early");
     }
@@ -383,7 +517,7 @@ mod tests {
         let mut agent = AgentConn::hello(conn).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert!(matches!(
-            agent.run_process(spec(), &mut out, &mut err),
+            agent.run_process(start(), &mut out, &mut err, &mut |_| {}),
             Err(AgentError::Closed)
         ));
     }
