@@ -157,6 +157,15 @@ pub enum Error {
         #[source]
         source: runner::vmm::RunError,
     },
+    /// A VM restored for `run --restore` never let the host attach to its
+    /// process.
+    #[error("the VM restored from {path} did not let the host attach to its process: {why}")]
+    NotAttached {
+        /// The snapshot.
+        path: PathBuf,
+        /// What the agent conversation said.
+        why: String,
+    },
     /// The VMM could not be sandboxed.
     #[error("cannot sandbox the VMM (--no-sandbox runs without it, for debugging only)")]
     Sandbox(#[source] runner::vmm::ControlError),
@@ -229,16 +238,45 @@ pub struct BootConfig {
 }
 
 /// When and where a running VM is captured to a snapshot file.
+///
+/// Triggers are set per run, beside the VM's resources rather than in
+/// [`VmResources`]: the resources key the snapshots `run` keeps
+/// (`snapshots::key`), and when a VM is captured does not change what VM it
+/// is (docs/architecture.md, "capture triggers").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
-    /// How long after the guest starts.
-    pub after: std::time::Duration,
+    /// What starts the capture.
+    pub trigger: Trigger,
+    /// How long to wait after the trigger before the capture (so that what
+    /// the trigger announced settles: a server's first accept, a flush).
+    pub quiesce: std::time::Duration,
     /// The snapshot file (written atomically).
     pub path: PathBuf,
     /// Let the VM run on after the capture; otherwise it ends there (as
     /// `docker checkpoint create` stops a container unless `--leave-running`),
     /// and the run's outcome is [`GuestExit::Stopped`].
     pub leave_running: bool,
+}
+
+/// What starts a [`Capture`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// This long after the guest starts (`boot`) or after its process was
+    /// started (`run`).
+    After(std::time::Duration),
+    /// At the guest agent's heartbeat with this sequence number (one a second
+    /// while the process runs, the first is 1): `run` only.
+    Heartbeat(u64),
+    /// When the container's process first listens on a TCP port (the guest
+    /// agent reports it): `run` only.
+    Listen,
+}
+
+impl Trigger {
+    /// Whether the trigger needs the guest agent (so only `run` has it).
+    pub fn needs_agent(self) -> bool {
+        !matches!(self, Trigger::After(_))
+    }
 }
 
 /// Resolves a [`BootConfig`] into concrete resources (provisioning the kernel and
@@ -337,12 +375,14 @@ pub fn boot_with_console(
 ) -> Result<RunOutcome, Error> {
     let res = resolve(cfg)?;
     res.validate().map_err(runner::vmm::RunError::from)?;
-    if cfg.capture.is_some() {
-        if let Some(d) = res.disks.iter().find(|d| !d.read_only) {
-            return Err(Error::CaptureWithWritableDisk {
-                disk: d.path.clone(),
-            });
+    if let Some(c) = &cfg.capture {
+        if c.trigger.needs_agent() {
+            return Err(Error::Usage(format!(
+                "{:?} capture needs the guest agent: `supermachine run` has it, `boot` does not",
+                c.trigger
+            )));
         }
+        check_capturable(&res)?;
     }
     timings.phase("resolved");
     let hv = open_hypervisor(&res.kernel)?;
@@ -365,6 +405,17 @@ pub fn boot_with_console(
     finish(vmm, interrupt)
 }
 
+/// A VM that is captured must not have a writable disk: every restore of it
+/// would write to the same file.
+pub(crate) fn check_capturable(res: &VmResources) -> Result<(), Error> {
+    match res.disks.iter().find(|d| !d.read_only) {
+        Some(d) => Err(Error::CaptureWithWritableDisk {
+            disk: d.path.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Waits for the VM's end; a run an interrupt stopped is [`Error::Interrupted`].
 fn finish<V: hypervisor::Vm + 'static>(
     vmm: runner::vmm::Vmm<V>,
@@ -377,27 +428,53 @@ fn finish<V: hypervisor::Vm + 'static>(
     }
 }
 
-/// Captures the running VM to `c.path` once `c.after` has passed (unless it
-/// ends first), then ends it or lets it run on.
+/// Captures the running VM to `c.path` once its `After` trigger and quiesce
+/// have passed (unless it ends first), then ends it or lets it run on.
 fn capture_after<V: hypervisor::Vm + 'static>(
     vmm: &runner::vmm::Vmm<V>,
     c: &Capture,
 ) -> Result<(), Error> {
+    let after = match c.trigger {
+        Trigger::After(d) => d,
+        // Refused in `boot_with_console`.
+        Trigger::Heartbeat(_) | Trigger::Listen => return Ok(()),
+    };
+    if sleep_unless_ended(vmm, after + c.quiesce) {
+        capture_now(vmm, c)?;
+    }
+    Ok(())
+}
+
+/// Sleeps `d`, or less when the VM ends first: whether it still runs.
+pub(crate) fn sleep_unless_ended<V: hypervisor::Vm + 'static>(
+    vmm: &runner::vmm::Vmm<V>,
+    d: std::time::Duration,
+) -> bool {
     let stop = vmm.stop_handle();
-    let at = std::time::Instant::now() + c.after;
+    let at = std::time::Instant::now() + d;
     while std::time::Instant::now() < at {
         if stop.is_ending() {
-            return Ok(());
+            return false;
         }
         std::thread::sleep(
             at.saturating_duration_since(std::time::Instant::now())
                 .min(std::time::Duration::from_millis(5)),
         );
     }
+    !stop.is_ending()
+}
+
+/// Captures the running VM to `c.path` now, then ends it or lets it run on
+/// as `c` says; a VM that ended first is not an error (nothing to capture:
+/// `Ok(false)`).
+pub(crate) fn capture_now<V: hypervisor::Vm + 'static>(
+    vmm: &runner::vmm::Vmm<V>,
+    c: &Capture,
+) -> Result<bool, Error> {
     match pause_and_capture(vmm, &c.path) {
         Ok(true) => {}
         // The VM ended meanwhile: nothing to capture.
-        Ok(false) => return Ok(()),
+        Ok(false) => return Ok(false),
         Err(e) => {
             vmm.stop();
             return Err(Error::Capture {
@@ -408,10 +485,10 @@ fn capture_after<V: hypervisor::Vm + 'static>(
     }
     if !c.leave_running {
         vmm.stop();
-        return Ok(());
+        return Ok(true);
     }
     match vmm.resume() {
-        Ok(()) | Err(runner::vmm::ControlError::Ended) => Ok(()),
+        Ok(()) | Err(runner::vmm::ControlError::Ended) => Ok(true),
         Err(e) => Err(runner::vmm::RunError::from(e).into()),
     }
 }

@@ -144,8 +144,36 @@ enum Command {
         /// was ready (`supermachine snapshots` lists them).
         #[arg(long)]
         no_snapshot: bool,
+        /// Capture the VM mid-process to this snapshot file (atomically) when
+        /// its trigger fires (--snapshot-after-ms, --snapshot-at-heartbeat or
+        /// --snapshot-on-listen); the run then ends (exit 0) unless
+        /// --leave-running. `run --restore PATH` carries the process on.
+        #[arg(long, value_name = "PATH", conflicts_with = "no_snapshot")]
+        snapshot_out: Option<PathBuf>,
+        /// Trigger: this many milliseconds after the process started.
+        #[arg(long, value_name = "MS", requires = "snapshot_out", group = "trigger")]
+        snapshot_after_ms: Option<u64>,
+        /// Trigger: the guest agent's Nth heartbeat (one a second while the
+        /// process runs).
+        #[arg(long, value_name = "N", requires = "snapshot_out", group = "trigger")]
+        snapshot_at_heartbeat: Option<u64>,
+        /// Trigger: when the process first listens on a TCP port.
+        #[arg(long, requires = "snapshot_out", group = "trigger")]
+        snapshot_on_listen: bool,
+        /// Wait this long after the trigger before the capture (default 0).
+        #[arg(long, value_name = "MS", requires = "snapshot_out")]
+        snapshot_quiesce_ms: Option<u64>,
+        /// Keep the VM and its process running after the capture.
+        #[arg(long, requires = "snapshot_out")]
+        leave_running: bool,
+        /// Restore a VM captured mid-process (--snapshot-out) and carry its
+        /// process on: its output from the capture on and its exit status are
+        /// this run's. No image is named; the VM is the snapshot's.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot_out", "image", "cpus", "memory", "kernel", "disks", "env", "workdir", "user", "entrypoint"])]
+        restore: Option<PathBuf>,
         /// The image.
-        image: String,
+        #[arg(required_unless_present = "restore")]
+        image: Option<String>,
         /// Command and arguments (replace the image's Cmd).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -460,7 +488,10 @@ fn main() -> ExitCode {
                 vsock,
                 sandbox,
                 capture: snapshot_out.map(|path| supermachine::Capture {
-                    after: std::time::Duration::from_millis(snapshot_after_ms.unwrap_or(0)),
+                    trigger: supermachine::Trigger::After(std::time::Duration::from_millis(
+                        snapshot_after_ms.unwrap_or(0),
+                    )),
+                    quiesce: std::time::Duration::ZERO,
                     path,
                     leave_running,
                 }),
@@ -501,16 +532,36 @@ fn main() -> ExitCode {
             agent_timeout,
             no_sandbox,
             no_snapshot,
+            snapshot_out,
+            snapshot_after_ms,
+            snapshot_at_heartbeat,
+            snapshot_on_listen,
+            snapshot_quiesce_ms,
+            leave_running,
+            restore,
             image,
             args,
         } => {
+            use supermachine::Trigger;
             let sandbox = sandbox_mode(no_sandbox);
+            let ms = std::time::Duration::from_millis;
+            let trigger = match (snapshot_after_ms, snapshot_at_heartbeat, snapshot_on_listen) {
+                (_, Some(n), _) => Trigger::Heartbeat(n),
+                (_, None, true) => Trigger::Listen,
+                (after, None, false) => Trigger::After(ms(after.unwrap_or(0))),
+            };
+            let capture = snapshot_out.map(|path| supermachine::Capture {
+                trigger,
+                quiesce: ms(snapshot_quiesce_ms.unwrap_or(0)),
+                path,
+                leave_running,
+            });
             let network = match supermachine::NetSpec::parse(&network) {
                 Ok(n) => n,
                 Err(e) => return fail(&e),
             };
             let opts = supermachine::RunOptions {
-                image,
+                image: image.unwrap_or_default(),
                 args,
                 entrypoint,
                 env,
@@ -528,6 +579,8 @@ fn main() -> ExitCode {
                 interrupt: interrupt_on_signals(),
                 sandbox,
                 no_snapshot,
+                capture,
+                restore,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(

@@ -70,6 +70,16 @@ pub struct RunOptions {
     /// Neither restore this configuration's ready snapshot nor capture one:
     /// boot, as every run did before snapshots (`--no-snapshot`).
     pub no_snapshot: bool,
+    /// Capture the VM mid-process when its trigger fires (`--snapshot-out`):
+    /// the run boots (no ready snapshot) and, unless the capture leaves it
+    /// running, ends there; `run` then returns 0. `Trigger::After` counts from
+    /// the process's start.
+    pub capture: Option<crate::Capture>,
+    /// Restore this snapshot of a VM captured mid-process and carry on its
+    /// process (`--restore`): no image is pulled, and the process's output
+    /// from the capture on and its exit status are the run's. `image`, `args`
+    /// and the VM options are the snapshot's own and not used.
+    pub restore: Option<PathBuf>,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -383,6 +393,9 @@ pub fn run(
     err: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
+    if let Some(path) = &opts.restore {
+        return run_restored(opts, path, (out, err), timings);
+    }
     // The user's own disks are checked before an image is pulled for nothing.
     check_disks(&opts.disks)?;
     let img = ensure_image(&opts.image, opts.tls_verify)?;
@@ -394,9 +407,22 @@ pub fn run(
     let res = vm_resources(opts, &img)?;
     timings.phase("resources_ready");
 
+    if opts.capture.is_some() {
+        crate::check_capturable(&res)?;
+    }
+    let begin = agent::Begin::Start {
+        spec,
+        watch_listen: opts
+            .capture
+            .as_ref()
+            .is_some_and(|c| c.trigger == crate::Trigger::Listen),
+    };
+
     // A VM of this configuration that ran before left its ready snapshot:
     // restore it instead of booting (docs/architecture.md, "run snapshots").
-    let snapshot = if opts.no_snapshot {
+    // A run captured mid-process boots: its snapshot is of a VM that booted
+    // for it, never one restored from another file.
+    let snapshot = if opts.no_snapshot || opts.capture.is_some() {
         None
     } else {
         crate::snapshots::for_run(&img, &res)?
@@ -409,7 +435,7 @@ pub fn run(
                 opts,
                 &res,
                 Start::Restore(&snap),
-                spec.clone(),
+                begin.clone(),
                 io,
                 timings.clone(),
             )? {
@@ -427,12 +453,42 @@ pub fn run(
         }
     }
     let start = Start::Boot {
-        capture: snapshot.as_deref(),
+        ready_capture: snapshot.as_deref(),
     };
-    match launch(opts, &res, start, spec, io, timings)? {
+    match launch(opts, &res, start, begin, io, timings)? {
         Launched::Done(code) => Ok(code),
         // Only a restore is retried; a boot's failures are errors above.
         Launched::NotReady { why, .. } => Err(Error::Usage(why)),
+    }
+}
+
+/// `run --restore PATH`: restores a VM captured mid-process and carries on its
+/// process to its end.
+fn run_restored(
+    opts: &RunOptions,
+    path: &std::path::Path,
+    io: (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    timings: Arc<Timings>,
+) -> Result<i32, Error> {
+    let snap = runner::vmm::Snapshot::open(path).map_err(|source| Error::Restore {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    timings.phase("snapshot_opened");
+    let res = snap.resources().clone();
+    match launch(
+        opts,
+        &res,
+        Start::Restore(&snap),
+        agent::Begin::Attach,
+        io,
+        timings,
+    )? {
+        Launched::Done(code) => Ok(code),
+        Launched::NotReady { why, .. } => Err(Error::NotAttached {
+            path: path.to_path_buf(),
+            why,
+        }),
     }
 }
 
@@ -483,9 +539,10 @@ pub fn vm_resources(opts: &RunOptions, img: &PreparedImage) -> Result<crate::VmR
 enum Start<'a> {
     /// Restored from its ready snapshot.
     Restore(&'a runner::vmm::Snapshot),
-    /// Booted; captured to `capture` (when given) once its agent is ready.
+    /// Booted; captured to `ready_capture` (when given) once its agent is
+    /// ready, and as `RunOptions::capture` says.
     Boot {
-        capture: Option<&'a std::path::Path>,
+        ready_capture: Option<&'a std::path::Path>,
     },
 }
 
@@ -518,13 +575,24 @@ struct AgentEnd {
 /// hardware and in seconds under nested emulation.
 const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Builds (or restores) the VM, runs `spec` in it through the agent, and
-/// waits for the VM's end.
+/// What the agent thread tells the main thread (which captures).
+enum AgentNews {
+    /// The agent answered Hello; with a ready capture asked for, the agent
+    /// thread waits for the capture's end before it goes on.
+    Ready,
+    /// The process spec and Start (or Attach) are on their way.
+    Started,
+    /// What the guest reported.
+    Guest(agent::Event),
+}
+
+/// Builds (or restores) the VM, starts (or attaches to) its process through
+/// the agent, and waits for the VM's end.
 fn launch(
     opts: &RunOptions,
     res: &crate::VmResources,
     start: Start<'_>,
-    spec: ProcessSpec,
+    begin: agent::Begin,
     (out, err): (Box<dyn Write + Send>, Box<dyn Write + Send>),
     timings: Arc<Timings>,
 ) -> Result<Launched, Error> {
@@ -537,7 +605,7 @@ fn launch(
         Box::new(tail.clone())
     };
     let hv = crate::open_hypervisor(&res.kernel)?;
-    let (vmm, restored, capture) = match start {
+    let (vmm, restored, ready_capture) = match start {
         Start::Restore(snap) => match runner::vmm::Vmm::restore(&hv, snap, console, timings) {
             Ok(vmm) => (vmm, true, None),
             Err(e) => {
@@ -548,12 +616,15 @@ fn launch(
                 })
             }
         },
-        Start::Boot { capture } => (
+        Start::Boot { ready_capture } => (
             runner::vmm::Vmm::build(&hv, res, console, timings)?,
             false,
-            capture,
+            ready_capture,
         ),
     };
+    // A mid-process capture is of a booted VM (`run` never asks it of one
+    // it restored).
+    let explicit = opts.capture.as_ref().filter(|_| !restored);
     if let Some(i) = &opts.interrupt {
         i.attach(vmm.stop_handle());
     }
@@ -561,7 +632,10 @@ fn launch(
     // the guest runs. The image was pulled and converted above, unconfined,
     // before any guest code existed.
     if let Some(mode) = opts.sandbox {
-        crate::enter_sandbox(&vmm, res, mode, capture.into_iter())?;
+        let files = ready_capture
+            .into_iter()
+            .chain(explicit.map(|c| c.path.as_path()));
+        crate::enter_sandbox(&vmm, res, mode, files)?;
     }
     let stop = vmm.stop_handle();
     let vsock = vmm.vsock().ok_or_else(|| {
@@ -570,11 +644,11 @@ fn launch(
     let vsock_after = vsock.clone();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
-    // The agent's "ready" (its Hello answered) for a capture, and the capture's
-    // "done" back: the process spec goes to the guest only after the capture.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    // The agent's news for the captures, and a ready capture's "done" back:
+    // the process spec goes to the guest only after that capture.
+    let (news_tx, news_rx) = std::sync::mpsc::channel::<AgentNews>();
     let (captured_tx, captured_rx) = std::sync::mpsc::channel::<()>();
-    let wants_capture = capture.is_some();
+    let wants_ready_capture = ready_capture.is_some();
     let mut agent_timeout = opts.agent_timeout.unwrap_or(AGENT_CONNECT_TIMEOUT);
     if restored {
         agent_timeout = agent_timeout.min(RESTORE_READY_TIMEOUT);
@@ -599,14 +673,18 @@ fn launch(
                             };
                         }
                     };
-                if wants_capture && ready_tx.send(()).is_ok() {
+                if news_tx.send(AgentNews::Ready).is_ok() && wants_ready_capture {
                     // Captured (or not): the run goes on either way.
                     let _ = captured_rx.recv();
                 }
-                drop(ready_tx);
+                let _ = news_tx.send(AgentNews::Started);
+                let mut news = |e| {
+                    let _ = news_tx.send(AgentNews::Guest(e));
+                };
                 let r = conn
-                    .run_process(spec, &mut *out, &mut *err)
+                    .run_process(begin, &mut *out, &mut *err, &mut news)
                     .map_err(|e| crate::error_chain(&e));
+                drop(news_tx);
                 if r.is_err() {
                     // A broken conversation (a garbage frame, a closed stream)
                     // leaves nothing to wait for.
@@ -643,30 +721,18 @@ fn launch(
             if opts.sandbox.is_some() {
                 crate::sandbox_selftest();
             }
-            if let Some(path) = capture {
-                // The agent says ready, or drops its end when it never will;
-                // a VM that ends first ends the wait too (its connections are
-                // closed only after it, so the agent may still be waiting).
-                let ending = vmm.stop_handle();
-                loop {
-                    match ready_rx.recv_timeout(Duration::from_millis(5)) {
-                        Ok(()) => {
-                            capture_ready(&vmm, path);
-                            let _ = captured_tx.send(());
-                            break;
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !ending.is_ending() => {}
-                        Err(_) => break,
-                    }
-                }
-            }
-            vmm.wait()
+            let captured = if ready_capture.is_some() || explicit.is_some() {
+                captures(&vmm, &news_rx, &captured_tx, ready_capture, explicit)
+            } else {
+                Ok(Captured::No)
+            };
+            vmm.wait().map(|o| (o, captured))
         }
         Err(e) => Err(runner::vmm::RunError::from(e)),
     };
     drop(vm_ended_tx);
     // No capture any more: an agent thread that said ready late does not wait.
-    drop(ready_rx);
+    drop(news_rx);
     drop(captured_tx);
     // The VM is gone: its connections end, so an agent conversation still
     // waiting for the guest reads end-of-file instead of waiting forever.
@@ -682,6 +748,25 @@ fn launch(
     if let Some(signal) = opts.interrupt.as_ref().and_then(crate::Interrupt::signal) {
         return Err(Error::Interrupted { signal });
     }
+    let vm_result = match vm_result {
+        Ok((_, Ok(Captured::AndEnded(path)))) => {
+            eprintln!("supermachine: VM captured to {}", path.display());
+            return Ok(Launched::Done(0));
+        }
+        Ok((_, Err(e))) => return Err(e),
+        Ok((o, Ok(Captured::No))) => {
+            if let Some(c) = explicit {
+                eprintln!(
+                    "supermachine: warning: the process ended before its capture trigger ({:?}); nothing was captured to {}",
+                    c.trigger,
+                    c.path.display()
+                );
+            }
+            Ok(o)
+        }
+        Ok((o, Ok(Captured::AndRunsOn))) => Ok(o),
+        Err(e) => Err(e),
+    };
     if restored && !end.connected {
         return Ok(Launched::NotReady {
             why: match vm_result {
@@ -717,6 +802,80 @@ fn launch(
             Ok(Launched::Done(outcome.exit_code()))
         }
     }
+}
+
+/// What the captures of a launch came to.
+enum Captured {
+    /// No mid-process capture (a ready capture leaves the run as it was).
+    No,
+    /// Captured mid-process; the VM ran on.
+    AndRunsOn,
+    /// Captured mid-process to this file, and the VM ended there.
+    AndEnded(PathBuf),
+}
+
+/// The main thread's part while the VM runs: the ready capture when the agent
+/// answers, and the mid-process capture when its trigger fires, until both
+/// are done, the agent thread is gone or the VM ended.
+fn captures<V: hypervisor::Vm + 'static>(
+    vmm: &runner::vmm::Vmm<V>,
+    news: &std::sync::mpsc::Receiver<AgentNews>,
+    captured_tx: &std::sync::mpsc::Sender<()>,
+    mut ready: Option<&std::path::Path>,
+    explicit: Option<&crate::Capture>,
+) -> Result<Captured, Error> {
+    use crate::Trigger;
+    use std::sync::mpsc::RecvTimeoutError;
+    let ending = vmm.stop_handle();
+    let mut started: Option<Instant> = None;
+    while ready.is_some() || explicit.is_some() {
+        let due = explicit.and_then(|c| match (c.trigger, started) {
+            (Trigger::After(d), Some(t0)) => Some(t0 + d),
+            _ => None,
+        });
+        let wait = due.map_or(Duration::from_millis(5), |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(5))
+        });
+        let fire = match news.recv_timeout(wait) {
+            Ok(AgentNews::Ready) => {
+                if let Some(path) = ready.take() {
+                    capture_ready(vmm, path);
+                    let _ = captured_tx.send(());
+                }
+                false
+            }
+            Ok(AgentNews::Started) => {
+                started = Some(Instant::now());
+                false
+            }
+            Ok(AgentNews::Guest(e)) => {
+                matches!(
+                    (explicit.map(|c| c.trigger), e),
+                    (Some(Trigger::Heartbeat(n)), agent::Event::Heartbeat(seq)) if seq >= n
+                ) || matches!(
+                    (explicit.map(|c| c.trigger), e),
+                    (Some(Trigger::Listen), agent::Event::Listening(_))
+                )
+            }
+            // The VM ended, or the agent thread is done: nothing more comes.
+            Err(RecvTimeoutError::Timeout) if ending.is_ending() => break,
+            Err(RecvTimeoutError::Timeout) => due.is_some_and(|d| Instant::now() >= d),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let Some(c) = explicit.filter(|_| fire) else {
+            continue;
+        };
+        if !crate::sleep_unless_ended(vmm, c.quiesce) || !crate::capture_now(vmm, c)? {
+            break;
+        }
+        return Ok(if c.leave_running {
+            Captured::AndRunsOn
+        } else {
+            Captured::AndEnded(c.path.clone())
+        });
+    }
+    Ok(Captured::No)
 }
 
 /// Captures the VM whose agent just answered (guest-init waits for the

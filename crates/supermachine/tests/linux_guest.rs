@@ -1514,7 +1514,152 @@ const SCENARIOS: &[Scenario] = &[
         name: "run_restores_its_ready_snapshot_for_any_command",
         run: run_restores_its_ready_snapshot_for_any_command,
     },
+    Scenario {
+        name: "run_captured_mid_process_carries_on_after_restore",
+        run: run_captured_mid_process_carries_on_after_restore,
+    },
+    Scenario {
+        name: "run_captured_on_listen_serves_after_restore",
+        run: run_captured_on_listen_serves_after_restore,
+    },
 ];
+
+/// The counter of the mid-process scenario: a file written first, one line a
+/// second, then the file read back and a status of its own.
+const COUNTER: &str = "echo kept > /kept; i=0; while [ $i -lt 6 ]; do echo $i; i=$((i+1)); sleep 1; done; cat /kept; exit 3";
+
+/// What the whole counter prints.
+const COUNTER_OUT: &str = "0\n1\n2\n3\n4\n5\nkept\n";
+
+/// A process captured at its guest's second heartbeat (one and two vCPUs)
+/// carries on where it was when `run --restore` restores it: no restart, its
+/// file still there, the rest of its output and its own status, from one
+/// snapshot twice. Captured without --leave-running the first run ends at
+/// the capture (exit 0); with it, it runs to its end as well.
+fn run_captured_mid_process_carries_on_after_restore(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let missing = env.supermachine(&["run", "--restore", "/nonexistent.snap"], BOOT_TIMEOUT)?;
+    expect(
+        missing.code == Some(125) && missing.stderr.contains("/nonexistent.snap"),
+        "--restore of a missing file: exit 125 naming it",
+        &missing,
+    )?;
+    for (cpus, leave_running) in [("1", false), ("2", true)] {
+        let snap = scratch(&format!("counter-{cpus}.snap"));
+        let _ = std::fs::remove_file(&snap);
+        let snap_arg = snap.to_string_lossy().into_owned();
+        let mut args = vec![
+            "run",
+            NO_NET[0],
+            NO_NET[1],
+            "--cpus",
+            cpus,
+            "--snapshot-out",
+            &snap_arg,
+            "--snapshot-at-heartbeat",
+            "2",
+            // Between two lines of the counter: none is in flight.
+            "--snapshot-quiesce-ms",
+            "500",
+        ];
+        if leave_running {
+            args.push("--leave-running");
+        }
+        args.extend([img.oci.as_str(), "sh", "-c", COUNTER]);
+        let first = env.supermachine(&args, BOOT_TIMEOUT)?;
+        let what = format!("--cpus {cpus}, leave_running {leave_running}");
+        if leave_running {
+            expect(
+                first.code == Some(3) && first.stdout == COUNTER_OUT && snap.is_file(),
+                &format!("{what}: captured, the first run carries on to its end"),
+                &first,
+            )?;
+        } else {
+            expect(
+                first.code == Some(0)
+                    && first.stderr.contains("VM captured to")
+                    && first.stdout.starts_with("0\n")
+                    && !first.stdout.contains("kept")
+                    && snap.is_file(),
+                &format!("{what}: the first run ends at its capture"),
+                &first,
+            )?;
+        }
+        let rounds = if leave_running { 1 } else { 2 };
+        for round in 0..rounds {
+            let t = Instant::now();
+            let restored = env.supermachine(&["run", "--restore", &snap_arg], BOOT_TIMEOUT)?;
+            let whole = format!("{}{}", first.stdout, restored.stdout);
+            let carried_on = if leave_running {
+                // The tail the counter printed after the capture, as the first run did.
+                COUNTER_OUT.ends_with(&restored.stdout) && !restored.stdout.starts_with("0\n")
+            } else {
+                whole == COUNTER_OUT
+            };
+            expect(
+                restored.code == Some(3)
+                    && carried_on
+                    && restored.stdout.ends_with("5\nkept\n")
+                    && !restored.stdout.starts_with("0\n"),
+                &format!(
+                    "{what}, restore {round}: the counter carries on from the capture (its file kept, exit 3)"
+                ),
+                &restored,
+            )?;
+            eprintln!(
+                "  mid-process ({what}): restore {round} ran the rest in {:.1}s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        let _ = std::fs::remove_file(&snap);
+    }
+    Ok(())
+}
+
+/// A server captured when it first listens (`--snapshot-on-listen`) is still
+/// listening after `run --restore`: the rest of the process reaches it.
+fn run_captured_on_listen_serves_after_restore(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let snap = scratch("listen.snap");
+    let _ = std::fs::remove_file(&snap);
+    let snap_arg = snap.to_string_lossy().into_owned();
+    // httpd daemonizes; the shell sleeps past the capture, then asks it.
+    let script = "mkdir -p /tmp/w; echo served-after-restore > /tmp/w/index.html; \
+                  httpd -p 127.0.0.1:8080 -h /tmp/w; sleep 3; \
+                  wget -qO- http://127.0.0.1:8080/index.html; echo done";
+    let first = env.supermachine(
+        &[
+            "run",
+            NO_NET[0],
+            NO_NET[1],
+            "--snapshot-out",
+            &snap_arg,
+            "--snapshot-on-listen",
+            "--snapshot-quiesce-ms",
+            "100",
+            &img.oci,
+            "sh",
+            "-c",
+            script,
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    expect(
+        first.code == Some(0)
+            && first.stderr.contains("VM captured to")
+            && first.stdout.is_empty()
+            && snap.is_file(),
+        "captured once httpd listened, before the shell asked it",
+        &first,
+    )?;
+    let restored = env.supermachine(&["run", "--restore", &snap_arg], BOOT_TIMEOUT)?;
+    let _ = std::fs::remove_file(&snap);
+    expect(
+        restored.code == Some(0) && restored.stdout == "served-after-restore\ndone\n",
+        "the restored httpd answers the rest of the process",
+        &restored,
+    )
+}
 
 /// Guest memory of the snapshot scenario: a VM configuration no other scenario
 /// has, so its first run is the one that boots and captures.
