@@ -385,3 +385,61 @@ fn a_finished_vmm_is_destroyed_off_the_callers_path_and_nothing_lingers() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The VMGenID generation ID (16 bytes at `VMGENID_ADDR`, named by the DSDT):
+/// random in a booted VM, and new in every VM restored from a snapshot, each
+/// clone its own.
+#[test]
+fn every_restore_is_a_new_vmgenid_generation() {
+    use runner::x86_64::acpi::{VMGENID_ADDR, VMGENID_LEN};
+    let Some(hv) = hypervisor() else { return };
+    let read_id = |vmm: &Vmm<kvm_backend::KvmVm>| {
+        let mut id = [0u8; VMGENID_LEN];
+        vmm.guest_memory()
+            .read_slice(&mut id, GuestAddress(VMGENID_ADDR))
+            .unwrap();
+        id
+    };
+    let res = heartbeat("vmgenid", 1);
+    let console = Console::default();
+    let vmm = build(&hv, &res, &console);
+    let booted = read_id(&vmm);
+    assert_ne!(booted, [0; VMGENID_LEN], "a booted VM has a generation ID");
+    vmm.start().unwrap();
+    wait_for_beats(&console, 1, &[]);
+    vmm.pause().unwrap();
+    let file = snapshot_path("vmgenid");
+    vmm.snapshot(&file).unwrap();
+    vmm.stop();
+    vmm.wait().unwrap();
+
+    let mut seen = vec![booted];
+    for _ in 0..2 {
+        let restored = Vmm::restore(
+            &hv,
+            &Snapshot::open(&file).unwrap(),
+            Box::new(Console::default()),
+            Arc::new(Timings::start()),
+        )
+        .unwrap();
+        let id = read_id(&restored);
+        assert!(
+            !seen.contains(&id),
+            "a restore reused generation ID {id:02x?}"
+        );
+        seen.push(id);
+        // And the clone runs on from there.
+        let at = counter(&restored, 0);
+        restored.resume().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter(&restored, 0) <= at {
+            assert!(
+                Instant::now() < deadline,
+                "the restored VM did not count on"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        restored.stop();
+        restored.wait().unwrap();
+    }
+}

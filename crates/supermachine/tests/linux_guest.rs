@@ -1707,6 +1707,11 @@ fn run_captured_on_listen_serves_after_restore(env: &Env) -> Result<(), String> 
     )
 }
 
+/// Prints how many interrupts the guest's ACPI GED driver (the VMGenID
+/// event's) took, on every CPU together.
+const GED_EVENTS: &str =
+    "awk '/ACPI:Ged/ { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n }' /proc/interrupts";
+
 /// Guest memory of the snapshot scenario: a VM configuration no other scenario
 /// has, so its first run is the one that boots and captures.
 const SNAPSHOT_MEMORY: &str = "320M";
@@ -1785,10 +1790,22 @@ fn unix_now() -> f64 {
 /// warning and a fresh boot (and a new snapshot); `--no-snapshot` boots.
 fn run_restores_its_ready_snapshot_for_any_command(env: &Env) -> Result<(), String> {
     let before = snapshot_files();
-    let first = run_timed(env, &[], &["sh", "-c", "echo first; exit 3"])?;
+    // The real kernel finds the VMGenID device (it has no vmgenid driver, but
+    // its ACPI GED driver takes the event's interrupt): no event yet.
+    let first = run_timed(
+        env,
+        &[],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "echo first; ls /sys/bus/acpi/devices | grep -c VMGENCTR; {GED_EVENTS}; exit 3"
+            ),
+        ],
+    )?;
     expect(
-        first.stdout == "first\n" && first.code == Some(3),
-        "the first run's own output and status",
+        first.stdout == "first\n1\n0\n" && first.code == Some(3),
+        "the first run's own output and status; one VMGenID device, no GED event yet",
         &first,
     )?;
     expect(booted(&first), "the first run boots and captures", &first)?;
@@ -1814,15 +1831,25 @@ fn run_restores_its_ready_snapshot_for_any_command(env: &Env) -> Result<(), Stri
         &second,
     )?;
     // Two clones of the one snapshot: their own randomness, the host's clock.
-    let probe = "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    // And each restore raised the VMGenID event, which the guest took.
+    let probe = format!("cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; {GED_EVENTS}");
     let mut clones = Vec::new();
     for _ in 0..2 {
         let host_before = unix_now();
-        let o = run_timed(env, &[], &["sh", "-c", probe])?;
+        let o = run_timed(env, &[], &["sh", "-c", &probe])?;
         let host_after = unix_now();
         expect(restored(&o) && o.code == Some(0), "a clone restores", &o)?;
         let lines: Vec<&str> = o.stdout.lines().collect();
-        expect(lines.len() == 3, "uuid, random bytes and the date", &o)?;
+        expect(
+            lines.len() == 4,
+            "uuid, random bytes, the date and the GED events",
+            &o,
+        )?;
+        expect(
+            lines[3] == "1",
+            "the restore's VMGenID event reached the guest once (ACPI:Ged in /proc/interrupts)",
+            &o,
+        )?;
         let guest: f64 = lines[2]
             .parse()
             .map_err(|e| format!("date {:?}: {e}", lines[2]))?;

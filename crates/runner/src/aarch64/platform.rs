@@ -155,3 +155,13 @@ pub fn setup_platform<V: Vm>(
         virtio,
     })
 }
+
+/// VMGenID on aarch64 (the device tree's `microsoft,vmgenid` node) is not
+/// offered yet: nothing to write or notify.
+pub fn new_generation<V: Vm>(
+    _vm: &V,
+    _mem: &GuestMemoryMmap,
+    _notify: bool,
+) -> Result<(), RunError> {
+    Ok(())
+}

@@ -544,6 +544,9 @@ impl<V: Vm + 'static> Vmm<V> {
             }
             ctl.phase = Phase::Paused;
         }
+        // Clone safety for kernels with a vmgenid driver: every restore is a
+        // new generation.
+        arch::new_generation(&vmm.core.vm, &vmm.mem, true)?;
         vmm.timings().phase("restored");
         Ok(vmm)
     }

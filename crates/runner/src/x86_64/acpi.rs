@@ -24,6 +24,14 @@
 //!   since KVM's irqchip includes the dual 8259. No interrupt source overrides:
 //!   ISA IRQs map 1:1 to GSIs with the ISA default polarity and trigger, which is
 //!   what KVM's default routing does.
+//! - VMGenID (Microsoft's "Virtual Machine Generation ID" spec, Linux's
+//!   `drivers/virt/vmgenid.c`): a `VGEN` device with `_HID` "VMGENCTR" (the id
+//!   Linux matches) and `_CID`/`_DDN` "VM_Gen_Counter", whose `ADDR` package
+//!   gives the guest-physical address of a 16-byte generation ID
+//!   ([`VMGENID_ADDR`], 8-byte aligned, in the reserved range's last page). A
+//!   Generic Event Device (`GED0`, ACPI0013, ACPI 6.5 §5.6.9) owns one
+//!   edge-triggered GSI; its `_EVT` does `Notify(\_SB.VGEN, 0x80)`, which tells
+//!   the guest to read the new ID after the VMM wrote it (every restore).
 //! - virtio-mmio devices are `LNRO0005` with an edge-triggered, active-high
 //!   extended interrupt, as Firecracker and Cloud Hypervisor declare them on x86
 //!   (irqfd raises edges; Linux's virtio-mmio driver reads and acknowledges
@@ -52,6 +60,13 @@ pub const ACPI_REGION_END: u64 = 0x10_0000;
 pub const ACPI_REGION_SIZE: u64 = ACPI_REGION_END - ACPI_REGION_START;
 /// Where the RSDP is written.
 pub const RSDP_ADDR: u64 = ACPI_REGION_START;
+/// The VMGenID generation ID (16 bytes): the reserved range's last page, which
+/// the tables never reach.
+pub const VMGENID_ADDR: u64 = ACPI_REGION_END - 0x1000;
+/// Bytes of the generation ID.
+pub const VMGENID_LEN: usize = 16;
+/// The tables end below the VMGenID page.
+const TABLES_END: u64 = VMGENID_ADDR;
 
 /// Local APIC base every vCPU sees.
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
@@ -100,6 +115,9 @@ pub struct AcpiConfig {
     pub vcpus: u32,
     /// virtio-mmio transports, in `_UID` order.
     pub virtio_mmio: Vec<MmioDeviceInfo>,
+    /// The GSI of the VMGenID device's Generic Event Device; `None` = no
+    /// VMGenID device.
+    pub vmgenid_gsi: Option<u32>,
 }
 
 /// Building or writing the ACPI tables failed.
@@ -147,8 +165,20 @@ pub enum AcpiError {
         /// Requested GSI.
         gsi: u32,
     },
+    /// The VMGenID event's interrupt is not an IOAPIC input or is taken.
+    #[error(
+        "VMGenID: GSI {gsi} is not a free IOAPIC input (0..{IOAPIC_PINS}, not COM1's \
+         {COM1_GSI}, not a virtio-mmio device's)"
+    )]
+    VmGenIdGsi {
+        /// Requested GSI.
+        gsi: u32,
+    },
     /// The tables do not fit in the reserved range.
-    #[error("the ACPI tables need {needed} bytes; the reserved range holds {ACPI_REGION_SIZE}")]
+    #[error(
+        "the ACPI tables need {needed} bytes; the reserved range holds {}",
+        TABLES_END - ACPI_REGION_START
+    )]
     TooLarge {
         /// Bytes needed.
         needed: u64,
@@ -231,6 +261,11 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
             });
         }
     }
+    if let Some(gsi) = cfg.vmgenid_gsi {
+        if gsi >= IOAPIC_PINS || gsi == COM1_GSI || cfg.virtio_mmio.iter().any(|d| d.gsi == gsi) {
+            return Err(AcpiError::VmGenIdGsi { gsi });
+        }
+    }
     Ok(())
 }
 
@@ -279,7 +314,7 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     )
     .to_aml_bytes(&mut com1);
 
-    let mut sb_children: Vec<RawAml> = Vec::with_capacity(1 + cfg.virtio_mmio.len());
+    let mut sb_children: Vec<RawAml> = Vec::with_capacity(3 + cfg.virtio_mmio.len());
     sb_children.push(RawAml(com1));
 
     for (index, dev) in cfg.virtio_mmio.iter().enumerate() {
@@ -304,10 +339,53 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         sb_children.push(RawAml(bytes));
     }
 
+    if let Some(gsi) = cfg.vmgenid_gsi {
+        sb_children.extend(vmgenid_devices(gsi));
+    }
+
     let children: Vec<&dyn Aml> = sb_children.iter().map(|b| b as &dyn Aml).collect();
     aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut body);
 
     sdt(*b"DSDT", DSDT_REVISION, b"SMDSDT  ", &body)
+}
+
+/// The VMGenID device and the Generic Event Device that notifies it on `gsi`.
+fn vmgenid_devices(gsi: u32) -> [RawAml; 2] {
+    // The address as two 32-bit halves (the driver reads a package of two
+    // integers, low first); it is below 1 MiB, so the high half is 0.
+    let (low, high) = (VMGENID_ADDR as u32, (VMGENID_ADDR >> 32) as u32);
+    let mut vgen = Vec::new();
+    aml::Device::new(
+        "VGEN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMGENCTR"),
+            &aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("ADDR".into(), &aml::Package::new(vec![&low, &high])),
+        ],
+    )
+    .to_aml_bytes(&mut vgen);
+
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let target = aml::Path::new("\\_SB_.VGEN");
+    let notify = aml::Notify::new(&target, &0x80u8);
+    let this_gsi = aml::Equal::new(&aml::Arg(0), &gsi);
+    let on_gsi = aml::If::new(&this_gsi, vec![&notify]);
+    let uid = 0u8;
+    let mut ged = Vec::new();
+    aml::Device::new(
+        "GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &crs),
+            // ACPI 6.5 §5.6.9.3: _EVT gets the GSI that fired.
+            &aml::Method::new("_EVT".into(), 1, true, vec![&on_gsi]),
+        ],
+    )
+    .to_aml_bytes(&mut ged);
+    [RawAml(vgen), RawAml(ged)]
 }
 
 /// AML already encoded, to put devices built in a loop into one scope.
@@ -380,7 +458,7 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     xsdt.to_aml_bytes(&mut xsdt_bytes);
 
     let end = xsdt_addr + xsdt_bytes.len() as u64;
-    if end > ACPI_REGION_END {
+    if end > TABLES_END {
         return Err(AcpiError::TooLarge {
             needed: end - ACPI_REGION_START,
         });
@@ -454,6 +532,19 @@ mod tests {
                     gsi: 5 + i as u32,
                 })
                 .collect(),
+            vmgenid_gsi: Some(23),
+        }
+    }
+
+    #[test]
+    fn a_vmgenid_gsi_that_is_taken_or_not_an_ioapic_input_is_refused() {
+        for gsi in [COM1_GSI, 5, IOAPIC_PINS] {
+            let mut cfg = config(1, 2);
+            cfg.vmgenid_gsi = Some(gsi);
+            assert!(
+                matches!(build_acpi_tables(&cfg), Err(AcpiError::VmGenIdGsi { gsi: g }) if g == gsi),
+                "GSI {gsi}"
+            );
         }
     }
 
@@ -644,7 +735,8 @@ mod tests {
     fn build_acpi_tables_many_devices_fit_region() {
         // The largest configuration must still fit the reserved range.
         let mut cfg = config(MAX_VCPUS, 0);
-        cfg.virtio_mmio = (0..IOAPIC_PINS - 5)
+        // Every IOAPIC pin from 5 on but the VMGenID event's (the last).
+        cfg.virtio_mmio = (0..IOAPIC_PINS - 6)
             .map(|i| MmioDeviceInfo {
                 base: 0xd000_0000 + 0x1000 * u64::from(i),
                 len: 0x1000,
@@ -653,7 +745,7 @@ mod tests {
             .collect();
         let tables = build_acpi_tables(&cfg).unwrap();
         let last = tables.tables.last().unwrap();
-        assert!(last.addr + last.bytes.len() as u64 <= ACPI_REGION_END);
+        assert!(last.addr + last.bytes.len() as u64 <= VMGENID_ADDR);
         // Tables do not overlap and are aligned.
         for pair in tables.tables.windows(2) {
             assert!(pair[0].addr + pair[0].bytes.len() as u64 <= pair[1].addr);
@@ -714,7 +806,24 @@ mod tests {
         }
 
         let dsdt = &dsl["DSDT"];
-        for needle in ["LNRO0005", "_S5_", "PNP0501", "V000", "V001", "0xD0001000"] {
+        for needle in [
+            "LNRO0005",
+            "_S5_",
+            "PNP0501",
+            "V000",
+            "V001",
+            "0xD0001000",
+            // VMGenID: the id Linux matches, the ID's address (low, high) and
+            // the GED that notifies it on GSI 23.
+            "\"VMGENCTR\"",
+            "\"VM_Gen_Counter\"",
+            "0x000FF000",
+            "\"ACPI0013\"",
+            "Method (_EVT, 1, Serialized)",
+            "If ((Arg0 == 0x17))",
+            "Notify (\\_SB.VGEN, 0x80)",
+            "0x00000017,",
+        ] {
             assert!(dsdt.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
         }
         let fadt = &dsl["FACP"];

@@ -10,7 +10,8 @@
 //! 0x0000_8ff0  boot stack top                (BOOT_STACK)
 //! 0x0000_9000  PML4, PDPT, 4 page directories identity-mapping 4 GiB
 //! 0x0002_0000  kernel command line           (CMDLINE, CMDLINE_MAX bytes)
-//! 0x0009_fc00  EBDA .. 1 MiB: reserved (ACPI tables live in 0xe0000..)
+//! 0x0009_fc00  EBDA .. 1 MiB: reserved (ACPI tables live in 0xe0000..,
+//!              the VMGenID generation ID at 0xff000)
 //! 0x0010_0000  kernel load address           (HIMEM_START)
 //! ...          RAM up to MMIO_GAP_START, the rest above 4 GiB
 //! 0xc000_0000  MMIO gap: virtio-mmio windows, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
@@ -57,8 +58,10 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// GSI of the first virtio-mmio device; each next device takes the next GSI.
 /// 0-4 are the PIT, keyboard, cascade and COM1 lines Linux expects.
 pub const VIRTIO_FIRST_GSI: u32 = 5;
-/// virtio-mmio devices that fit: one IOAPIC pin each, GSIs 5..=23.
-pub const VIRTIO_MAX_DEVICES: usize = 19;
+/// virtio-mmio devices that fit: one IOAPIC pin each, GSIs 5..=22.
+pub const VIRTIO_MAX_DEVICES: usize = 18;
+/// The VMGenID Generic Event Device's interrupt: the IOAPIC's last pin.
+pub const VMGENID_GSI: u32 = 23;
 /// Where virtio-mmio devices go.
 pub const VIRTIO_SLOTS: crate::virtio::Slots = crate::virtio::Slots {
     base: VIRTIO_MMIO_BASE,

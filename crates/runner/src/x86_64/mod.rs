@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::Bus;
-use hypervisor::{BootState, Vm};
+use hypervisor::{BootState, IrqLine, Vm};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
@@ -29,6 +29,28 @@ pub enum PlatformError {
     /// Writing the ACPI tables failed.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// A new VMGenID generation ID could not be made or written.
+    #[error("cannot give the VM a new VMGenID generation ID: {0}")]
+    GenerationId(String),
+}
+
+/// Writes a fresh VMGenID generation ID (16 bytes from the OS's random source)
+/// into guest memory at [`acpi::VMGENID_ADDR`]; with `notify` (a restored VM,
+/// whose guest holds the previous ID) also raises the Generic Event Device's
+/// edge, whose `_EVT` tells the guest's vmgenid driver to read it again, so a
+/// kernel with that driver reseeds its random state in every clone. Called
+/// for a restored VM once its interrupt controller and vCPUs hold their saved
+/// state: the edge then stays pending until the guest runs.
+pub fn new_generation<V: Vm>(vm: &V, mem: &GuestMemoryMmap, notify: bool) -> Result<(), RunError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut id = [0u8; acpi::VMGENID_LEN];
+    getrandom::fill(&mut id).map_err(|e| PlatformError::GenerationId(e.to_string()))?;
+    mem.write_slice(&id, GuestAddress(acpi::VMGENID_ADDR))
+        .map_err(|e| PlatformError::GenerationId(e.to_string()))?;
+    if notify {
+        vm.irq_line(layout::VMGENID_GSI)?.trigger()?;
+    }
+    Ok(())
 }
 
 /// Builds the x86_64 platform in `mem` for `vm` (whose interrupt controller exists):
@@ -120,9 +142,11 @@ pub fn setup_platform<V: Vm>(
                     gsi: a.placement.irq,
                 })
                 .collect(),
+            vmgenid_gsi: Some(layout::VMGENID_GSI),
         },
     )
     .map_err(PlatformError::from)?;
+    new_generation(vm, mem, false)?;
 
     timings.phase("devices_ready");
     let mem = mem.as_ref();
