@@ -45,6 +45,11 @@ pub use message::{ExitStatus, Frame, Message, MessageError, MessageType, Process
 /// (connection from the host, CID 2, to the guest's CID).
 pub const CONTROL_PORT: u32 = 1024;
 
+/// The vsock port the guest agent listens on for published ports: each
+/// connection starts with [`Message::Forward`] and then carries one TCP
+/// connection to a guest port (docs/agent-protocol.md, "Published ports").
+pub const FORWARD_PORT: u32 = 1025;
+
 /// Stream id of the control channel: messages about the VM as a whole (Hello,
 /// Ready, Heartbeat, TimeSync, Entropy, VM-level Error).
 pub const CONTROL_STREAM: u32 = 0;

@@ -24,6 +24,10 @@ pub enum MessageType {
     WatchListen = 0x0007,
     /// [`Message::Listening`].
     Listening = 0x0008,
+    /// [`Message::Forward`].
+    Forward = 0x0009,
+    /// [`Message::Forwarding`].
+    Forwarding = 0x000a,
     /// [`Message::ProcessSpec`].
     ProcessSpec = 0x0100,
     /// [`Message::Start`].
@@ -48,7 +52,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every known type, for tests and tools.
-    pub const ALL: [MessageType; 18] = [
+    pub const ALL: [MessageType; 20] = [
         Self::Hello,
         Self::Ready,
         Self::Heartbeat,
@@ -57,6 +61,8 @@ impl MessageType {
         Self::Entropy,
         Self::WatchListen,
         Self::Listening,
+        Self::Forward,
+        Self::Forwarding,
         Self::ProcessSpec,
         Self::Start,
         Self::Stdin,
@@ -182,6 +188,17 @@ pub enum Message {
         /// The port (IPv4 or IPv6, any address).
         port: u16,
     },
+    /// Host -> guest, first on a connection to [`crate::FORWARD_PORT`]: connect
+    /// this connection to the guest's TCP `port` on its loopback (a published
+    /// port). The guest answers [`Message::Forwarding`] or `Error`; after
+    /// `Forwarding` the connection carries the TCP stream's raw bytes.
+    Forward {
+        /// The guest's TCP port.
+        port: u16,
+    },
+    /// Guest -> host: the [`Message::Forward`] connection is spliced to the
+    /// guest port; raw bytes follow.
+    Forwarding,
     /// Host -> guest: the process to run on this frame's stream.
     ProcessSpec(ProcessSpec),
     /// Host -> guest: start the process of this stream.
@@ -284,6 +301,8 @@ impl Message {
             Self::WatchListen => MessageType::WatchListen,
             Self::Listening { .. } => MessageType::Listening,
             Self::Attach => MessageType::Attach,
+            Self::Forward { .. } => MessageType::Forward,
+            Self::Forwarding => MessageType::Forwarding,
         }
     }
 
@@ -327,8 +346,8 @@ impl Message {
                 w.bool(p.tty);
                 w.bool(p.stdin);
             }
-            Self::Start | Self::StdinEof | Self::WatchListen | Self::Attach => {}
-            Self::Listening { port } => w.u16(*port),
+            Self::Start | Self::StdinEof | Self::WatchListen | Self::Attach | Self::Forwarding => {}
+            Self::Listening { port } | Self::Forward { port } => w.u16(*port),
             Self::Signal { signo } => w.i32(*signo),
             Self::Resize { rows, cols } => {
                 w.u16(*rows);
@@ -370,6 +389,8 @@ impl Message {
             MessageType::WatchListen => Self::WatchListen,
             MessageType::Listening => Self::Listening { port: r.u16()? },
             MessageType::Attach => Self::Attach,
+            MessageType::Forward => Self::Forward { port: r.u16()? },
+            MessageType::Forwarding => Self::Forwarding,
             MessageType::Stdin => Self::Stdin(r.rest()),
             MessageType::Stdout => Self::Stdout(r.rest()),
             MessageType::Stderr => Self::Stderr(r.rest()),
@@ -475,6 +496,8 @@ mod tests {
             Message::WatchListen,
             Message::Listening { port: 8080 },
             Message::Attach,
+            Message::Forward { port: 80 },
+            Message::Forwarding,
         ]
     }
 

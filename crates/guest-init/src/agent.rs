@@ -47,6 +47,12 @@ pub fn listen(device_timeout: Duration) -> io::Result<(OwnedFd, u32)> {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
+    Ok((listen_on(CONTROL_PORT, 4)?, cid))
+}
+
+/// Listens on vsock `port` (the device has probed: [`listen`] waited for it)
+/// with room for `backlog` pending connections.
+pub fn listen_on(port: u32, backlog: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -59,7 +65,7 @@ pub fn listen(device_timeout: Duration) -> io::Result<(OwnedFd, u32)> {
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
     addr.svm_cid = libc::VMADDR_CID_ANY;
-    addr.svm_port = CONTROL_PORT;
+    addr.svm_port = port;
     // SAFETY: addr is a valid sockaddr_vm and the length is its size.
     let rc = unsafe {
         libc::bind(
@@ -72,10 +78,10 @@ pub fn listen(device_timeout: Duration) -> io::Result<(OwnedFd, u32)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: listen(2) on our bound socket.
-    if unsafe { libc::listen(sock.as_raw_fd(), 4) } != 0 {
+    if unsafe { libc::listen(sock.as_raw_fd(), backlog) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((sock, cid))
+    Ok(sock)
 }
 
 /// Accepts one connection within `timeout`; `Ok(None)` when none came.

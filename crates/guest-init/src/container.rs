@@ -76,7 +76,14 @@ pub fn run(opts: &Options) -> u32 {
 
     let listener = match opts.agent {
         Agent::Vsock => match agent::listen(VSOCK_DEVICE_TIMEOUT) {
-            Ok((l, _cid)) => Some(l),
+            Ok((l, _cid)) => {
+                // Published ports reach the container from the start, and
+                // through every restore (a listener survives it).
+                if let Err(e) = crate::forward::start() {
+                    fail!("published ports are unavailable: {e}");
+                }
+                Some(l)
+            }
             Err(e) => {
                 fail!("vsock control channel unavailable, output goes to the console: {e}");
                 None

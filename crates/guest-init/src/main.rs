@@ -22,13 +22,17 @@
 //! status into [`STATUS_INIT_FAILED`] (125 in container mode, as docker), and
 //! the VM is still powered off. A panic does the same through the panic hook.
 //!
-//! Depends only on `libc` and `agent-protocol`; one thread.
+//! Depends only on `libc` and `agent-protocol`. One thread, and in container
+//! mode the published ports' forwarding threads (`forward`), which never
+//! panic and never touch the process state the main thread keeps.
 
 #[cfg(target_os = "linux")]
 mod agent;
 mod config;
 #[cfg(target_os = "linux")]
 mod container;
+#[cfg(target_os = "linux")]
+mod forward;
 #[cfg(target_os = "linux")]
 mod sys;
 mod user;
