@@ -18,10 +18,12 @@ use std::sync::Arc;
 
 pub mod agent;
 pub mod interrupt;
+pub mod publish;
 pub mod run;
 pub mod snapshots;
 
 pub use interrupt::Interrupt;
+pub use publish::{HostEnd, Publish};
 pub use run::{PreparedImage, RunOptions};
 
 pub use runner::resources::{
@@ -165,6 +167,15 @@ pub enum Error {
         path: PathBuf,
         /// What the agent conversation said.
         why: String,
+    },
+    /// A published port's host end could not be bound.
+    #[error("cannot publish {what}")]
+    Publish {
+        /// The published port.
+        what: String,
+        /// The OS error (an address in use, say).
+        #[source]
+        source: std::io::Error,
     },
     /// The VMM could not be sandboxed.
     #[error("cannot sandbox the VMM (--no-sandbox runs without it, for debugging only)")]

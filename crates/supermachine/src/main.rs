@@ -130,6 +130,13 @@ enum Command {
         /// connections to host port P go to PATH_P.
         #[arg(long, value_name = "PATH")]
         vsock_uds: Option<PathBuf>,
+        /// Publish a guest TCP port on the host (repeatable):
+        /// [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] listens on HOST_IP (default
+        /// 127.0.0.1, only this host; 0.0.0.0 for every interface; host port 0
+        /// takes a free one, printed), unix:PATH:GUEST_PORT on a UNIX socket.
+        /// Carried over vsock: no TAP, no root, any --network.
+        #[arg(short = 'p', long = "publish", value_parser = parse_publish, value_name = "SPEC")]
+        publish: Vec<supermachine::Publish>,
         /// How long the guest may take to boot and answer on its agent channel
         /// before the VM is stopped and the run fails (default 600).
         #[arg(long, value_name = "SECONDS")]
@@ -396,6 +403,10 @@ fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
     supermachine::DiskSpec::parse(s).map_err(|e| e.to_string())
 }
 
+fn parse_publish(s: &str) -> Result<supermachine::Publish, String> {
+    supermachine::Publish::parse(s)
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
     supermachine::parse_size(s).map_err(|e| e.to_string())
 }
@@ -529,6 +540,7 @@ fn main() -> ExitCode {
             disks,
             network,
             vsock_uds,
+            publish,
             agent_timeout,
             no_sandbox,
             no_snapshot,
@@ -581,6 +593,7 @@ fn main() -> ExitCode {
                 no_snapshot,
                 capture,
                 restore,
+                publish,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(

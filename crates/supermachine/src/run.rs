@@ -75,6 +75,9 @@ pub struct RunOptions {
     /// running, ends there; `run` then returns 0. `Trigger::After` counts from
     /// the process's start.
     pub capture: Option<crate::Capture>,
+    /// Published ports (`-p`): host listeners whose connections reach guest
+    /// TCP ports over vsock. Bound before anything is pulled or booted.
+    pub publish: Vec<crate::Publish>,
     /// Restore this snapshot of a VM captured mid-process and carry on its
     /// process (`--restore`): no image is pulled, and the process's output
     /// from the capture on and its exit status are the run's. `image`, `args`
@@ -393,8 +396,10 @@ pub fn run(
     err: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
+    // A port in use fails the run before anything is pulled or booted.
+    let bound = bind_published(opts)?;
     if let Some(path) = &opts.restore {
-        return run_restored(opts, path, (out, err), timings);
+        return run_restored(opts, path, &bound, (out, err), timings);
     }
     // The user's own disks are checked before an image is pulled for nothing.
     check_disks(&opts.disks)?;
@@ -436,6 +441,7 @@ pub fn run(
                 &res,
                 Start::Restore(&snap),
                 begin.clone(),
+                &bound,
                 io,
                 timings.clone(),
             )? {
@@ -455,11 +461,26 @@ pub fn run(
     let start = Start::Boot {
         ready_capture: snapshot.as_deref(),
     };
-    match launch(opts, &res, start, begin, io, timings)? {
+    match launch(opts, &res, start, begin, &bound, io, timings)? {
         Launched::Done(code) => Ok(code),
         // Only a restore is retried; a boot's failures are errors above.
         Launched::NotReady { why, .. } => Err(Error::Usage(why)),
     }
+}
+
+/// Binds the run's published ports; says where a host port 0 landed.
+fn bind_published(opts: &RunOptions) -> Result<Arc<crate::publish::Bound>, Error> {
+    let bound = crate::publish::Bound::bind(&opts.publish)?;
+    let asked_free = opts.publish.iter().filter_map(|p| match p.host {
+        crate::HostEnd::Tcp(a) => Some(a.port() == 0),
+        crate::HostEnd::Unix(_) => None,
+    });
+    for ((addr, guest), free) in bound.tcp_addrs().into_iter().zip(asked_free) {
+        if free {
+            eprintln!("supermachine: published {addr} -> guest port {guest}");
+        }
+    }
+    Ok(Arc::new(bound))
 }
 
 /// `run --restore PATH`: restores a VM captured mid-process and carries on its
@@ -467,6 +488,7 @@ pub fn run(
 fn run_restored(
     opts: &RunOptions,
     path: &std::path::Path,
+    bound: &Arc<crate::publish::Bound>,
     io: (Box<dyn Write + Send>, Box<dyn Write + Send>),
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
@@ -481,6 +503,7 @@ fn run_restored(
         &res,
         Start::Restore(&snap),
         agent::Begin::Attach,
+        bound,
         io,
         timings,
     )? {
@@ -593,6 +616,7 @@ fn launch(
     res: &crate::VmResources,
     start: Start<'_>,
     begin: agent::Begin,
+    published: &Arc<crate::publish::Bound>,
     (out, err): (Box<dyn Write + Send>, Box<dyn Write + Send>),
     timings: Arc<Timings>,
 ) -> Result<Launched, Error> {
@@ -632,9 +656,13 @@ fn launch(
     // the guest runs. The image was pulled and converted above, unconfined,
     // before any guest code existed.
     if let Some(mode) = opts.sandbox {
+        // The published UNIX sockets are removed at the end: their
+        // directories, like a snapshot's, stay writable.
+        let sockets = published.unix_paths();
         let files = ready_capture
             .into_iter()
-            .chain(explicit.map(|c| c.path.as_path()));
+            .chain(explicit.map(|c| c.path.as_path()))
+            .chain(sockets.iter().map(PathBuf::as_path));
         crate::enter_sandbox(&vmm, res, mode, files)?;
     }
     let stop = vmm.stop_handle();
@@ -642,6 +670,7 @@ fn launch(
         Error::Usage("the VM has no vsock device to reach its agent through".into())
     })?;
     let vsock_after = vsock.clone();
+    let publishers = crate::publish::serve(published, &vsock, &stop)?;
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     // The agent's news for the captures, and a ready capture's "done" back:
@@ -735,8 +764,12 @@ fn launch(
     drop(news_rx);
     drop(captured_tx);
     // The VM is gone: its connections end, so an agent conversation still
-    // waiting for the guest reads end-of-file instead of waiting forever.
+    // waiting for the guest reads end-of-file instead of waiting forever,
+    // and so do the published ports' connections.
     vsock_after.close_connections();
+    for t in publishers {
+        let _ = t.join();
+    }
     let end = agent.join().map_err(|_| Error::Thread {
         what: "the agent thread",
         source: std::io::Error::other("it panicked"),

@@ -245,6 +245,41 @@ fn run_bad_flag_value_is_one_line_error_not_clap_usage() {
 }
 
 #[test]
+fn run_malformed_or_taken_published_port_is_one_line_error_before_any_pull() {
+    let o = Command::new(bin())
+        .args(["run", "-p", "8080:http", "img"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "bad published port \"8080:http\"");
+    // A host port in use fails before the (nonexistent) image is looked at.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let o = Command::new(bin())
+        .args(["run", "-p", &format!("{port}:80"), "oci:/nonexistent:x"])
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &o,
+        &format!("cannot publish 127.0.0.1:{port} -> guest port 80"),
+    );
+    // So does a UNIX socket path that exists.
+    let d = tmpdir("publish");
+    let path = d.join("taken.sock");
+    std::fs::write(&path, b"").unwrap();
+    let o = Command::new(bin())
+        .args([
+            "run",
+            "-p",
+            &format!("unix:{}:80", path.display()),
+            "oci:/nonexistent:x",
+        ])
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "cannot publish");
+    assert!(path.exists(), "an existing path is never removed");
+}
+
+#[test]
 fn boot_vsock_uds_adds_a_device_whose_socket_errors_are_reported() {
     if !kvm_usable() {
         return;

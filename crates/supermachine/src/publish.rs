@@ -1,0 +1,527 @@
+//! Published ports (`run -p`): a host listener (TCP, or a UNIX socket) whose
+//! every connection is carried over virtio-vsock to the guest agent's
+//! [`FORWARD_PORT`], which connects it to the guest port on the guest's
+//! loopback (docs/agent-protocol.md, "Published ports"). No TAP, no root, the
+//! same on every backend.
+//!
+//! Each connection has two threads with blocking I/O, one per direction: a
+//! slow client stops the guest through vsock credit, a slow guest stops the
+//! client through TCP's window, and nothing is buffered beyond one copy
+//! buffer per direction. A guest port nobody listens on resets the client's
+//! connection; the VM runs on.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_protocol::{encode_frame, FrameDecoder, Message, CONTROL_STREAM, FORWARD_PORT};
+
+use crate::Error;
+
+/// Where a published port listens on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostEnd {
+    /// A TCP address (`-p [IP:]PORT:GUEST`; the IP defaults to 127.0.0.1).
+    Tcp(SocketAddr),
+    /// A UNIX socket path (`-p unix:PATH:GUEST`).
+    Unix(PathBuf),
+}
+
+/// One `-p`: a host end and the guest's TCP port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    /// The host end.
+    pub host: HostEnd,
+    /// The guest's TCP port.
+    pub guest_port: u16,
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            HostEnd::Tcp(a) => write!(f, "{a} -> guest port {}", self.guest_port),
+            HostEnd::Unix(p) => write!(f, "{} -> guest port {}", p.display(), self.guest_port),
+        }
+    }
+}
+
+impl Publish {
+    /// Parses docker's `-p` syntax: `HOST_PORT:GUEST_PORT`,
+    /// `HOST_IP:HOST_PORT:GUEST_PORT` (an IPv6 address in brackets), each with
+    /// an optional `/tcp`, or `unix:PATH:GUEST_PORT`. A host port of 0 takes a
+    /// free one.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "bad published port {spec:?}: {why} (want [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] \
+                 or unix:PATH:GUEST_PORT)"
+            )
+        };
+        let port = |s: &str, what: &str| -> Result<u16, String> {
+            s.parse::<u16>()
+                .map_err(|_| bad(&format!("{what} {s:?} is not a port number")))
+        };
+        if let Some(rest) = spec.strip_prefix("unix:") {
+            let (path, guest) = rest.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
+            if path.is_empty() {
+                return Err(bad("empty socket path"));
+            }
+            return Ok(Self {
+                host: HostEnd::Unix(PathBuf::from(path)),
+                guest_port: nonzero(port(guest, "guest port")?)
+                    .ok_or_else(|| bad("guest port 0"))?,
+            });
+        }
+        let spec_tcp = match spec.rsplit_once('/') {
+            Some((s, "tcp")) => s,
+            Some((_, proto)) => {
+                return Err(bad(&format!("protocol {proto:?}: only tcp is published")))
+            }
+            None => spec,
+        };
+        let (host, guest) = spec_tcp
+            .rsplit_once(':')
+            .ok_or_else(|| bad("no guest port"))?;
+        let guest_port = nonzero(port(guest, "guest port")?).ok_or_else(|| bad("guest port 0"))?;
+        let (ip, host_port) = match host.rsplit_once(':') {
+            None => (IpAddr::V4(Ipv4Addr::LOCALHOST), host),
+            Some((ip, p)) => {
+                let ip = ip
+                    .strip_prefix('[')
+                    .and_then(|i| i.strip_suffix(']'))
+                    .unwrap_or(ip);
+                let ip: IpAddr = ip
+                    .parse()
+                    .map_err(|_| bad(&format!("host address {ip:?} is not an IP address")))?;
+                (ip, p)
+            }
+        };
+        Ok(Self {
+            host: HostEnd::Tcp(SocketAddr::new(ip, port(host_port, "host port")?)),
+            guest_port,
+        })
+    }
+}
+
+fn nonzero(p: u16) -> Option<u16> {
+    (p != 0).then_some(p)
+}
+
+/// A bound host end.
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// The host ends of a run's published ports, bound before anything is pulled
+/// or booted (a port in use fails the run at once).
+#[derive(Debug, Default)]
+pub struct Bound {
+    ports: Vec<(Listener, u16)>,
+}
+
+impl Bound {
+    /// Binds every `publish` (TCP with `SO_REUSEADDR`, as std does; a UNIX
+    /// path that exists is an error, never removed).
+    pub fn bind(publish: &[Publish]) -> Result<Self, Error> {
+        // Built as it goes: a later failure drops (and removes) the sockets
+        // already bound.
+        let mut bound = Self {
+            ports: Vec::with_capacity(publish.len()),
+        };
+        for p in publish {
+            let fail = |source| Error::Publish {
+                what: p.to_string(),
+                source,
+            };
+            let l = match &p.host {
+                HostEnd::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(fail)?),
+                HostEnd::Unix(path) => {
+                    Listener::Unix(UnixListener::bind(path).map_err(fail)?, path.clone())
+                }
+            };
+            bound.ports.push((l, p.guest_port));
+        }
+        Ok(bound)
+    }
+
+    /// The TCP addresses actually bound (a host port 0 is a free one), in
+    /// order, for the user.
+    pub fn tcp_addrs(&self) -> Vec<(SocketAddr, u16)> {
+        self.ports
+            .iter()
+            .filter_map(|(l, g)| match l {
+                Listener::Tcp(t) => t.local_addr().ok().map(|a| (a, *g)),
+                Listener::Unix(..) => None,
+            })
+            .collect()
+    }
+
+    /// The UNIX socket paths, for the sandbox (their directories) and the
+    /// cleanup.
+    pub fn unix_paths(&self) -> Vec<PathBuf> {
+        self.ports
+            .iter()
+            .filter_map(|(l, _)| match l {
+                Listener::Unix(_, p) => Some(p.clone()),
+                Listener::Tcp(_) => None,
+            })
+            .collect()
+    }
+
+    /// Whether nothing is published.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        for p in self.unix_paths() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A connection accepted on a host end.
+enum Client {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Client {
+    fn try_clone(&self) -> std::io::Result<Client> {
+        Ok(match self {
+            Client::Tcp(s) => Client::Tcp(s.try_clone()?),
+            Client::Unix(s) => Client::Unix(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let _ = match self {
+            Client::Tcp(s) => s.shutdown(how),
+            Client::Unix(s) => s.shutdown(how),
+        };
+    }
+
+    /// Ends the client's connection with a reset (TCP: `SO_LINGER` 0, then
+    /// close), as a refused connection to the guest port would have.
+    fn reset(self) {
+        if let Client::Tcp(s) = &self {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt reads a valid `linger` of the size given on
+            // a socket this process owns.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+}
+
+impl Read for Client {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Client::Tcp(s) => s.read(buf),
+            Client::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Client {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Client::Tcp(s) => s.write(buf),
+            Client::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How often an accept loop looks at whether the VM ended.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// How long a connection waits for the guest agent's forwarder (a VM still
+/// booting under nested emulation takes seconds).
+const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Between attempts while the guest's forwarder is not listening yet.
+const RETRY: Duration = Duration::from_millis(5);
+/// How long the guest has to answer a `Forward`.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stack of the forwarding threads (their buffers are on the heap).
+const THREAD_STACK: usize = 256 << 10;
+/// One copy buffer per direction.
+const COPY_BUFFER: usize = 64 << 10;
+
+/// Serves `bound` for the VM behind `vsock` until `vm` ends: one accept
+/// thread per host end, started here (inside the caller's sandbox, which the
+/// threads inherit). Join the handles after the VM's end.
+pub(crate) fn serve(
+    bound: &Arc<Bound>,
+    vsock: &runner::virtio::VsockHandle,
+    vm: &runner::vmm::StopHandle,
+) -> Result<Vec<std::thread::JoinHandle<()>>, Error> {
+    let mut threads = Vec::new();
+    for i in 0..bound.ports.len() {
+        let (bound, vsock, vm) = (bound.clone(), vsock.clone(), vm.clone());
+        let t = std::thread::Builder::new()
+            .name("sm-publish".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || accept_loop(&bound, i, &vsock, &vm))
+            .map_err(|source| Error::Thread {
+                what: "a published port's accept thread",
+                source,
+            })?;
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
+fn accept_loop(
+    bound: &Bound,
+    i: usize,
+    vsock: &runner::virtio::VsockHandle,
+    vm: &runner::vmm::StopHandle,
+) {
+    let Some((listener, guest_port)) = bound.ports.get(i) else {
+        return;
+    };
+    let fd = match listener {
+        Listener::Tcp(l) => l.as_raw_fd(),
+        Listener::Unix(l, _) => l.as_raw_fd(),
+    };
+    while !vm.is_ending() {
+        let mut pfd = [libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd for the listener, which `bound` keeps open.
+        let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 1, ACCEPT_POLL.as_millis() as i32) };
+        if rc <= 0 || pfd[0].revents == 0 {
+            continue;
+        }
+        let client = match listener {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Client::Tcp(s)
+            }),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Client::Unix(s)),
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("published port {guest_port}: accept: {e}");
+                continue;
+            }
+        };
+        let (vsock, vm, port) = (vsock.clone(), vm.clone(), *guest_port);
+        let spawned = std::thread::Builder::new()
+            .name("sm-forward".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || forward(client, &vsock, port, &vm));
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "published port {guest_port}: cannot start a thread for a connection: {e}"
+            );
+        }
+    }
+}
+
+/// How a `Forward` went.
+enum Answer {
+    /// Spliced; bytes the guest sent after its `Forwarding`.
+    Forwarding(UnixStream, Vec<u8>),
+    /// The guest's forwarder is not listening (yet): try again.
+    NotListening,
+    /// The guest refused (nothing on the port): its reason.
+    Refused(String),
+}
+
+/// Opens a forwarding connection to guest `port`.
+fn open(vsock: &runner::virtio::VsockHandle, port: u16) -> std::io::Result<Answer> {
+    let mut conn = vsock.connect(FORWARD_PORT)?;
+    let mut frame = Vec::new();
+    encode_frame(CONTROL_STREAM, &Message::Forward { port }, &mut frame)
+        .map_err(std::io::Error::other)?;
+    let refused = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
+    };
+    match conn.write_all(&frame) {
+        Err(e) if refused(&e) => return Ok(Answer::NotListening),
+        other => other?,
+    }
+    conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return Ok(Answer::NotListening),
+            Ok(n) => n,
+            Err(e) if refused(&e) => return Ok(Answer::NotListening),
+            Err(e) => return Err(e),
+        };
+        let mut input = &buf[..n];
+        if let Some(raw) = dec.decode(&mut input).map_err(std::io::Error::other)? {
+            let early = input.to_vec();
+            conn.set_read_timeout(None)?;
+            return match raw.to_frame().map(|f| f.message) {
+                Ok(Message::Forwarding) => Ok(Answer::Forwarding(conn, early)),
+                Ok(Message::Error { message }) => Ok(Answer::Refused(message)),
+                Ok(other) => Ok(Answer::Refused(format!(
+                    "the guest answered {:?} to Forward",
+                    other.kind()
+                ))),
+                Err(e) => Ok(Answer::Refused(e.to_string())),
+            };
+        }
+    }
+}
+
+/// Carries one client connection to guest `port` and back.
+fn forward(
+    mut client: Client,
+    vsock: &runner::virtio::VsockHandle,
+    port: u16,
+    vm: &runner::vmm::StopHandle,
+) {
+    let deadline = Instant::now() + GUEST_READY_TIMEOUT;
+    let (conn, early) = loop {
+        match open(vsock, port) {
+            Ok(Answer::Forwarding(c, early)) => break (c, early),
+            Ok(Answer::NotListening) if Instant::now() < deadline && !vm.is_ending() => {
+                std::thread::sleep(RETRY)
+            }
+            Ok(Answer::NotListening) => {
+                tracing::debug!("published port {port}: the guest's forwarder did not answer");
+                return client.reset();
+            }
+            Ok(Answer::Refused(why)) => {
+                tracing::debug!("published port {port}: {why}");
+                return client.reset();
+            }
+            Err(e) => {
+                tracing::debug!("published port {port}: {e}");
+                return client.reset();
+            }
+        }
+    };
+    if !early.is_empty() && client.write_all(&early).is_err() {
+        return;
+    }
+    let (Ok(mut client_in), Ok(mut guest_out)) = (client.try_clone(), conn.try_clone()) else {
+        return client.reset();
+    };
+    let mut guest_in = conn;
+    // Client -> guest on its own thread.
+    let up = std::thread::Builder::new()
+        .name("sm-forward-up".into())
+        .stack_size(THREAD_STACK)
+        .spawn(move || {
+            let clean = copy(&mut client_in, &mut guest_out);
+            let _ = guest_out.shutdown(if clean {
+                std::net::Shutdown::Write
+            } else {
+                std::net::Shutdown::Both
+            });
+        });
+    let Ok(up) = up else {
+        return client.reset();
+    };
+    // Guest -> client here.
+    let clean = copy(&mut guest_in, &mut client);
+    client.shutdown(if clean && !vm.is_ending() {
+        std::net::Shutdown::Write
+    } else {
+        // The VM is gone (or the guest side broke): the client's reads end too.
+        std::net::Shutdown::Both
+    });
+    let _ = up.join();
+}
+
+/// Copies until end of file (`true`) or an error on either side (`false`).
+fn copy(from: &mut impl Read, to: &mut impl Write) -> bool {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs_parse_as_docker_reads_them() {
+        let tcp = |s: &str| Publish::parse(s).unwrap();
+        assert_eq!(
+            tcp("8080:80"),
+            Publish {
+                host: HostEnd::Tcp("127.0.0.1:8080".parse().unwrap()),
+                guest_port: 80
+            }
+        );
+        assert_eq!(
+            tcp("0.0.0.0:8080:80/tcp").host,
+            HostEnd::Tcp("0.0.0.0:8080".parse().unwrap())
+        );
+        assert_eq!(
+            tcp("[::1]:8443:443").host,
+            HostEnd::Tcp("[::1]:8443".parse().unwrap())
+        );
+        assert_eq!(
+            tcp("0:80").host,
+            HostEnd::Tcp("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(
+            tcp("unix:/tmp/a:b.sock:80"),
+            Publish {
+                host: HostEnd::Unix("/tmp/a:b.sock".into()),
+                guest_port: 80
+            }
+        );
+        for bad in [
+            "",
+            "80",
+            "x:80",
+            "8080:y",
+            "8080:0",
+            "70000:80",
+            "8080:80/udp",
+            "1.2.3:8080:80",
+            "unix::80",
+            "unix:/s",
+            "unix:/s:0",
+        ] {
+            let e = Publish::parse(bad).unwrap_err();
+            assert!(e.contains("bad published port"), "{bad}: {e}");
+        }
+    }
+}
