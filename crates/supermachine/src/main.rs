@@ -137,6 +137,10 @@ enum Command {
         /// Carried over vsock: no TAP, no root, any --network.
         #[arg(short = 'p', long = "publish", value_parser = parse_publish, value_name = "SPEC")]
         publish: Vec<supermachine::Publish>,
+        /// Publish every TCP port the image exposes (ExposedPorts) on a free
+        /// port of 127.0.0.1, each printed on stderr.
+        #[arg(short = 'P', long = "publish-all", conflicts_with = "restore")]
+        publish_all: bool,
         /// How long the guest may take to boot and answer on its agent channel
         /// before the VM is stopped and the run fails (default 600).
         #[arg(long, value_name = "SECONDS")]
@@ -541,6 +545,7 @@ fn main() -> ExitCode {
             network,
             vsock_uds,
             publish,
+            publish_all,
             agent_timeout,
             no_sandbox,
             no_snapshot,
@@ -594,6 +599,7 @@ fn main() -> ExitCode {
                 capture,
                 restore,
                 publish,
+                publish_all,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(

@@ -111,6 +111,33 @@ fn nonzero(p: u16) -> Option<u16> {
     (p != 0).then_some(p)
 }
 
+/// `-P`: the image's `ExposedPorts` (`PORT/tcp`, or a bare `PORT`) not already
+/// published by `taken`, each on a free port of 127.0.0.1. Returns them and the
+/// entries that cannot be published (UDP, SCTP, garbage), for a warning.
+pub fn exposed(exposed_ports: &[String], taken: &[Publish]) -> (Vec<Publish>, Vec<String>) {
+    let mut publish: Vec<Publish> = Vec::new();
+    let mut skipped = Vec::new();
+    for e in exposed_ports {
+        let (port, proto) = e.split_once('/').unwrap_or((e.as_str(), "tcp"));
+        match (port.parse::<u16>().ok().and_then(nonzero), proto) {
+            (Some(p), "tcp") => {
+                let known = taken
+                    .iter()
+                    .chain(publish.iter())
+                    .any(|t| t.guest_port == p);
+                if !known {
+                    publish.push(Publish {
+                        host: HostEnd::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
+                        guest_port: p,
+                    });
+                }
+            }
+            _ => skipped.push(e.clone()),
+        }
+    }
+    (publish, skipped)
+}
+
 /// A bound host end.
 #[derive(Debug)]
 enum Listener {
@@ -122,7 +149,9 @@ enum Listener {
 /// or booted (a port in use fails the run at once).
 #[derive(Debug, Default)]
 pub struct Bound {
-    ports: Vec<(Listener, u16)>,
+    /// Each listener, its guest port, and whether the user asked for a free
+    /// host port (so is told which).
+    ports: Vec<(Listener, u16, bool)>,
 }
 
 impl Bound {
@@ -131,9 +160,13 @@ impl Bound {
     pub fn bind(publish: &[Publish]) -> Result<Self, Error> {
         // Built as it goes: a later failure drops (and removes) the sockets
         // already bound.
-        let mut bound = Self {
-            ports: Vec::with_capacity(publish.len()),
-        };
+        let mut bound = Self::default();
+        bound.bind_more(publish)?;
+        Ok(bound)
+    }
+
+    /// Binds more (`-P`'s, once the image's config is known).
+    pub fn bind_more(&mut self, publish: &[Publish]) -> Result<(), Error> {
         for p in publish {
             let fail = |source| Error::Publish {
                 what: p.to_string(),
@@ -145,9 +178,22 @@ impl Bound {
                     Listener::Unix(UnixListener::bind(path).map_err(fail)?, path.clone())
                 }
             };
-            bound.ports.push((l, p.guest_port));
+            let free = matches!(p.host, HostEnd::Tcp(a) if a.port() == 0);
+            self.ports.push((l, p.guest_port, free));
         }
-        Ok(bound)
+        Ok(())
+    }
+
+    /// Tells the user (on stderr) where each port asked to take a free host
+    /// port was published.
+    pub fn announce(&self) {
+        for (l, guest, free) in &self.ports {
+            if let (Listener::Tcp(t), true) = (l, free) {
+                if let Ok(a) = t.local_addr() {
+                    eprintln!("supermachine: published {a} -> guest port {guest}");
+                }
+            }
+        }
     }
 
     /// The TCP addresses actually bound (a host port 0 is a free one), in
@@ -155,7 +201,7 @@ impl Bound {
     pub fn tcp_addrs(&self) -> Vec<(SocketAddr, u16)> {
         self.ports
             .iter()
-            .filter_map(|(l, g)| match l {
+            .filter_map(|(l, g, _)| match l {
                 Listener::Tcp(t) => t.local_addr().ok().map(|a| (a, *g)),
                 Listener::Unix(..) => None,
             })
@@ -167,7 +213,7 @@ impl Bound {
     pub fn unix_paths(&self) -> Vec<PathBuf> {
         self.ports
             .iter()
-            .filter_map(|(l, _)| match l {
+            .filter_map(|(l, _, _)| match l {
                 Listener::Unix(_, p) => Some(p.clone()),
                 Listener::Tcp(_) => None,
             })
@@ -297,7 +343,7 @@ fn accept_loop(
     vsock: &runner::virtio::VsockHandle,
     vm: &runner::vmm::StopHandle,
 ) {
-    let Some((listener, guest_port)) = bound.ports.get(i) else {
+    let Some((listener, guest_port, _)) = bound.ports.get(i) else {
         return;
     };
     let fd = match listener {
@@ -477,6 +523,39 @@ fn copy(from: &mut impl Read, to: &mut impl Write) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_all_takes_the_exposed_tcp_ports_not_yet_published() {
+        let taken = [Publish::parse("8080:80").unwrap()];
+        let ports: Vec<String> = [
+            "80/tcp", "443/tcp", "53/udp", "9000", "443", "x/tcp", "0/tcp",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (publish, skipped) = exposed(&ports, &taken);
+        let free = HostEnd::Tcp("127.0.0.1:0".parse().unwrap());
+        assert_eq!(
+            publish,
+            [443, 9000].map(|guest_port| Publish {
+                host: free.clone(),
+                guest_port
+            })
+        );
+        assert_eq!(skipped, ["53/udp", "x/tcp", "0/tcp"]);
+    }
+
+    #[test]
+    fn free_host_ports_are_bound_and_reported() {
+        let mut b = Bound::bind(&[Publish::parse("0:80").unwrap()]).unwrap();
+        b.bind_more(&exposed(&["81/tcp".into()], &[]).0).unwrap();
+        let addrs = b.tcp_addrs();
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs
+            .iter()
+            .all(|(a, _)| a.ip().is_loopback() && a.port() != 0));
+        assert_eq!(addrs.iter().map(|(_, g)| *g).collect::<Vec<_>>(), [80, 81]);
+    }
 
     #[test]
     fn publish_specs_parse_as_docker_reads_them() {

@@ -78,6 +78,9 @@ pub struct RunOptions {
     /// Published ports (`-p`): host listeners whose connections reach guest
     /// TCP ports over vsock. Bound before anything is pulled or booted.
     pub publish: Vec<crate::Publish>,
+    /// Also publish every TCP port in the image's `ExposedPorts` on a free
+    /// port of 127.0.0.1 (`-P`), each printed on stderr.
+    pub publish_all: bool,
     /// Restore this snapshot of a VM captured mid-process and carry on its
     /// process (`--restore`): no image is pulled, and the process's output
     /// from the capture on and its exit status are the run's. `image`, `args`
@@ -397,9 +400,10 @@ pub fn run(
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
     // A port in use fails the run before anything is pulled or booted.
-    let bound = bind_published(opts)?;
+    let mut bound = crate::publish::Bound::bind(&opts.publish)?;
     if let Some(path) = &opts.restore {
-        return run_restored(opts, path, &bound, (out, err), timings);
+        bound.announce();
+        return run_restored(opts, path, &Arc::new(bound), (out, err), timings);
     }
     // The user's own disks are checked before an image is pulled for nothing.
     check_disks(&opts.disks)?;
@@ -407,6 +411,18 @@ pub fn run(
     if let Some(signal) = opts.interrupt.as_ref().and_then(crate::Interrupt::signal) {
         return Err(Error::Interrupted { signal });
     }
+    if opts.publish_all {
+        let (extra, skipped) = crate::publish::exposed(&img.config.exposed_ports, &opts.publish);
+        if !skipped.is_empty() {
+            eprintln!(
+                "supermachine: warning: -P publishes TCP ports only; not published: {}",
+                skipped.join(", ")
+            );
+        }
+        bound.bind_more(&extra)?;
+    }
+    bound.announce();
+    let bound = Arc::new(bound);
     timings.phase("image_ready");
     let spec = process_spec(&img.config, opts)?;
     let res = vm_resources(opts, &img)?;
@@ -466,21 +482,6 @@ pub fn run(
         // Only a restore is retried; a boot's failures are errors above.
         Launched::NotReady { why, .. } => Err(Error::Usage(why)),
     }
-}
-
-/// Binds the run's published ports; says where a host port 0 landed.
-fn bind_published(opts: &RunOptions) -> Result<Arc<crate::publish::Bound>, Error> {
-    let bound = crate::publish::Bound::bind(&opts.publish)?;
-    let asked_free = opts.publish.iter().filter_map(|p| match p.host {
-        crate::HostEnd::Tcp(a) => Some(a.port() == 0),
-        crate::HostEnd::Unix(_) => None,
-    });
-    for ((addr, guest), free) in bound.tcp_addrs().into_iter().zip(asked_free) {
-        if free {
-            eprintln!("supermachine: published {addr} -> guest port {guest}");
-        }
-    }
-    Ok(Arc::new(bound))
 }
 
 /// `run --restore PATH`: restores a VM captured mid-process and carries on its
@@ -757,7 +758,12 @@ fn launch(
             };
             vmm.wait().map(|o| (o, captured))
         }
-        Err(e) => Err(runner::vmm::RunError::from(e)),
+        Err(e) => {
+            // Marked ended now: the agent and published-port threads, joined
+            // below, end with it.
+            vmm.stop();
+            Err(runner::vmm::RunError::from(e))
+        }
     };
     drop(vm_ended_tx);
     // No capture any more: an agent thread that said ready late does not wait.

@@ -90,7 +90,7 @@ const HOST_TOOLS: &[&str] = &["/usr/sbin/debugfs", "/usr/bin/passt"];
 /// then an opaque directory and foreign ownership, and the [`GUEST_TOOLS`].
 fn build_test_layout() -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    support::cached("sm-run-image-v4", |dir| {
+    support::cached("sm-run-image-v5", |dir| {
         let layout = dir.join("layout");
         let image = format!("{}:t", layout.display());
         support::run(
@@ -195,6 +195,8 @@ fn build_test_layout() -> PathBuf {
             "--config.env=PATH=/bin",
             "--config.env=GREETING=hi",
             "--config.workingdir=/data",
+            // For `run -P` (the published-ports scenario).
+            "--config.exposedports=80/tcp",
         ]));
         support::run(Command::new("umoci").args(["gc", "--layout"]).arg(&layout));
     })
@@ -205,7 +207,7 @@ fn build_test_layout() -> PathBuf {
 /// pulls all three into the store under `cache` with `bin` (the product itself).
 fn prepare_images(bin: &Path, cache: &Path) -> Images {
     let layout = build_test_layout();
-    let archive = support::docker_archive("sm-run-archive-v4", &layout, "t", "smtest:1");
+    let archive = support::docker_archive("sm-run-archive-v5", &layout, "t", "smtest:1");
     let registry = support::Registry::start();
     let reg_ref = registry.push(&layout, "t", "smtest:1");
     let refs = Images {
@@ -242,6 +244,8 @@ struct Running {
     child: std::process::Child,
     out: std::thread::JoinHandle<Vec<u8>>,
     err: std::thread::JoinHandle<Vec<u8>>,
+    /// Stderr so far, while it runs.
+    err_so_far: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Running {
@@ -319,28 +323,47 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
-        let drain = |r: Option<Box<dyn Read + Send>>| {
+        let drain = |r: Option<Box<dyn Read + Send>>, so_far: Arc<Mutex<Vec<u8>>>, live: bool| {
             std::thread::spawn(move || {
                 let mut v = Vec::new();
+                let mut buf = [0u8; 4096];
                 if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut v);
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        v.extend_from_slice(&buf[..n]);
+                        if let (true, Ok(mut s)) = (live, so_far.lock()) {
+                            s.extend_from_slice(&buf[..n]);
+                        }
+                    }
                 }
                 v
             })
         };
+        let err_so_far = Arc::new(Mutex::new(Vec::new()));
         let out = drain(
             child
                 .stdout
                 .take()
                 .map(|r| Box::new(r) as Box<dyn Read + Send>),
+            Arc::new(Mutex::new(Vec::new())),
+            false,
         );
         let err = drain(
             child
                 .stderr
                 .take()
                 .map(|r| Box::new(r) as Box<dyn Read + Send>),
+            err_so_far.clone(),
+            true,
         );
-        Ok(Running { child, out, err })
+        Ok(Running {
+            child,
+            out,
+            err,
+            err_so_far,
+        })
     }
 
     /// Runs the product with `args` to the end (killed after `timeout`).
@@ -1980,7 +2003,58 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         o.code == Some(143) && !sock.exists(),
         "SIGTERM ends the server's run (143) and its UNIX socket is removed",
         &o,
-    )
+    )?;
+
+    // -P: the image's ExposedPorts (80/tcp) on a free port, which run prints.
+    let running = env.spawn(&[
+        "run",
+        NO_NET[0],
+        NO_NET[1],
+        "-P",
+        &img.oci,
+        "sh",
+        "-c",
+        "mkdir -p /w; echo exposed > /w/index.html; exec httpd -f -p 80 -h /w",
+    ])?;
+    let t0 = Instant::now();
+    let result = (|| -> Result<(), String> {
+        let port = loop {
+            let said = running
+                .err_so_far
+                .lock()
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_default();
+            let announced = said.lines().find_map(|l| {
+                l.strip_prefix("supermachine: published 127.0.0.1:")?
+                    .strip_suffix(" -> guest port 80")?
+                    .parse::<u16>()
+                    .ok()
+            });
+            match announced {
+                Some(p) => break p,
+                None if t0.elapsed() > BOOT_TIMEOUT => {
+                    return Err(format!("-P printed no port: {said:?}"))
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        loop {
+            match http_get_open(addr, "/index.html") {
+                Ok(r) if http_body(&r) == Some(b"exposed\n") => return Ok(()),
+                _ if t0.elapsed() > BOOT_TIMEOUT => {
+                    return Err(format!("nothing answered on the -P port {port}"))
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    })();
+    let pid = running.child.id().to_string();
+    let _ = Command::new("busybox")
+        .args(["kill", "-TERM", &pid])
+        .status();
+    let o = running.finish(Duration::from_secs(60))?;
+    expect(result.is_ok(), &result.err().unwrap_or_default(), &o)
 }
 
 /// Guest memory of the snapshot scenario: a VM configuration no other scenario
