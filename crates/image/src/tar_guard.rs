@@ -9,6 +9,16 @@
 //! blocks) and fails the read that would hand over a header breaking a
 //! [`Limits`] bound, so nothing is allocated for it. It also bounds the entry
 //! count and the uncompressed bytes of the whole image.
+//!
+//! The guard must read the archive exactly as the `tar` crate (0.4.46) does, or
+//! a crafted layer could make the two disagree on where headers are and walk
+//! entries past the limits (the `tar_flatten` fuzz target found such a
+//! layer): sizes parse as the crate parses them (octal text trimmed of
+//! whitespace, a `+` allowed; base-256 from the last 8 bytes, wrapping), long
+//! name, long link and PAX headers are extension headers only with a ustar or
+//! GNU magic, a PAX `size` is the first `size` record (none after a malformed
+//! record) and applies to the next member only, never to an extension header.
+//! A size field the crate cannot parse either is refused, never skipped.
 
 use std::io::{self, Read};
 
@@ -82,6 +92,9 @@ pub enum LimitError {
         /// The limit.
         limit: u64,
     },
+    /// A header whose size field is not a number.
+    #[error("a tar header's size field is not a number")]
+    BadSize,
 }
 
 /// The running totals over an image's layers, carried from one layer's guard
@@ -197,15 +210,23 @@ impl<R: Read> TarGuard<R> {
             // The end-of-archive marker: the tar crate stops here too.
             return Ok(State::End);
         }
-        let Some(size) = parse_size(&h[124..136]) else {
-            // The tar crate refuses it too; nothing of it is read.
-            return Ok(State::End);
+        let header_size = parse_size(&h[124..136]).ok_or(LimitError::BadSize)?;
+        let typeflag = h[156];
+        // An extension header by its type: the crate never applies a PAX size
+        // to one.
+        let extension_type = matches!(typeflag, b'L' | b'K' | b'x' | b'g');
+        let size = match self.pax_size {
+            Some(s) if !extension_type => s,
+            _ => header_size,
         };
-        let kind = match h[156] {
-            b'L' => Some("GNU long name"),
-            b'K' => Some("GNU long link"),
-            b'x' => Some("PAX extended"),
-            b'g' => Some("PAX global"),
+        // The crate consumes L, K and x as extensions of the next member only
+        // in a ustar or GNU header; otherwise they are members themselves.
+        let recognized = &h[257..263] == b"ustar\0" && &h[263..265] == b"00"
+            || &h[257..263] == b"ustar " && &h[263..265] == b" \0";
+        let kind = match typeflag {
+            b'L' if recognized => Some("GNU long name"),
+            b'K' if recognized => Some("GNU long link"),
+            b'x' if recognized => Some("PAX extended"),
             _ => None,
         };
         if let Some(kind) = kind {
@@ -217,12 +238,27 @@ impl<R: Read> TarGuard<R> {
                 });
             }
             // size <= max_meta_entry, which a usize holds on every host we build.
-            let capture = if h[156] == b'x' {
+            let capture = if typeflag == b'x' {
                 usize::try_from(size).unwrap_or(0)
             } else {
                 0
             };
             return Ok(data_state(size, capture));
+        }
+        // The member the extensions described: they end with it.
+        self.pax_size = None;
+        if typeflag == b'g' {
+            // A PAX global header: the crate hands it on as a member, the
+            // flattener skips it without counting it; its records are not
+            // kept (no size of them applies to anything).
+            if size > self.limits.max_meta_entry {
+                return Err(LimitError::MetaEntryTooLarge {
+                    kind: "PAX global",
+                    size,
+                    limit: self.limits.max_meta_entry,
+                });
+            }
+            return Ok(data_state(size, 0));
         }
         self.totals.entries += 1;
         if self.totals.entries > self.limits.max_entries {
@@ -230,10 +266,8 @@ impl<R: Read> TarGuard<R> {
                 limit: self.limits.max_entries,
             });
         }
-        // A PAX size overrides the header's (as the tar crate does).
-        let size = self.pax_size.take().unwrap_or(size);
         // GNU sparse: `isextended` says extension blocks come before the data.
-        if h[156] == b'S' && h[482] != 0 {
+        if typeflag == b'S' && h[482] != 0 {
             return Ok(State::SparseExt { data: size });
         }
         Ok(data_state(size, 0))
@@ -262,45 +296,42 @@ fn data_state(size: u64, capture: usize) -> State {
     }
 }
 
-/// A header's size field: octal, or GNU base-256 when the top bit is set.
+/// A header's size field as the tar crate reads it: GNU base-256 when the top
+/// bit is set (the last 8 bytes, big-endian, higher bytes shifted out), else
+/// octal text up to the first NUL, trimmed of whitespace, with `u64`'s own
+/// parsing (a leading `+` allowed); `None` where the crate fails too.
 fn parse_size(field: &[u8]) -> Option<u64> {
-    let (&first, rest) = field.split_first()?;
-    if first & 0x80 != 0 {
-        let mut v = u64::from(first & 0x7f);
-        for &b in rest {
-            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+    if field.first()? & 0x80 != 0 {
+        let skip = if field.len() == 8 { 1 } else { field.len() - 8 };
+        let mut v: u64 = if field.len() == 8 {
+            u64::from(field[0] ^ 0x80)
+        } else {
+            0
+        };
+        for &b in &field[skip..] {
+            v = (v << 8) | u64::from(b);
         }
         return Some(v);
     }
-    let digits = field
-        .iter()
-        .copied()
-        .skip_while(|&b| b == b' ')
-        .take_while(|&b| b != 0 && b != b' ');
-    let mut v: u64 = 0;
-    let mut any = false;
-    for b in digits {
-        if !(b'0'..=b'7').contains(&b) {
-            return None;
-        }
-        v = v.checked_mul(8)?.checked_add(u64::from(b - b'0'))?;
-        any = true;
-    }
-    // An empty field reads as 0, as the tar crate has it.
-    Some(if any { v } else { 0 })
+    let text = match field.iter().position(|&b| b == 0) {
+        Some(i) => &field[..i],
+        None => field,
+    };
+    u64::from_str_radix(std::str::from_utf8(text).ok()?.trim(), 8).ok()
 }
 
-/// The `size` record of PAX extended-header records, if any (the last wins).
+/// The `size` record of PAX extended-header records as the tar crate finds
+/// it: the first `size` record, and none once a record before it is
+/// malformed.
 fn pax_size(records: &[u8]) -> Option<u64> {
-    let mut size = None;
-    for ext in tar::PaxExtensions::new(records).flatten() {
-        if ext.key_bytes() == b"size" {
-            size = std::str::from_utf8(ext.value_bytes())
-                .ok()
-                .and_then(|v| v.parse().ok());
+    for ext in tar::PaxExtensions::new(records) {
+        let ext = ext.ok()?;
+        if ext.key() != Ok("size") {
+            continue;
         }
+        return ext.value().ok()?.parse().ok();
     }
-    size
+    None
 }
 
 impl<R: Read> Read for TarGuard<R> {
@@ -496,16 +527,119 @@ mod tests {
     }
 
     #[test]
-    fn size_fields_octal_and_base256() {
+    fn size_fields_parse_as_the_tar_crate_parses_them() {
         assert_eq!(parse_size(b"00000001750\0"), Some(1000));
         assert_eq!(parse_size(b"     1750 \0\0"), Some(1000));
-        assert_eq!(parse_size(b"\0\0\0\0\0\0\0\0\0\0\0\0"), Some(0));
         let mut b = [0u8; 12];
         b[0] = 0x80;
         b[11] = 1;
         b[10] = 2;
         assert_eq!(parse_size(&b), Some(0x201));
         assert_eq!(parse_size(b"0000000009\0\0"), None);
-        assert_eq!(parse_size(&[0xff; 12]), None, "overflow");
+        // Each field against the crate's own reading of it.
+        let fields: [&[u8; 12]; 10] = [
+            b"\0\0\0\0\0\0\0\0\0\0\0\0",
+            b"+0000000017\0",
+            b"\t17\n\0\0\0\0\0\0\0\0",
+            b"17 17\0\0\0\0\0\0\0",
+            b"0000000017\0x",
+            b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+            b"\x80\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x07",
+            b"\x81\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x07",
+            b"77777777777\0",
+            b"-1\0\0\0\0\0\0\0\0\0\0",
+        ];
+        for f in fields {
+            let mut h = tar::Header::new_gnu();
+            h.as_mut_bytes()[124..136].copy_from_slice(f);
+            assert_eq!(parse_size(f), h.entry_size().ok(), "{f:?}");
+        }
+    }
+
+    /// Whether the guard and the tar crate count the same members in `tar`
+    /// (the crate's count, or its error).
+    fn same_count_as_the_crate(tar: &[u8]) -> (u64, Result<usize, String>) {
+        let limits = Limits {
+            max_entries: 1_000,
+            ..Limits::default()
+        };
+        let mut g = TarGuard::new(tar, limits, Totals::default());
+        let _ = io::copy(&mut g, &mut io::sink());
+        let mut a = tar::Archive::new(tar);
+        let crate_count = a.entries().map_err(|e| e.to_string()).and_then(|es| {
+            let mut n = 0;
+            for e in es {
+                let mut e = e.map_err(|e| e.to_string())?;
+                if e.header().entry_type().as_byte() != b'g' {
+                    n += 1;
+                }
+                io::copy(&mut e, &mut io::sink()).map_err(|e| e.to_string())?;
+            }
+            Ok(n)
+        });
+        (g.totals().entries, crate_count)
+    }
+
+    /// One PAX record, its length prefix counting itself.
+    fn pax_record(key: &str, value: &str) -> String {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len += 1;
+        }
+        format!("{len}{body}")
+    }
+
+    /// Blocks of a member: its header, then `data` padded.
+    fn member(out: &mut Vec<u8>, name: &str, kind: u8, data: &[u8], magic_ok: bool) {
+        let mut h = header(name, kind, data.len() as u64);
+        if !magic_ok {
+            h[257..265].fill(0);
+            let mut hh = tar::Header::from_byte_slice(&h).clone();
+            hh.set_cksum();
+            h = *hh.as_bytes();
+        }
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(BLOCK) * BLOCK, 0);
+    }
+
+    #[test]
+    fn crafted_archives_are_counted_as_the_crate_reads_them() {
+        let hidden = {
+            // Ten members inside what a reader that disagreed would take for data.
+            let mut v = Vec::new();
+            for i in 0..10 {
+                member(&mut v, &format!("h{i}"), b'0', b"x", true);
+            }
+            v
+        };
+        // A PAX header with two size records: the crate takes the first.
+        let mut a = Vec::new();
+        let recs = pax_record("size", "0") + &pax_record("size", &hidden.len().to_string());
+        member(&mut a, "pax", b'x', recs.as_bytes(), true);
+        member(&mut a, "f", b'0', b"", true);
+        a.extend_from_slice(&hidden);
+        // A long-name type without a ustar/GNU magic: a member of its own.
+        let mut b = Vec::new();
+        member(&mut b, "plain-L", b'L', b"name", false);
+        b.extend_from_slice(&hidden);
+        // A PAX size, then a global header: the size is not the global's,
+        // and ends with it.
+        let mut c = Vec::new();
+        let size = pax_record("size", &hidden.len().to_string());
+        member(&mut c, "pax", b'x', size.as_bytes(), true);
+        member(&mut c, "global", b'g', b"", true);
+        c.extend_from_slice(&hidden);
+        for (what, tar) in [
+            ("two size records", a),
+            ("L without magic", b),
+            ("x then g", c),
+        ] {
+            let mut tar = tar;
+            tar.extend_from_slice(&[0u8; 2 * BLOCK]);
+            let (guard, crate_count) = same_count_as_the_crate(&tar);
+            assert_eq!(Ok(guard as usize), crate_count, "{what}");
+        }
     }
 }
