@@ -490,17 +490,8 @@ fn handshake(
             Incoming::Closed | Incoming::Broken(_) => return Err(Handshake::Reset),
         };
         for frame in frames {
-            let frame = match frame {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = chan.send(
-                        CONTROL_STREAM,
-                        &Message::Error {
-                            message: e.to_string(),
-                        },
-                    );
-                    continue;
-                }
+            let Some(frame) = report_undecodable(chan, frame) else {
+                continue;
             };
             match frame.message {
                 Message::Hello { .. } => {
@@ -1117,6 +1108,26 @@ impl Held {
     }
 }
 
+/// A decoded frame, or `None` after telling the host (`Error`) that its
+/// payload did not decode (the stream is still at a frame boundary).
+fn report_undecodable(
+    c: &mut Channel,
+    frame: Result<agent_protocol::Frame, agent_protocol::MessageError>,
+) -> Option<agent_protocol::Frame> {
+    match frame {
+        Ok(f) => Some(f),
+        Err(e) => {
+            let _ = c.send(
+                CONTROL_STREAM,
+                &Message::Error {
+                    message: e.to_string(),
+                },
+            );
+            None
+        }
+    }
+}
+
 /// How a connection that joins a detached process is getting on.
 enum Join {
     /// Not attached yet.
@@ -1136,17 +1147,8 @@ fn join(c: &mut Channel, greeted: &mut bool, stream: u32, watch_listen: &mut boo
     };
     let mut attached = false;
     for frame in frames {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = c.send(
-                    CONTROL_STREAM,
-                    &Message::Error {
-                        message: e.to_string(),
-                    },
-                );
-                continue;
-            }
+        let Some(frame) = report_undecodable(c, frame) else {
+            continue;
         };
         match frame.message {
             Message::Hello { .. } => {

@@ -521,6 +521,19 @@ pub(crate) fn pause_and_capture<V: hypervisor::Vm + 'static>(
     }
 }
 
+/// Opens and checks the snapshot file `path` for an explicit restore.
+pub(crate) fn open_snapshot(
+    path: &std::path::Path,
+    timings: &Timings,
+) -> Result<runner::vmm::Snapshot, Error> {
+    let snap = runner::vmm::Snapshot::open(path).map_err(|source| Error::Restore {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    timings.phase("snapshot_opened");
+    Ok(snap)
+}
+
 /// Restores the VM in the snapshot file `path` (its resources come from the
 /// file) and runs it to its end, as [`boot_with_console`] runs a booted one.
 pub fn restore_with_console(
@@ -530,11 +543,7 @@ pub fn restore_with_console(
     timings: Arc<Timings>,
     interrupt: Option<&Interrupt>,
 ) -> Result<RunOutcome, Error> {
-    let snap = runner::vmm::Snapshot::open(path).map_err(|source| Error::Restore {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    timings.phase("snapshot_opened");
+    let snap = open_snapshot(path, &timings)?;
     let res = snap.resources().clone();
     let hv = open_hypervisor(&res.kernel)?;
     timings.phase("hypervisor_open");

@@ -493,11 +493,7 @@ fn run_restored(
     io: (Box<dyn Write + Send>, Box<dyn Write + Send>),
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
-    let snap = runner::vmm::Snapshot::open(path).map_err(|source| Error::Restore {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    timings.phase("snapshot_opened");
+    let snap = crate::open_snapshot(path, &timings)?;
     let res = snap.resources().clone();
     match launch(
         opts,
