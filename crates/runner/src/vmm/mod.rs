@@ -544,6 +544,7 @@ impl<V: Vm + 'static> Vmm<V> {
             }
             ctl.phase = Phase::Paused;
         }
+        vmm.timings().phase("vcpus_restored");
         // Clone safety for kernels with a vmgenid driver: every restore is a
         // new generation.
         arch::new_generation(&vmm.core.vm, &vmm.mem, true)?;
