@@ -30,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cmdline;
+pub mod forward;
 mod frame;
 mod message;
 pub mod power;

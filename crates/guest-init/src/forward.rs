@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agent_protocol::forward::copy;
 use agent_protocol::{encode_frame, FrameDecoder, Message, CONTROL_STREAM, FORWARD_PORT};
 
 use crate::{agent, sys};
@@ -29,8 +30,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKLOG: i32 = 256;
 /// Stack of the forwarding threads: their buffers are on the heap.
 const THREAD_STACK: usize = 256 << 10;
-/// One copy buffer per direction.
-const COPY_BUFFER: usize = 64 << 10;
 
 macro_rules! note {
     ($($arg:tt)*) => {{
@@ -159,30 +158,24 @@ fn connect(port: u16) -> io::Result<TcpStream> {
     }
 }
 
+/// Tells the host why its connection ends.
+fn refuse(v: &mut Vsock, message: String) {
+    let _ = send(v, &Message::Error { message });
+}
+
 fn serve(sock: OwnedFd) {
     let mut v = Vsock(Arc::new(sock));
     let (port, early) = match read_header(&mut v) {
         Ok(h) => h,
-        Err(e) => {
-            let _ = send(
-                &mut v,
-                &Message::Error {
-                    message: format!("a published-port connection: {e}"),
-                },
-            );
-            return;
-        }
+        Err(e) => return refuse(&mut v, format!("a published-port connection: {e}")),
     };
     let tcp = match connect(port) {
         Ok(t) => t,
         Err(e) => {
-            let _ = send(
+            return refuse(
                 &mut v,
-                &Message::Error {
-                    message: format!("nothing accepts connections on the guest's port {port}: {e}"),
-                },
-            );
-            return;
+                format!("nothing accepts connections on the guest's port {port}: {e}"),
+            )
         }
     };
     let _ = tcp.set_nodelay(true);
@@ -229,21 +222,4 @@ fn serve(sock: OwnedFd) {
         Shutdown::Both
     });
     let _ = down.join();
-}
-
-/// Copies until end of file: `true`, or an error on either side: `false`.
-fn copy(from: &mut impl Read, to: &mut impl Write) -> bool {
-    let mut buf = vec![0u8; COPY_BUFFER];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return false;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
 }

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_protocol::forward::copy;
 use agent_protocol::{encode_frame, FrameDecoder, Message, CONTROL_STREAM, FORWARD_PORT};
 
 use crate::Error;
@@ -310,8 +311,6 @@ const RETRY: Duration = Duration::from_millis(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stack of the forwarding threads (their buffers are on the heap).
 const THREAD_STACK: usize = 256 << 10;
-/// One copy buffer per direction.
-const COPY_BUFFER: usize = 64 << 10;
 
 /// Serves `bound` for the VM behind `vsock` until `vm` ends: one accept
 /// thread per host end, started here (inside the caller's sandbox, which the
@@ -500,23 +499,6 @@ fn forward(
         std::net::Shutdown::Both
     });
     let _ = up.join();
-}
-
-/// Copies until end of file (`true`) or an error on either side (`false`).
-fn copy(from: &mut impl Read, to: &mut impl Write) -> bool {
-    let mut buf = vec![0u8; COPY_BUFFER];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return false;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
 }
 
 #[cfg(test)]
