@@ -108,7 +108,12 @@ fn machine(pieces: &[(usize, &[u32])]) -> Machine {
         ram.write_words(*offset, words);
     }
     let hv = HvfHypervisor::new().expect("Hypervisor.framework (is the test binary signed?)");
-    let vm = hv.create_vm(&VmConfig { vcpus: 1 }).unwrap();
+    let vm = hv
+        .create_vm(&VmConfig {
+            vcpus: 1,
+            start: hypervisor::VmStart::Boot,
+        })
+        .unwrap();
     let region = MemoryRegion {
         slot: 0,
         guest_addr: RAM,

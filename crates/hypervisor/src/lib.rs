@@ -59,6 +59,23 @@ pub struct Capabilities {
 pub struct VmConfig {
     /// Number of vCPUs the VM will have (CPUID topology and ACPI are sized from it).
     pub vcpus: u32,
+    /// Whether the vCPUs boot or are restored from a saved state.
+    pub start: VmStart,
+}
+
+/// How a VM's vCPUs get their first state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VmStart {
+    /// The vCPUs boot: each is created with the host's CPU model (on x86-64 the
+    /// CPUID the backend derives from what the host supports) and the boot CPU
+    /// gets [`Vcpu::set_boot_state`].
+    #[default]
+    Boot,
+    /// Every vCPU is given a saved state ([`Vcpu::restore_state`]) before it
+    /// first runs, and that state carries its CPU model: the backend skips
+    /// asking the host for one (on KVM, a query that costs about half a
+    /// millisecond), and a vCPU created this way refuses a boot state.
+    Restore,
 }
 
 /// Creates VMs.

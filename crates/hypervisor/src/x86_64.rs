@@ -133,9 +133,29 @@ pub enum MpState {
     SipiReceived,
 }
 
+/// One CPUID leaf as the vCPU reports it (SDM vol. 2A, CPUID): the values of
+/// EAX..EDX for `function` (EAX on input) and, where `index_significant`,
+/// `index` (ECX on input).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// The leaf has subleaves, told apart by `index`.
+    pub index_significant: bool,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
 /// The whole state of one x86-64 vCPU.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuState {
+    /// The CPU model the guest saw (every leaf of its CPUID): a restored vCPU
+    /// must report what the guest's kernel read at boot, and MSRs are accepted
+    /// or refused by what CPUID says the CPU has.
+    pub cpuid: Vec<CpuidEntry>,
     /// General-purpose registers.
     pub regs: Regs,
     /// Segment and control registers.

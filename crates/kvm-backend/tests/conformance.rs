@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hypervisor::x86_64::{BootState as X86BootState, DescriptorTable, Regs, Segment, Sregs};
 use hypervisor::{
     BootState, Hypervisor, HypervisorError, IoEventAddress, IrqLine, MemoryRegion, Vcpu, VcpuError,
-    VcpuExit, VcpuKicker, VcpuState, Vm, VmConfig, VmState,
+    VcpuExit, VcpuKicker, VcpuState, Vm, VmConfig, VmStart, VmState,
 };
 use kvm_backend::{KvmHypervisor, KvmVcpu, KvmVm};
 
@@ -128,8 +128,14 @@ fn real_mode_boot() -> BootState {
 }
 
 fn setup(code: &[u8], vcpus: u32, irqchip: bool) -> Option<TestVm> {
+    setup_for(code, vcpus, irqchip, VmStart::Boot)
+}
+
+/// A VM whose vCPUs boot (each gets the real-mode boot state) or wait for a
+/// restored state.
+fn setup_for(code: &[u8], vcpus: u32, irqchip: bool, start: VmStart) -> Option<TestVm> {
     let hv = hypervisor()?;
-    let vm = hv.create_vm(&VmConfig { vcpus }).unwrap();
+    let vm = hv.create_vm(&VmConfig { vcpus, start }).unwrap();
     let mem = GuestMem::new(MEM_SIZE);
     mem.write(CODE_ADDR, code);
     let region = MemoryRegion {
@@ -147,7 +153,9 @@ fn setup(code: &[u8], vcpus: u32, irqchip: bool) -> Option<TestVm> {
     let mut cpus = Vec::new();
     for id in 0..vcpus {
         let mut vcpu = vm.create_vcpu(id).unwrap();
-        vcpu.set_boot_state(&real_mode_boot()).unwrap();
+        if start == VmStart::Boot {
+            vcpu.set_boot_state(&real_mode_boot()).unwrap();
+        }
         cpus.push(vcpu);
     }
     Some(TestVm {
@@ -596,9 +604,10 @@ fn vcpu_and_vm_state_restore_into_fresh_vm_resumes_guest() {
     let vm_state = a.vm.save_state().unwrap();
     drop(a);
 
-    // A new VM with the same RAM contents (only code here) continues where the
-    // first one stopped: the next exit is the second OUT, with RBX set after it.
-    let Some(mut b) = setup(&code, 1, true) else {
+    // A new VM, created for a restore (no host CPUID of its own), with the same
+    // RAM contents (only code here) continues where the first one stopped: the
+    // next exit is the second OUT, with RBX set after it.
+    let Some(mut b) = setup_for(&code, 1, true, VmStart::Restore) else {
         return;
     };
     b.vm.restore_state(&vm_state).unwrap();
@@ -614,6 +623,32 @@ fn vcpu_and_vm_state_restore_into_fresh_vm_resumes_guest() {
         panic!()
     };
     assert_eq!(s.regs.rbx & 0xffff, 0x5678);
+    let VcpuState::X86_64(first) = &vcpu_state else {
+        panic!()
+    };
+    assert!(!first.cpuid.is_empty());
+    assert_eq!(
+        s.cpuid, first.cpuid,
+        "the restored vCPU keeps the saved CPU model"
+    );
+}
+
+#[test]
+fn a_vcpu_created_for_a_restore_refuses_to_boot_and_a_state_without_cpuid() {
+    let Some(mut t) = setup_for(&[0xf4], 1, true, VmStart::Restore) else {
+        return;
+    };
+    let err = t.vcpus[0].set_boot_state(&real_mode_boot()).unwrap_err();
+    assert!(err.to_string().contains("created for a restore"), "{err}");
+    let Some(booted) = setup(&[0xf4], 1, true) else {
+        return;
+    };
+    let VcpuState::X86_64(mut s) = booted.vcpus[0].save_state().unwrap() else {
+        panic!()
+    };
+    s.cpuid.clear();
+    let err = t.vcpus[0].restore_state(&VcpuState::X86_64(s)).unwrap_err();
+    assert!(err.to_string().contains("no CPUID"), "{err}");
 }
 
 #[test]

@@ -126,7 +126,12 @@ fn queue_notify_write_reaches_device_without_vcpu_exit() {
         return;
     };
     let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap());
-    let vm = hv.create_vm(&VmConfig { vcpus: 1 }).unwrap();
+    let vm = hv
+        .create_vm(&VmConfig {
+            vcpus: 1,
+            start: hypervisor::VmStart::Boot,
+        })
+        .unwrap();
     let region = mem.iter().next().unwrap();
     // SAFETY: `mem` is a live mapping that outlives `vm` (dropped explicitly below,
     // before `mem`).

@@ -25,7 +25,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 /// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"SMSNAPSH";
 /// The format version this crate writes and reads (independent of crate versions).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The header's size on disk; the state starts right after it.
 pub const HEADER_LEN: u64 = 4096;
 /// The largest state section accepted (the state of a VM is kilobytes).

@@ -17,7 +17,8 @@
 //! median; capture 168 ms for 256 MiB and 735 ms for 1 GiB whatever the guest
 //! used. They are printed beside ours as a reference, not measured in this run.
 //!
-//! Run: `cargo bench -p supermachine --bench snapshot`
+//! Run: `cargo bench -p supermachine --bench snapshot` (`SM_BENCH_ONLY=restore`
+//! measures the restore alone).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -150,6 +151,19 @@ fn main() {
         "  median {:.2} ms (min {min:.2}, max {max:.2})",
         median(ms.clone())
     );
+    // What the process spends before its main() (exec, the dynamic loader,
+    // std's start) and the pipe's wakeup: the first byte as the bench saw it,
+    // less the first output as the VMM timed it from main().
+    let outside: Vec<f64> = samples
+        .iter()
+        .filter_map(|(d, p)| Some(d.as_secs_f64() * 1e3 - p.get("first_guest_output")?))
+        .collect();
+    if outside.len() == samples.len() {
+        println!(
+            "    before main() and after the write {:7.2} ms (median: first byte less first_guest_output)",
+            median(outside)
+        );
+    }
     let mut names: Vec<(f64, String)> = Vec::new();
     for name in samples[0].1.keys() {
         let v: Vec<f64> = samples
@@ -172,6 +186,10 @@ fn main() {
         "  Firecracker v1.16.1 restore on this machine (the issue's figure, not this run): 12.99 ms median; ratio {:.2}",
         median(ms) / 12.99
     );
+    if std::env::var("SM_BENCH_ONLY").is_ok_and(|v| v == "restore") {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
 
     // Capture.
     // The guest writes its RAM at the speed this host faults pages in (about

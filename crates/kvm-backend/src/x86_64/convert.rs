@@ -9,13 +9,13 @@
 
 use std::collections::BTreeMap;
 
-use hypervisor::x86_64::{DescriptorTable, Events, MpState, Regs, Segment, Sregs};
+use hypervisor::x86_64::{CpuidEntry, DescriptorTable, Events, MpState, Regs, Segment, Sregs};
 use kvm_bindings::{
-    kvm_debugregs, kvm_dtable, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, KVM_MAX_XCRS, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
-    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
-    KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SHADOW, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
-    KVM_VCPUEVENT_VALID_SMM,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_lapic_state, kvm_mp_state, kvm_regs,
+    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_XCRS, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_SHADOW, KVM_VCPUEVENT_VALID_SIPI_VECTOR, KVM_VCPUEVENT_VALID_SMM,
 };
 
 /// Size of the local APIC register page KVM exchanges (KVM_GET_LAPIC).
@@ -244,6 +244,38 @@ pub fn events_to_kvm(e: &Events) -> kvm_vcpu_events {
     k
 }
 
+/// A neutral CPUID leaf from KVM's (its obsolete stateful-function flags are
+/// dropped: KVM_SET_CPUID2 ignores them).
+pub fn cpuid_from_kvm(e: &kvm_cpuid_entry2) -> CpuidEntry {
+    CpuidEntry {
+        function: e.function,
+        index: e.index,
+        index_significant: e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
+}
+
+/// KVM's CPUID leaf from a neutral one.
+pub fn cpuid_to_kvm(e: &CpuidEntry) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
+        function: e.function,
+        index: e.index,
+        flags: if e.index_significant {
+            KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+        } else {
+            0
+        },
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+        ..Default::default()
+    }
+}
+
 /// Extended control registers by index.
 pub fn xcrs_from_kvm(x: &kvm_xcrs) -> BTreeMap<u32, u64> {
     let n = (x.nr_xcrs as usize).min(x.xcrs.len());
@@ -331,6 +363,37 @@ pub fn xsave_bytes_to_words(bytes: &[u8], words: &mut [u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpuid_round_trips_and_keeps_the_subleaf_flag() {
+        let k = kvm_cpuid_entry2 {
+            function: 0xb,
+            index: 1,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax: 4,
+            ebx: 2,
+            ecx: 0x201,
+            edx: 1,
+            ..Default::default()
+        };
+        let n = cpuid_from_kvm(&k);
+        assert!(n.index_significant);
+        assert_eq!(
+            (n.function, n.index, n.eax, n.ebx, n.ecx, n.edx),
+            (0xb, 1, 4, 2, 0x201, 1)
+        );
+        let back = cpuid_to_kvm(&n);
+        assert_eq!(back.flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
+        assert_eq!(
+            (back.function, back.index, back.ecx, back.edx),
+            (0xb, 1, 0x201, 1)
+        );
+        let plain = cpuid_to_kvm(&CpuidEntry {
+            function: 1,
+            ..Default::default()
+        });
+        assert_eq!(plain.flags, 0);
+    }
 
     fn code_segment() -> Segment {
         Segment {

@@ -36,6 +36,7 @@ ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
 ioctl_io_nr!(KVM_SET_TSC_KHZ, KVMIO, 0xa2);
 ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
 
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
@@ -49,7 +50,8 @@ ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 
 /// Requests a vCPU thread makes: `KVM_RUN`, its own state read and written
 /// while parked (boot entry state, save, restore; a save asks the VM whether
-/// it has XCRs), and `KVM_IRQ_LINE` for the legacy devices (serial, power)
+/// it has XCRs; a restore sets the saved CPUID, which KVM refuses to change
+/// once the vCPU has run), and `KVM_IRQ_LINE` for the legacy devices (serial, power)
 /// whose port writes it handles.
 pub fn vcpu_ioctls() -> Vec<u64> {
     [
@@ -78,6 +80,7 @@ pub fn vcpu_ioctls() -> Vec<u64> {
         KVM_SET_XCRS(),
         KVM_GET_TSC_KHZ(),
         KVM_SET_TSC_KHZ(),
+        KVM_SET_CPUID2(),
         KVM_IRQ_LINE(),
     ]
     .to_vec()
@@ -120,5 +123,6 @@ mod tests {
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_SET_MSRS(), 0x4008_ae89);
         assert_eq!(KVM_GET_XSAVE2(), 0x9000_aecf);
+        assert_eq!(KVM_SET_CPUID2(), 0x4008_ae90);
     }
 }

@@ -2,9 +2,9 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use hypervisor::{Capabilities, Hypervisor, HypervisorError, HypervisorKind, VmConfig};
+use hypervisor::{Capabilities, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmStart};
 use kvm_bindings::{kvm_cpuid_entry2, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
 
@@ -30,11 +30,14 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     ),
 ];
 
-/// Host facts every VM of this hypervisor shares, read once at open.
+/// Host facts every VM of this hypervisor shares.
 #[derive(Debug)]
 pub(crate) struct HostInfo {
-    /// KVM_GET_SUPPORTED_CPUID: the base every vCPU's CPUID is built from.
-    pub(crate) supported_cpuid: Vec<kvm_cpuid_entry2>,
+    /// KVM_GET_SUPPORTED_CPUID: the base a booting vCPU's CPUID is built from.
+    /// Asked for by the first VM that boots: the query takes about half a
+    /// millisecond here, and a restore (whose CPUID is in the snapshot) never
+    /// needs it.
+    supported_cpuid: OnceLock<Vec<kvm_cpuid_entry2>>,
     /// KVM_GET_MSR_INDEX_LIST: MSRs KVM can save and restore.
     pub(crate) msr_index_list: Vec<u32>,
 }
@@ -63,16 +66,6 @@ impl KvmHypervisor {
                 return Err(HypervisorError::MissingCapability((*what).to_string()));
             }
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| {
-                HypervisorError::MissingCapability(format!(
-                    "KVM_GET_SUPPORTED_CPUID failed: {}",
-                    os_error(e)
-                ))
-            })?
-            .as_slice()
-            .to_vec();
         let msr_index_list = kvm
             .get_msr_index_list()
             .map_err(|e| {
@@ -96,10 +89,29 @@ impl KvmHypervisor {
             kvm,
             capabilities,
             host: Arc::new(HostInfo {
-                supported_cpuid,
+                supported_cpuid: OnceLock::new(),
                 msr_index_list,
             }),
         })
+    }
+
+    /// The host's supported CPUID, asked for once.
+    fn supported_cpuid(&self) -> Result<&[kvm_cpuid_entry2], HypervisorError> {
+        if let Some(entries) = self.host.supported_cpuid.get() {
+            return Ok(entries);
+        }
+        let entries = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| {
+                HypervisorError::MissingCapability(format!(
+                    "KVM_GET_SUPPORTED_CPUID failed: {}",
+                    os_error(e)
+                ))
+            })?
+            .as_slice()
+            .to_vec();
+        Ok(self.host.supported_cpuid.get_or_init(|| entries))
     }
 }
 
@@ -138,11 +150,20 @@ impl Hypervisor for KvmHypervisor {
                 config.vcpus, self.capabilities.max_vcpus
             )));
         }
+        let boot_cpuid = match config.start {
+            VmStart::Boot => Some(self.supported_cpuid()?.to_vec()),
+            VmStart::Restore => None,
+        };
         let vm_fd = self
             .kvm
             .create_vm()
             .map_err(|e| HypervisorError::CreateVm(os_error(e)))?;
-        Ok(KvmVm::new(vm_fd, Arc::clone(&self.host), config.vcpus))
+        Ok(KvmVm::new(
+            vm_fd,
+            Arc::clone(&self.host),
+            config.vcpus,
+            boot_cpuid,
+        ))
     }
 }
 

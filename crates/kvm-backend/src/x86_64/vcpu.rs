@@ -7,8 +7,9 @@ use std::sync::Arc;
 use hypervisor::x86_64::BootState as X86BootState;
 use hypervisor::{BootState, IoData, Vcpu, VcpuError, VcpuExit, VcpuState, VmError};
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_xsave, CpuId, Msrs, Xsave, KVM_EXIT_IO, KVM_EXIT_IO_IN,
-    KVM_MAX_MSR_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_xsave, CpuId, Msrs, Xsave, KVM_EXIT_IO,
+    KVM_EXIT_IO_IN, KVM_MAX_MSR_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, VcpuFd};
 
@@ -77,6 +78,9 @@ pub struct KvmVcpu {
     pending: PendingRead,
     /// Size of the `kvm_run` mapping, bounding the I/O data offset.
     run_size: usize,
+    /// The CPUID given to KVM (saved with the state); empty in a vCPU created
+    /// for a restore until its state is restored.
+    cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 fn create_error(id: u32, source: io::Error) -> VmError {
@@ -91,16 +95,14 @@ impl KvmVcpu {
             .create_vcpu(u64::from(id))
             .map_err(|e| create_error(id, os_error(e)))?;
 
-        let mut entries = vm.host.supported_cpuid.clone();
-        cpuid::normalize(&mut entries, id, vm.vcpus);
-        let cpuid = CpuId::from_entries(&entries).map_err(|e| {
-            create_error(
-                id,
-                io::Error::other(format!("CPUID has too many entries: {e:?}")),
-            )
-        })?;
-        fd.set_cpuid2(&cpuid)
-            .map_err(|e| create_error(id, os_error(e)))?;
+        // A booting vCPU gets the host's CPU model now; a restored one gets the
+        // saved model with its state.
+        let mut entries = Vec::new();
+        if let Some(supported) = &vm.boot_cpuid {
+            entries = supported.clone();
+            cpuid::normalize(&mut entries, id, vm.vcpus);
+            set_cpuid(&fd, &entries).map_err(|e| create_error(id, e))?;
+        }
 
         if vm.irqchip.load(std::sync::atomic::Ordering::SeqCst) {
             // The PIC's output reaches the boot CPU through LINT0 as ExtINT and
@@ -131,6 +133,7 @@ impl KvmVcpu {
             kick: KickState::new(immediate_exit),
             pending: PendingRead::None,
             run_size,
+            cpuid: entries,
         })
     }
 
@@ -507,6 +510,11 @@ impl Vcpu for KvmVcpu {
                 "an aarch64 boot state cannot be loaded into an x86-64 vCPU".into(),
             ));
         };
+        if self.cpuid.is_empty() {
+            return Err(VcpuError::StateMismatch(
+                "this vCPU was created for a restore and has no CPU model to boot with".into(),
+            ));
+        }
         let base = self
             .fd
             .get_sregs()
@@ -597,6 +605,7 @@ impl Vcpu for KvmVcpu {
         );
         let tsc_khz = self.fd.get_tsc_khz().ok();
         Ok(VcpuState::X86_64(Box::new(hypervisor::x86_64::VcpuState {
+            cpuid: self.cpuid.iter().map(convert::cpuid_from_kvm).collect(),
             regs: convert::regs_from_kvm(&regs),
             sregs: convert::sregs_from_kvm(&sregs),
             xsave,
@@ -621,7 +630,27 @@ impl Vcpu for KvmVcpu {
                 "the state has a local APIC but this VM has no irqchip".into(),
             ));
         }
-        // The TSC frequency first: it scales the TSC MSR restored below.
+        // The CPU model first: KVM accepts or refuses MSRs (and XSAVE
+        // components) by what CPUID says the CPU has.
+        if s.cpuid.is_empty() {
+            return Err(VcpuError::StateMismatch(
+                "the saved vCPU state has no CPUID".into(),
+            ));
+        }
+        // A vCPU that has the model already keeps it: KVM refuses KVM_SET_CPUID2
+        // on a vCPU that has run unless the entries match what it holds, and
+        // it holds them with its runtime bits (OSXSAVE, APIC) updated.
+        let current = self.cpuid.iter().map(convert::cpuid_from_kvm);
+        if !current.eq(s.cpuid.iter().copied()) {
+            let cpuid: Vec<kvm_cpuid_entry2> = s.cpuid.iter().map(convert::cpuid_to_kvm).collect();
+            set_cpuid(&self.fd, &cpuid).map_err(|source| VcpuError::Registers {
+                id: self.id,
+                op: "set cpuid (a vCPU that has run keeps its CPU model)",
+                source,
+            })?;
+            self.cpuid = cpuid;
+        }
+        // The TSC frequency next: it scales the TSC MSR restored below.
         if let Some(khz) = s.tsc_khz {
             if self.fd.get_tsc_khz().ok() != Some(khz)
                 && self.vm.fd.check_extension(Cap::TscControl)
@@ -682,6 +711,21 @@ impl Vcpu for KvmVcpu {
         self.pending = PendingRead::None;
         Ok(())
     }
+}
+
+/// Gives `fd` the CPU model `entries` (KVM_SET_CPUID2). KVM refuses a change
+/// once the vCPU has run, so this happens before its first KVM_RUN.
+fn set_cpuid(fd: &VcpuFd, entries: &[kvm_cpuid_entry2]) -> io::Result<()> {
+    let cpuid = CpuId::from_entries(entries).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} CPUID entries is more than KVM takes: {e:?}",
+                entries.len()
+            ),
+        )
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(os_error)
 }
 
 impl Drop for KvmVcpu {

@@ -9,8 +9,9 @@ use std::sync::{Arc, OnceLock};
 
 use hypervisor::{Arch, IoEvent, IoEventAddress, IrqLine, MemoryRegion, Vm, VmError, VmState};
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_READONLY,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,6 +38,9 @@ pub(crate) struct VmShared {
     pub(crate) host: Arc<HostInfo>,
     /// Topology size (VmConfig.vcpus).
     pub(crate) vcpus: u32,
+    /// The host's supported CPUID a booting vCPU's is derived from; `None` in a
+    /// VM created for a restore, whose vCPUs get theirs from the saved state.
+    pub(crate) boot_cpuid: Option<Vec<kvm_cpuid_entry2>>,
     pub(crate) irqchip: AtomicBool,
     /// Size in bytes of KVM_GET_XSAVE2's area; 0 when only KVM_GET_XSAVE exists.
     pub(crate) xsave2_size: usize,
@@ -56,13 +60,19 @@ pub struct KvmVm {
 }
 
 impl KvmVm {
-    pub(crate) fn new(fd: VmFd, host: Arc<HostInfo>, vcpus: u32) -> Self {
+    pub(crate) fn new(
+        fd: VmFd,
+        host: Arc<HostInfo>,
+        vcpus: u32,
+        boot_cpuid: Option<Vec<kvm_cpuid_entry2>>,
+    ) -> Self {
         let xsave2_size = usize::try_from(fd.check_extension_int(Cap::Xsave2)).unwrap_or(0);
         Self {
             shared: Arc::new(VmShared {
                 fd,
                 host,
                 vcpus,
+                boot_cpuid,
                 irqchip: AtomicBool::new(false),
                 xsave2_size,
                 readable_msrs: OnceLock::new(),

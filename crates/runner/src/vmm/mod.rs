@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
 use devices::{Bus, Interrupt, InterruptError};
-use hypervisor::{BootState, Hypervisor, IrqLine, MemoryRegion, VcpuKicker, Vm, VmConfig};
+use hypervisor::{BootState, Hypervisor, IrqLine, MemoryRegion, VcpuKicker, Vm, VmConfig, VmStart};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -595,7 +595,14 @@ impl<V: Vm + 'static> Vmm<V> {
         let mem = Arc::new(mem);
         #[cfg(target_os = "linux")]
         teardown::exclude_from_fork(&mem);
-        let vm = hv.create_vm(&VmConfig { vcpus: res.vcpus })?;
+        let vm = hv.create_vm(&VmConfig {
+            vcpus: res.vcpus,
+            start: if saved.is_some() {
+                VmStart::Restore
+            } else {
+                VmStart::Boot
+            },
+        })?;
         timings.phase("vm_created");
         for (slot, region) in mem.iter().enumerate() {
             let r = MemoryRegion {
