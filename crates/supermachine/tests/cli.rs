@@ -73,6 +73,52 @@ impl Drop for Reaped {
     }
 }
 
+/// `Command::output` with a bound: a supermachine that should have ended but
+/// runs on (a guest that boots when it should have been refused, say) is
+/// killed after two minutes and fails its test instead of hanging the run.
+trait Bounded {
+    fn bounded(&mut self) -> Output;
+}
+
+impl Bounded for Command {
+    fn bounded(&mut self) -> Output {
+        use std::io::Read;
+        let limit = std::time::Duration::from_secs(120);
+        let mut child = self
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().unwrap()));
+        let err = drain(Box::new(child.stderr.take().unwrap()));
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{self:?} still ran after {limit:?} and was killed");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        }
+    }
+}
+
 fn kvm_usable() -> bool {
     let ok = std::fs::File::options()
         .read(true)
@@ -86,7 +132,7 @@ fn kvm_usable() -> bool {
 }
 
 fn boot(args: &[&str]) -> Output {
-    Command::new(bin()).arg("boot").args(args).output().unwrap()
+    Command::new(bin()).arg("boot").args(args).bounded()
 }
 
 /// A supermachine failure: exit 125, exactly one line on stderr naming the problem.
@@ -196,8 +242,7 @@ fn boot_without_kvm_access_is_one_line_error() {
         .uid(65534)
         .gid(65534)
         .env("HOME", &d)
-        .output()
-        .unwrap();
+        .bounded();
     assert_one_line_error(&o, "/dev/kvm");
 }
 
@@ -207,8 +252,7 @@ fn boot_and_run_bogus_network_is_one_line_error() {
     assert_one_line_error(&o, "cannot parse network \"bogus\"");
     let o = Command::new(bin())
         .args(["run", "--network", "bogus", "img"])
-        .output()
-        .unwrap();
+        .bounded();
     assert_one_line_error(&o, "cannot parse network \"bogus\"");
 }
 
@@ -230,8 +274,7 @@ fn run_missing_extra_disk_is_one_line_error_before_any_pull() {
         .arg(&missing)
         .args(["127.0.0.1:9/none:1", "true"])
         .env("XDG_CACHE_HOME", d.join("cache"))
-        .output()
-        .unwrap();
+        .bounded();
     assert_one_line_error(&o, "no-such-disk.img");
 }
 
@@ -239,8 +282,7 @@ fn run_missing_extra_disk_is_one_line_error_before_any_pull() {
 fn run_bad_flag_value_is_one_line_error_not_clap_usage() {
     let o = Command::new(bin())
         .args(["run", "--memory", "lots", "img"])
-        .output()
-        .unwrap();
+        .bounded();
     assert_one_line_error(&o, "cannot parse size \"lots\"");
 }
 
@@ -248,16 +290,14 @@ fn run_bad_flag_value_is_one_line_error_not_clap_usage() {
 fn run_malformed_or_taken_published_port_is_one_line_error_before_any_pull() {
     let o = Command::new(bin())
         .args(["run", "-p", "8080:http", "img"])
-        .output()
-        .unwrap();
+        .bounded();
     assert_one_line_error(&o, "bad published port \"8080:http\"");
     // A host port in use fails before the (nonexistent) image is looked at.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let o = Command::new(bin())
         .args(["run", "-p", &format!("{port}:80"), "oci:/nonexistent:x"])
-        .output()
-        .unwrap();
+        .bounded();
     assert_one_line_error(
         &o,
         &format!("cannot publish 127.0.0.1:{port} -> guest port 80"),
@@ -273,8 +313,7 @@ fn run_malformed_or_taken_published_port_is_one_line_error_before_any_pull() {
             &format!("unix:{}:80", path.display()),
             "oci:/nonexistent:x",
         ])
-        .output()
-        .unwrap();
+        .bounded();
     assert_one_line_error(&o, "cannot publish");
     assert!(path.exists(), "an existing path is never removed");
 }
@@ -407,8 +446,7 @@ fn run_whose_agent_never_answers_fails_within_its_agent_timeout_and_leaves_nothi
         .arg(&k)
         .args([&image, "true"])
         .env("XDG_CACHE_HOME", &cache)
-        .output()
-        .unwrap();
+        .bounded();
     let took = started.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "stderr: {err}");
@@ -517,8 +555,7 @@ fn a_call_outside_the_sandbox_ends_the_vmm_with_a_message_naming_it() {
     let o = Command::new(bin())
         .args(["boot", "--kernel", k.to_str().unwrap()])
         .env("SUPERMACHINE_SANDBOX_SELFTEST", "syscall")
-        .output()
-        .unwrap();
+        .bounded();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(159), "stderr: {err}");
     assert!(
@@ -563,8 +600,7 @@ fn the_sandboxed_vmm_opens_only_the_files_its_vm_uses() {
                 "SUPERMACHINE_SANDBOX_SELFTEST",
                 format!("open:{}", path.display()),
             )
-            .output()
-            .unwrap();
+            .bounded();
         assert_eq!(o.status.code(), Some(0), "{o:?}");
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
@@ -622,8 +658,7 @@ fn a_vm_captured_by_boot_is_restored_in_a_new_process_and_counts_on() {
             .args(["--cpus", &vcpus.to_string()])
             .args(["--snapshot-after-ms", "200", "--snapshot-out"])
             .arg(&snap)
-            .output()
-            .unwrap();
+            .bounded();
         let err = String::from_utf8_lossy(&captured.stderr);
         assert_eq!(captured.status.code(), Some(0), "stderr: {err}");
         assert!(err.contains("VM captured to"), "stderr: {err}");
@@ -695,31 +730,31 @@ fn a_damaged_snapshot_is_refused_with_a_clear_error() {
         .args(["boot", "--kernel", k.to_str().unwrap(), "--memory", "64M"])
         .args(["--snapshot-after-ms", "50", "--snapshot-out"])
         .arg(&snap)
-        .output()
-        .unwrap();
+        .bounded();
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     let good = std::fs::read(&snap).unwrap();
     // A flipped byte in the state, and a file cut inside its RAM section.
     let mut flipped = good.clone();
     flipped[4096 + 10] ^= 0x40;
     let cut = &good[..good.len() / 2];
-    // Format version 2, with a header checksum that matches it.
+    // The next format version, with a header checksum that matches it.
+    let ours = u32::from_le_bytes(good[8..12].try_into().unwrap());
+    let next = format!("format {}", ours + 1);
     let mut newer = good.clone();
-    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    newer[8..12].copy_from_slice(&(ours + 1).to_le_bytes());
     let crc = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182).checksum(&newer[..64]);
     newer[64..72].copy_from_slice(&crc.to_le_bytes());
     for (what, bytes, needle) in [
         ("flipped", flipped.as_slice(), "checksum"),
         ("truncated", cut, "truncated"),
-        ("newer", newer.as_slice(), "format 2"),
+        ("newer", newer.as_slice(), next.as_str()),
     ] {
         let bad = d.join(format!("{what}.snap"));
         std::fs::write(&bad, bytes).unwrap();
         let o = Command::new(bin())
             .args(["boot", "--restore"])
             .arg(&bad)
-            .output()
-            .unwrap();
+            .bounded();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(125), "{what}: {err}");
         assert!(
@@ -799,8 +834,7 @@ fn ten_restores_of_one_snapshot_each_start_where_it_was_taken_and_leave_it_uncha
             "--snapshot-out",
         ])
         .arg(&snap)
-        .output()
-        .unwrap();
+        .bounded();
     assert_eq!(
         captured.status.code(),
         Some(0),
@@ -850,8 +884,7 @@ fn a_vm_with_a_writable_disk_is_not_captured_and_the_error_says_which() {
             .args(["--disk", disk_arg, "--snapshot-after-ms", "50"])
             .arg("--snapshot-out")
             .arg(&snap)
-            .output()
-            .unwrap()
+            .bounded()
     };
     let o = capture(disk.to_str().unwrap());
     assert_one_line_error(&o, "cannot capture a VM with the writable disk");
@@ -891,8 +924,7 @@ fn run_of_a_vm_that_resets_early_names_the_guest_consoles_last_line() {
         .arg(&k)
         .args([&image, "true"])
         .env("XDG_CACHE_HOME", &cache)
-        .output()
-        .unwrap();
+        .bounded();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "stderr: {err}");
     let last = err.lines().last().unwrap_or_default();
@@ -911,8 +943,7 @@ fn pull_busybox(cache: &Path) -> String {
     let pulled = Command::new(bin())
         .args(["pull", &image])
         .env("XDG_CACHE_HOME", cache)
-        .output()
-        .unwrap();
+        .bounded();
     assert!(
         pulled.status.success(),
         "{}",
@@ -929,8 +960,7 @@ fn snapshots_lists_and_prunes_and_rmi_removes_an_images_snapshots() {
     let pulled = Command::new(bin())
         .args(["pull", &image])
         .env("XDG_CACHE_HOME", &cache)
-        .output()
-        .unwrap();
+        .bounded();
     let line = String::from_utf8_lossy(&pulled.stdout).to_string();
     let digest = line.split_whitespace().nth(1).unwrap().to_string();
     let hex = digest.trim_start_matches("sha256:").to_string();
@@ -939,8 +969,7 @@ fn snapshots_lists_and_prunes_and_rmi_removes_an_images_snapshots() {
             .arg("snapshots")
             .args(args)
             .env("XDG_CACHE_HOME", &cache)
-            .output()
-            .unwrap();
+            .bounded();
         assert_eq!(o.status.code(), Some(0), "{o:?}");
         String::from_utf8_lossy(&o.stdout).to_string()
     };
@@ -981,8 +1010,7 @@ fn snapshots_lists_and_prunes_and_rmi_removes_an_images_snapshots() {
     let o = Command::new(bin())
         .args(["rmi", &image])
         .env("XDG_CACHE_HOME", &cache)
-        .output()
-        .unwrap();
+        .bounded();
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     assert!(!dir.exists(), "rmi left {}", dir.display());
 }
