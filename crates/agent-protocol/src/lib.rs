@@ -51,9 +51,20 @@ pub const CONTROL_PORT: u32 = 1024;
 /// connection to a guest port (docs/agent-protocol.md, "Published ports").
 pub const FORWARD_PORT: u32 = 1025;
 
+/// The vsock port the guest agent listens on for `exec`: each connection
+/// carries one new process in the container, started by its first frames
+/// (`ProcessSpec`, optional `Resize`, `Start`) and then talked to like the
+/// main process (docs/agent-protocol.md, "Exec").
+pub const EXEC_PORT: u32 = 1026;
+
 /// Stream id of the control channel: messages about the VM as a whole (Hello,
 /// Ready, Heartbeat, TimeSync, Entropy, VM-level Error).
 pub const CONTROL_STREAM: u32 = 0;
 
 /// Stream id of the container's main process (the image's Entrypoint + Cmd).
 pub const MAIN_PROCESS_STREAM: u32 = 1;
+
+/// Stream id supermachine gives the process of an exec connection (one
+/// process per connection; the guest answers on whichever non-zero stream
+/// its `ProcessSpec` came on).
+pub const EXEC_STREAM: u32 = 2;

@@ -82,6 +82,9 @@ pub fn run(opts: &Options) -> u32 {
                 if let Err(e) = crate::forward::start() {
                     fail!("published ports are unavailable: {e}");
                 }
+                if let Err(e) = crate::exec::start(opts) {
+                    fail!("exec is unavailable: {e}");
+                }
                 Some(l)
             }
             Err(e) => {
@@ -165,6 +168,7 @@ pub fn run(opts: &Options) -> u32 {
         pre.size,
     ) {
         Ok(mut p) => {
+            crate::exec::set_main_running(true);
             let status = p.supervise(
                 sigfd.as_raw_fd(),
                 listener.as_ref(),
@@ -580,15 +584,16 @@ fn control_message(chan: &mut Channel, message: Message) {
     }
 }
 
-/// The running main process and the parent ends of its stdio.
-struct Process {
-    pid: libc::pid_t,
-    stdout: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-    stdin: Option<OwnedFd>,
+/// A running process (the main one, or an exec'd one: `crate::exec`) and the
+/// parent ends of its stdio.
+pub(crate) struct Process {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) stdout: Option<OwnedFd>,
+    pub(crate) stderr: Option<OwnedFd>,
+    pub(crate) stdin: Option<OwnedFd>,
     /// The pty master when the process has a TTY (also in `stdout`/`stdin`
     /// as duplicates).
-    pty: Option<RawFd>,
+    pub(crate) pty: Option<RawFd>,
 }
 
 fn read_optional(path: &str) -> String {
@@ -598,7 +603,7 @@ fn read_optional(path: &str) -> String {
 impl Process {
     /// Resolves user, env and cwd inside the (already entered) container root
     /// and starts the process. Errors carry docker's status (125/126/127).
-    fn spawn(
+    pub(crate) fn spawn(
         spec: &ProcessSpec,
         opts: &Options,
         channel: bool,
@@ -724,7 +729,7 @@ impl Process {
         match cmd.spawn() {
             Ok(child) => {
                 proc.pid = child.id() as libc::pid_t;
-                // The child is reaped through waitpid(-1); `Child` is dropped
+                // The child is reaped by `crate::exec::reap_next`; `Child` is dropped
                 // without waiting, which std allows.
                 drop(child);
                 Ok(proc)
@@ -835,10 +840,11 @@ impl Process {
             if fds[i_sig].revents != 0 {
                 while let Some(signo) = sys::read_signal(sigfd) {
                     if signo == libc::SIGCHLD as u32 {
-                        while let Some((pid, raw)) = sys::reap_one() {
+                        while let Some((pid, raw)) = crate::exec::reap_next() {
                             if pid == self.pid && status.is_none() {
                                 status = decode_wait_status(raw);
                                 if status.is_some() {
+                                    crate::exec::set_main_running(false);
                                     // The container ends with its main process, as
                                     // with docker: kill everything else (kill(2):
                                     // -1 spares the caller, PID 1).
@@ -982,8 +988,9 @@ impl Process {
                 }
             }
         }
-        // Reap what the SIGKILL left behind, without blocking.
-        while sys::reap_one().is_some() {}
+        // Reap what the SIGKILL left behind, without blocking; exec'd
+        // processes among them are reported to their hosts.
+        while crate::exec::reap_next().is_some() {}
         // A status is always set unless the drain deadline hit before SIGCHLD
         // arrived, which cannot happen: the deadline starts at the status.
         status.unwrap_or(ExitStatus::Code(STATUS_CONTAINER_INIT_FAILED as i32))

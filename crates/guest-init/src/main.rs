@@ -23,14 +23,17 @@
 //! the VM is still powered off. A panic does the same through the panic hook.
 //!
 //! Depends only on `libc` and `agent-protocol`. One thread, and in container
-//! mode the published ports' forwarding threads (`forward`), which never
-//! panic and never touch the process state the main thread keeps.
+//! mode the published ports' forwarding threads (`forward`) and one thread
+//! per exec'd process (`exec`), which never panic; the main thread reaps
+//! every child and hands an exec'd one's status to its thread.
 
 #[cfg(target_os = "linux")]
 mod agent;
 mod config;
 #[cfg(target_os = "linux")]
 mod container;
+#[cfg(target_os = "linux")]
+mod exec;
 #[cfg(target_os = "linux")]
 mod forward;
 #[cfg(target_os = "linux")]

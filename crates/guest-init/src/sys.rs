@@ -383,12 +383,31 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::kill(pid, sig) }).map(drop)
 }
 
-/// One `waitpid(-1, WNOHANG)`: `Some((pid, raw status))` for a reaped child.
-pub fn reap_one() -> Option<(libc::pid_t, i32)> {
+/// The pid of a child that has exited, left a zombie (`waitid` with
+/// `WNOWAIT`): who reaps it is decided before it is reaped.
+pub fn exited_child() -> Option<libc::pid_t> {
+    // SAFETY: siginfo_t is plain data; waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is a writable siginfo_t.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid succeeded, so si_pid is the field it set (0: none).
+    let pid = unsafe { info.si_pid() };
+    (rc == 0 && pid > 0).then_some(pid)
+}
+
+/// Reaps `pid` if it is still there: its raw wait status.
+pub fn reap(pid: libc::pid_t) -> Option<i32> {
     let mut status: libc::c_int = 0;
     // SAFETY: status is a writable int.
-    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-    (pid > 0).then_some((pid, status))
+    let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    (rc == pid).then_some(status)
 }
 
 /// `poll(2)` over `fds` with a timeout; EINTR counts as "nothing ready".

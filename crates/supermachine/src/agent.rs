@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{
-    encode_frame, ExitStatus, FrameDecoder, Message, ProcessSpec, CONTROL_STREAM,
+    encode_frame, ExitStatus, FrameDecoder, Message, ProcessSpec, CONTROL_STREAM, EXEC_STREAM,
     MAIN_PROCESS_STREAM,
 };
 
@@ -181,6 +181,41 @@ impl<C: Read + Write> AgentConn<C> {
             Begin::Attach => send(conn, MAIN_PROCESS_STREAM, &Message::Attach)?,
         }
 
+        self.follow(MAIN_PROCESS_STREAM, out, err, events)
+    }
+
+    /// Opens an exec connection (docs/agent-protocol.md, "Exec"): `spec`,
+    /// the terminal's size when it has one, and `Start`, all on
+    /// [`EXEC_STREAM`]; [`AgentConn::follow`] then carries the process.
+    pub fn exec(
+        mut conn: C,
+        spec: ProcessSpec,
+        size: Option<(u16, u16)>,
+    ) -> Result<Self, AgentError> {
+        send(&mut conn, EXEC_STREAM, &Message::ProcessSpec(spec))?;
+        if let Some((rows, cols)) = size {
+            send(&mut conn, EXEC_STREAM, &Message::Resize { rows, cols })?;
+        }
+        send(&mut conn, EXEC_STREAM, &Message::Start)?;
+        Ok(Self {
+            conn,
+            decoder: FrameDecoder::new(),
+            buf: vec![0u8; 64 * 1024],
+            pending: Vec::new(),
+        })
+    }
+
+    /// The process on `stream` from here to its end: its stdout and stderr
+    /// go to `out` and `err` as they arrive, and what else the guest reports
+    /// to `events`. Returns how the process ended.
+    pub fn follow(
+        &mut self,
+        stream: u32,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<ExitStatus, AgentError> {
+        let conn = &mut self.conn;
         let mut guest_error: Option<String> = None;
         let mut pending = std::mem::take(&mut self.pending);
         loop {
@@ -213,7 +248,7 @@ impl<C: Read + Write> AgentConn<C> {
                         events(Event::Listening(port))
                     }
                     Message::Error { message } => guest_error = Some(message),
-                    Message::Exited(status) if frame.stream == MAIN_PROCESS_STREAM => {
+                    Message::Exited(status) if frame.stream == stream => {
                         if let Some(m) = guest_error.take() {
                             // The process never ran (126/127): say why, as docker does.
                             let _ = writeln!(err, "supermachine: {m}");

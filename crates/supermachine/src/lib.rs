@@ -17,10 +17,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod agent;
+pub mod exec;
 pub mod interrupt;
 pub mod publish;
 pub mod run;
 pub mod snapshots;
+pub mod terminal;
 
 pub use interrupt::Interrupt;
 pub use publish::{HostEnd, Publish};
@@ -180,6 +182,29 @@ pub enum Error {
     /// The VMM could not be sandboxed.
     #[error("cannot sandbox the VMM (--no-sandbox runs without it, for debugging only)")]
     Sandbox(#[source] runner::vmm::ControlError),
+    /// The runtime directory (named VMs' sockets) is unusable.
+    #[error("cannot use the runtime directory {path}: {why}")]
+    RuntimeDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// `run --name` with a name a running VM holds.
+    #[error("a VM named {name} is already running (choose another --name)")]
+    NameInUse {
+        /// The name.
+        name: String,
+    },
+    /// `exec` names no running VM.
+    #[error("no running VM named {name}")]
+    NoSuchVm {
+        /// The name.
+        name: String,
+    },
+    /// An exec could not run its process, or lost it.
+    #[error("exec: {0}")]
+    Exec(String),
     #[error("{0}")]
     Usage(String),
 }

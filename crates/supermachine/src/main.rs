@@ -182,12 +182,43 @@ enum Command {
         /// this run's. No image is named; the VM is the snapshot's.
         #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot_out", "image", "cpus", "memory", "kernel", "disks", "env", "workdir", "user", "entrypoint"])]
         restore: Option<PathBuf>,
+        /// Name the VM while it runs, so that `supermachine exec NAME CMD`
+        /// from another terminal runs a command in it (letters, digits, '_',
+        /// '.', '-'; one running VM per name).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
         /// The image.
         #[arg(required_unless_present = "restore")]
         image: Option<String>,
         /// Command and arguments (replace the image's Cmd).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run a command in a running VM's container (one started with `run
+    /// --name`), as `docker exec` does: the main process's root, env, working
+    /// directory and user unless given; exits with the command's status.
+    Exec {
+        /// Keep stdin open and send it to the command.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Give the command a terminal (a pty in the guest; with -i the host
+        /// terminal is in raw mode until it ends).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Set an environment variable (KEY=VALUE), repeatable.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Working directory inside the container.
+        #[arg(short = 'w', long = "workdir")]
+        workdir: Option<String>,
+        /// User: name, uid, name:group or uid:gid.
+        #[arg(short = 'u', long = "user")]
+        user: Option<String>,
+        /// The VM's name (`run --name`).
+        name: String,
+        /// Command and arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// Pull an image into the store and build its root filesystem.
     Pull {
@@ -556,6 +587,7 @@ fn main() -> ExitCode {
             snapshot_quiesce_ms,
             leave_running,
             restore,
+            name,
             image,
             args,
         } => {
@@ -600,6 +632,7 @@ fn main() -> ExitCode {
                 restore,
                 publish,
                 publish_all,
+                name,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(
@@ -610,6 +643,29 @@ fn main() -> ExitCode {
             ) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => exit_for(&e),
+            }
+        }
+        Command::Exec {
+            interactive,
+            tty,
+            env,
+            workdir,
+            user,
+            name,
+            command,
+        } => {
+            let opts = supermachine::exec::ExecOptions {
+                name,
+                argv: command,
+                env,
+                workdir,
+                user,
+                interactive,
+                tty,
+            };
+            match supermachine::exec::exec(&opts) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => fail(&e),
             }
         }
         Command::Pull { tls_verify, image } => match supermachine::run::pull(&image, tls_verify) {

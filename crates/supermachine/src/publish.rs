@@ -236,7 +236,7 @@ impl Drop for Bound {
 }
 
 /// A connection accepted on a host end.
-enum Client {
+pub(crate) enum Client {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -442,7 +442,7 @@ fn open(vsock: &runner::virtio::VsockHandle, port: u16) -> std::io::Result<Answe
 
 /// Carries one client connection to guest `port` and back.
 fn forward(
-    mut client: Client,
+    client: Client,
     vsock: &runner::virtio::VsockHandle,
     port: u16,
     vm: &runner::vmm::StopHandle,
@@ -468,7 +468,20 @@ fn forward(
             }
         }
     };
-    if !early.is_empty() && client.write_all(&early).is_err() {
+    splice(client, &early, conn, vm);
+}
+
+/// Carries `client` to the guest connection `conn` and back until both
+/// directions are closed (half-closes passed on), after sending `early` (the
+/// guest's bytes that came with its answer) to the client. Used by every
+/// connection vsock carries for a host client: published ports and exec.
+pub(crate) fn splice(
+    mut client: Client,
+    early: &[u8],
+    conn: UnixStream,
+    vm: &runner::vmm::StopHandle,
+) {
+    if !early.is_empty() && client.write_all(early).is_err() {
         return;
     }
     let (Ok(mut client_in), Ok(mut guest_out)) = (client.try_clone(), conn.try_clone()) else {

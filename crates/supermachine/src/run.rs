@@ -86,6 +86,10 @@ pub struct RunOptions {
     /// from the capture on and its exit status are the run's. `image`, `args`
     /// and the VM options are the snapshot's own and not used.
     pub restore: Option<PathBuf>,
+    /// A name for the VM while it runs (`--name`): `exec NAME` reaches it
+    /// through its control socket in the runtime directory
+    /// (`crate::exec::runtime_dir`). Claimed before anything is pulled.
+    pub name: Option<String>,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -399,11 +403,22 @@ pub fn run(
     err: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
-    // A port in use fails the run before anything is pulled or booted.
+    // A port in use, or a name a running VM holds, fails the run before
+    // anything is pulled or booted.
     let mut bound = crate::publish::Bound::bind(&opts.publish)?;
+    let named = opts
+        .name
+        .as_deref()
+        .map(crate::exec::Named::claim)
+        .transpose()?
+        .map(Arc::new);
     if let Some(path) = &opts.restore {
         bound.announce();
-        return run_restored(opts, path, &Arc::new(bound), (out, err), timings);
+        let reach = Reach {
+            published: Arc::new(bound),
+            named,
+        };
+        return run_restored(opts, path, &reach, (out, err), timings);
     }
     // The user's own disks are checked before an image is pulled for nothing.
     check_disks(&opts.disks)?;
@@ -422,7 +437,10 @@ pub fn run(
         bound.bind_more(&extra)?;
     }
     bound.announce();
-    let bound = Arc::new(bound);
+    let reach = Reach {
+        published: Arc::new(bound),
+        named,
+    };
     timings.phase("image_ready");
     let spec = process_spec(&img.config, opts)?;
     let res = vm_resources(opts, &img)?;
@@ -457,7 +475,7 @@ pub fn run(
                 &res,
                 Start::Restore(&snap),
                 begin.clone(),
-                &bound,
+                &reach,
                 io,
                 timings.clone(),
             )? {
@@ -477,7 +495,7 @@ pub fn run(
     let start = Start::Boot {
         ready_capture: snapshot.as_deref(),
     };
-    match launch(opts, &res, start, begin, &bound, io, timings)? {
+    match launch(opts, &res, start, begin, &reach, io, timings)? {
         Launched::Done(code) => Ok(code),
         // Only a restore is retried; a boot's failures are errors above.
         Launched::NotReady { why, .. } => Err(Error::Usage(why)),
@@ -489,7 +507,7 @@ pub fn run(
 fn run_restored(
     opts: &RunOptions,
     path: &std::path::Path,
-    bound: &Arc<crate::publish::Bound>,
+    reach: &Reach,
     io: (Box<dyn Write + Send>, Box<dyn Write + Send>),
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
@@ -500,7 +518,7 @@ fn run_restored(
         &res,
         Start::Restore(&snap),
         agent::Begin::Attach,
-        bound,
+        reach,
         io,
         timings,
     )? {
@@ -553,6 +571,13 @@ pub fn vm_resources(opts: &RunOptions, img: &PreparedImage) -> Result<crate::VmR
         uds_path: opts.vsock_uds.clone(),
     });
     Ok(res)
+}
+
+/// How the host reaches a run's VM besides its main process: published
+/// ports, and the control socket of its name.
+struct Reach {
+    published: Arc<crate::publish::Bound>,
+    named: Option<Arc<crate::exec::Named>>,
 }
 
 /// How a run's VM comes to be.
@@ -613,7 +638,7 @@ fn launch(
     res: &crate::VmResources,
     start: Start<'_>,
     begin: agent::Begin,
-    published: &Arc<crate::publish::Bound>,
+    reach: &Reach,
     (out, err): (Box<dyn Write + Send>, Box<dyn Write + Send>),
     timings: Arc<Timings>,
 ) -> Result<Launched, Error> {
@@ -653,13 +678,15 @@ fn launch(
     // the guest runs. The image was pulled and converted above, unconfined,
     // before any guest code existed.
     if let Some(mode) = opts.sandbox {
-        // The published UNIX sockets are removed at the end: their
-        // directories, like a snapshot's, stay writable.
-        let sockets = published.unix_paths();
+        // The published UNIX sockets and the name's control socket are
+        // removed at the end: their directories, like a snapshot's, stay
+        // writable.
+        let sockets = reach.published.unix_paths();
         let files = ready_capture
             .into_iter()
             .chain(explicit.map(|c| c.path.as_path()))
-            .chain(sockets.iter().map(PathBuf::as_path));
+            .chain(sockets.iter().map(PathBuf::as_path))
+            .chain(reach.named.as_deref().map(crate::exec::Named::socket));
         crate::enter_sandbox(&vmm, res, mode, files)?;
     }
     let stop = vmm.stop_handle();
@@ -667,7 +694,14 @@ fn launch(
         Error::Usage("the VM has no vsock device to reach its agent through".into())
     })?;
     let vsock_after = vsock.clone();
-    let publishers = crate::publish::serve(published, &vsock, &stop)?;
+    let mut publishers = crate::publish::serve(&reach.published, &vsock, &stop)?;
+    if let Some(named) = &reach.named {
+        let main = match &begin {
+            agent::Begin::Start { spec, .. } => Some(spec.clone()),
+            agent::Begin::Attach => None,
+        };
+        publishers.push(crate::exec::serve(named, &vsock, &stop, main)?);
+    }
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     // The agent's news for the captures, and a ready capture's "done" back:

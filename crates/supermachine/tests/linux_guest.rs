@@ -1839,6 +1839,8 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
     );
     let running = env.spawn(&[
         "run",
+        "--name",
+        EXEC_VM,
         NO_NET[0],
         NO_NET[1],
         "-p",
@@ -1986,7 +1988,8 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         if http_body(&again) != Some(b"page\n") {
             return Err("the VM stopped serving after a refused guest port".into());
         }
-        Ok(())
+        exec_into_the_named_vm(env)?;
+        exec_with_a_terminal(env)
     })();
     let pid = running.child.id().to_string();
     let _ = Command::new("busybox")
@@ -1998,6 +2001,13 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         o.code == Some(143) && !sock.exists(),
         "SIGTERM ends the server's run (143) and its UNIX socket is removed",
         &o,
+    )?;
+    let gone = env.supermachine(&["exec", EXEC_VM, "true"], Duration::from_secs(60))?;
+    expect(
+        gone.code == Some(125)
+            && gone.stderr.trim() == format!("supermachine: error: no running VM named {EXEC_VM}"),
+        "exec into a VM that has ended: one line, exit 125",
+        &gone,
     )?;
 
     // -P: the image's ExposedPorts (80/tcp) on a free port, which run prints.
@@ -2050,6 +2060,268 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         .status();
     let o = running.finish(Duration::from_secs(60))?;
     expect(result.is_ok(), &result.err().unwrap_or_default(), &o)
+}
+
+/// The name the published-ports scenario gives its VM for `exec`.
+const EXEC_VM: &str = "web";
+
+/// `exec` into the running VM named [`EXEC_VM`] (whose main process is
+/// busybox httpd serving /w): output, status, env, the main process's root
+/// filesystem, stdin, 20 at once, a signal, and the bad names.
+fn exec_into_the_named_vm(env: &Env) -> Result<(), String> {
+    let t = Instant::now();
+    let o = env.supermachine(
+        &[
+            "exec",
+            "-e",
+            "EXTRA=x",
+            "-w",
+            "/w",
+            EXEC_VM,
+            "sh",
+            "-c",
+            "echo out $EXTRA $PWD; cat index.html; echo err >&2; exit 3",
+        ],
+        Duration::from_secs(120),
+    )?;
+    expect(
+        o.code == Some(3) && o.stdout == "out x /w\npage\n" && o.stderr == "err\n",
+        "exec: stdout, stderr, env, workdir and the main process's files, exit 3",
+        &o,
+    )?;
+    eprintln!("  exec: one exec in {:.2}s", t.elapsed().as_secs_f64());
+
+    // 20 at once, each with its own output and status.
+    let t = Instant::now();
+    let all: Vec<_> = (0..20)
+        .map(|i| {
+            env.spawn(&[
+                "exec",
+                EXEC_VM,
+                "sh",
+                "-c",
+                "echo n$1; exit $1",
+                "sh",
+                &i.to_string(),
+            ])
+        })
+        .collect::<Result<_, _>>()?;
+    for (i, r) in all.into_iter().enumerate() {
+        let o = r.finish(Duration::from_secs(300))?;
+        expect(
+            o.code == Some(i as i32) && o.stdout == format!("n{i}\n"),
+            &format!("concurrent exec {i}: its own output and exit code"),
+            &o,
+        )?;
+    }
+    eprintln!("  exec: 20 concurrent in {:.2}s", t.elapsed().as_secs_f64());
+
+    let killed = env.supermachine(
+        &["exec", EXEC_VM, "sh", "-c", "kill -9 $$"],
+        Duration::from_secs(120),
+    )?;
+    expect(
+        killed.code == Some(137),
+        "an exec killed by SIGKILL: 128 + 9",
+        &killed,
+    )?;
+    let missing = env.supermachine(&["exec", EXEC_VM, "no-such-cmd"], Duration::from_secs(120))?;
+    expect(
+        missing.code == Some(127) && missing.stderr.contains("no-such-cmd"),
+        "exec of a command the image does not have: 127, named",
+        &missing,
+    )?;
+
+    // -i: stdin and its end reach the process.
+    let mut child = Command::new(&env.bin)
+        .args(["exec", "-i", EXEC_VM, "sh", "-c", "wc -c; echo done"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let input = vec![b'x'; 300_000];
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    let _ = writer.join();
+    let out = String::from_utf8_lossy(&o.stdout);
+    if o.status.code() != Some(0)
+        || out.split_whitespace().collect::<Vec<_>>() != ["300000", "done"]
+    {
+        return Err(format!(
+            "exec -i: {:?} {out:?} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+
+    let unknown = env.supermachine(&["exec", "nosuch", "true"], Duration::from_secs(60))?;
+    expect(
+        unknown.code == Some(125)
+            && unknown.stderr.trim() == "supermachine: error: no running VM named nosuch",
+        "exec into an unknown VM: one line, exit 125",
+        &unknown,
+    )?;
+    let img = images()?;
+    let taken = env.supermachine(
+        &[
+            "run", "--name", EXEC_VM, NO_NET[0], NO_NET[1], &img.oci, "true",
+        ],
+        Duration::from_secs(120),
+    )?;
+    expect(
+        taken.code == Some(125)
+            && taken.stderr.contains("already running")
+            && taken.stderr.trim().lines().count() == 1,
+        "run --name with the name of a running VM: one line, exit 125",
+        &taken,
+    )
+}
+
+/// `exec -it` on a pseudo-terminal this test holds, as a user's terminal:
+/// a prompt, a command's output, the size the host set and a resize, Ctrl-C
+/// interrupting `sleep` with the shell surviving, `exit 3`, and the
+/// terminal's mode as it was before.
+fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (mut master, slave) = {
+        let (mut m, mut s) = (-1, -1);
+        let ws = libc::winsize {
+            ws_row: 33,
+            ws_col: 101,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two fds; name and termios may be null.
+        let rc =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        if rc != 0 {
+            return Err(format!("openpty: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: openpty succeeded; both fds are ours alone.
+        unsafe {
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(m)),
+                OwnedFd::from_raw_fd(s),
+            )
+        }
+    };
+    let mode = |fd: i32| {
+        // SAFETY: termios is plain data; tcgetattr fills it.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: one valid termios pointer.
+        unsafe { libc::tcgetattr(fd, &mut t) };
+        (t.c_iflag, t.c_oflag, t.c_lflag, t.c_cflag)
+    };
+    let before = mode(slave.as_raw_fd());
+    let io = |f: &OwnedFd| f.try_clone().map(Stdio::from).map_err(|e| e.to_string());
+    let mut cmd = Command::new(&env.bin);
+    cmd.args(["exec", "-it", EXEC_VM, "sh"])
+        .env("PS1", "P$ ")
+        .stdin(io(&slave)?)
+        .stdout(io(&slave)?)
+        .stderr(io(&slave)?);
+    // SAFETY: setsid and ioctl are async-signal-safe; the child makes the
+    // pty (its stdin) its controlling terminal, as a login shell's is.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    // Everything the terminal shows, read on a thread.
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut reader = master.try_clone().map_err(|e| e.to_string())?;
+    let seen_r = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = seen_r.lock() {
+                s.extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    let shown = || {
+        seen.lock()
+            .map(|s| String::from_utf8_lossy(&s).into_owned())
+            .unwrap_or_default()
+    };
+    let wait_for = |what: &str, from: usize| -> Result<usize, String> {
+        let t = Instant::now();
+        loop {
+            let s = shown();
+            if let Some(i) = s.get(from..).and_then(|rest| rest.find(what)) {
+                return Ok(from + i + what.len());
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                return Err(format!(
+                    "the terminal never showed {what:?}; it shows {s:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let result = (|| -> Result<(), String> {
+        let mut at = wait_for("# ", 0)?;
+        let mut say = |text: &str| master.write_all(text.as_bytes()).map_err(|e| e.to_string());
+        say("echo hel''lo\r")?;
+        at = wait_for("hello\r\n", at)?;
+        say("stty size\r")?;
+        at = wait_for("33 101\r\n", at)?;
+        // A resize of the host terminal (the kernel sends SIGWINCH to the
+        // exec client, its foreground process).
+        let ws = libc::winsize {
+            ws_row: 40,
+            ws_col: 120,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one valid winsize.
+        unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        std::thread::sleep(Duration::from_millis(500));
+        say("stty size\r")?;
+        at = wait_for("40 120\r\n", at)?;
+        // The raw host terminal passes Ctrl-C on as a byte; the guest's pty
+        // makes it SIGINT for `sleep`, and the shell lives on (without it,
+        // `alive` would not come in the 120 s wait_for gives it).
+        say("sleep 1000\r")?;
+        std::thread::sleep(Duration::from_secs(2));
+        say("\x03")?;
+        say("echo al''ive\r")?;
+        wait_for("alive\r\n", at)?;
+        say("exit 3\r")?;
+        Ok(())
+    })();
+    let t = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            _ if t.elapsed() > Duration::from_secs(60) => {
+                let _ = child.kill();
+                break None;
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    result.map_err(|e| format!("exec -it: {e}"))?;
+    if status.and_then(|s| s.code()) != Some(3) {
+        return Err(format!(
+            "exec -it: `exit 3` ended it with {status:?}; the terminal showed {:?}",
+            shown()
+        ));
+    }
+    if mode(slave.as_raw_fd()) != before {
+        return Err("exec -it left the terminal in another mode than it found it".into());
+    }
+    eprintln!("  exec: -it prompt, stty size, resize, Ctrl-C and exit 3 through a pty");
+    Ok(())
 }
 
 /// Guest memory of the snapshot scenario: a VM configuration no other scenario
@@ -2435,15 +2707,28 @@ fn run_in_rig(p: &Payload, filter: Option<&str>) -> bool {
         cmd.args(["--timeout", "1200"]);
         cmd.arg(&p.dir).arg("--").arg("./linux_guest");
         cmd.stdout(Stdio::piped());
+        // Its own process group, so that a stuck L1 is ended with its QEMU.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let Ok(mut child) = cmd.spawn() else {
             println!("linux_guest: cannot start tests/nested/rig");
             return false;
         };
+        let group = child.id() as libc::pid_t;
         let mut summary = false;
         let mut passed = Vec::new();
         if let Some(out) = child.stdout.take() {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 println!("{line}");
+                // L1's kernel says one of its CPUs has not come back from L2
+                // for 26 s (seen: a vCPU thread of a restored VM, under TCG's
+                // nested SVM, never again): this L1 makes no more progress,
+                // and waiting for --timeout costs 20 minutes. End it now; the
+                // scenarios not passed yet run again in a fresh one.
+                if line.contains("watchdog: BUG: soft lockup") {
+                    println!("linux_guest: L1 reports a CPU stuck in a guest; ending this L1");
+                    // SAFETY: kill(2) on the rig's own process group.
+                    unsafe { libc::kill(-group, libc::SIGKILL) };
+                }
                 if line.starts_with("linux_guest: ") && line.contains(" passed, ") {
                     summary = true;
                 }
