@@ -3,7 +3,7 @@
 //! A `run --name NAME` claims the name in the user's runtime directory
 //! ([`runtime_dir`]): `vms/NAME.lock` (held with `flock` for the run's life,
 //! so a run killed with SIGKILL frees its name) and the control socket
-//! `vms/NAME.sock`, which it serves while the VM runs ([`serve`]). `exec`
+//! `vms/NAME.sock`, which it serves while the VM runs (`serve`). `exec`
 //! ([`exec`]) connects there and speaks agent frames (docs/agent-protocol.md,
 //! "Exec"): its `ProcessSpec` names only what the user gave; the run fills in
 //! the main process's env, working directory and user, opens a vsock

@@ -2187,15 +2187,22 @@ fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let (mut master, slave) = {
         let (mut m, mut s) = (-1, -1);
-        let ws = libc::winsize {
+        let mut ws = libc::winsize {
             ws_row: 33,
             ws_col: 101,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
         // SAFETY: openpty writes two fds; name and termios may be null.
-        let rc =
-            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        let rc = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::addr_of_mut!(ws),
+            )
+        };
         if rc != 0 {
             return Err(format!("openpty: {}", std::io::Error::last_os_error()));
         }
@@ -2226,7 +2233,7 @@ fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
     // pty (its stdin) its controlling terminal, as a login shell's is.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -2284,7 +2291,7 @@ fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
             ws_ypixel: 0,
         };
         // SAFETY: TIOCSWINSZ reads one valid winsize.
-        unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ as _, &ws) };
         std::thread::sleep(Duration::from_millis(500));
         say("stty size\r")?;
         at = wait_for("40 120\r\n", at)?;
