@@ -139,7 +139,7 @@ struct Request {
     stdin_eof: bool,
 }
 
-/// Reads ProcessSpec, [Resize], [Stdin...] and Start, all on one stream.
+/// Reads ProcessSpec, then optionally Resize and Stdin, then Start, all on one stream.
 fn read_request(chan: &mut Channel) -> Result<Request, String> {
     let deadline = Instant::now() + HEADER_TIMEOUT;
     let mut spec: Option<(u32, ProcessSpec)> = None;
