@@ -57,6 +57,8 @@ pub enum Begin {
         spec: ProcessSpec,
         /// Ask for [`Event::Listening`].
         watch_listen: bool,
+        /// The terminal's size (rows, columns) for a process on a TTY.
+        size: Option<(u16, u16)>,
     },
     /// Carry on the process a restored VM runs (captured mid-process).
     Attach,
@@ -65,6 +67,9 @@ pub enum Begin {
 /// What the guest reports besides the process's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
+    /// The process spec and `Start` (or `Attach`) are sent: the process's
+    /// stdin may follow.
+    Started,
     /// The guest's `seq`th heartbeat (one a second while the process runs).
     Heartbeat(u64),
     /// A process in the guest listens on this TCP port.
@@ -171,15 +176,23 @@ impl<C: Read + Write> AgentConn<C> {
             send(conn, CONTROL_STREAM, &Message::Entropy(seed))?;
         }
         match begin {
-            Begin::Start { spec, watch_listen } => {
+            Begin::Start {
+                spec,
+                watch_listen,
+                size,
+            } => {
                 if watch_listen {
                     send(conn, CONTROL_STREAM, &Message::WatchListen)?;
+                }
+                if let Some((rows, cols)) = size {
+                    send(conn, MAIN_PROCESS_STREAM, &Message::Resize { rows, cols })?;
                 }
                 send(conn, MAIN_PROCESS_STREAM, &Message::ProcessSpec(spec))?;
                 send(conn, MAIN_PROCESS_STREAM, &Message::Start)?;
             }
             Begin::Attach => send(conn, MAIN_PROCESS_STREAM, &Message::Attach)?,
         }
+        events(Event::Started);
 
         self.follow(MAIN_PROCESS_STREAM, out, err, events)
     }
@@ -323,6 +336,7 @@ mod tests {
         Begin::Start {
             spec: spec(),
             watch_listen: false,
+            size: None,
         }
     }
 
@@ -369,7 +383,10 @@ mod tests {
             .unwrap();
         assert_eq!(st, ExitStatus::Code(0));
         assert_eq!(out, b"held");
-        assert_eq!(events, [Event::Heartbeat(7), Event::Listening(8080)]);
+        assert_eq!(
+            events,
+            [Event::Started, Event::Heartbeat(7), Event::Listening(8080)]
+        );
         let sent = frames(&agent.into_inner().written);
         assert!(sent.contains(&(MAIN_PROCESS_STREAM, Message::Attach)));
         assert!(!sent
@@ -378,7 +395,7 @@ mod tests {
     }
 
     #[test]
-    fn watch_listen_is_asked_for_on_the_control_stream_before_start() {
+    fn watch_listen_and_the_terminal_size_are_sent_before_start() {
         let mut reply = Vec::new();
         for (s, m) in [
             (
@@ -400,6 +417,7 @@ mod tests {
         let begin = Begin::Start {
             spec: spec(),
             watch_listen: true,
+            size: Some((30, 100)),
         };
         agent
             .run_process(begin, &mut Vec::new(), &mut Vec::new(), &mut |_| {})
@@ -408,6 +426,13 @@ mod tests {
         let at = |want: &Message| sent.iter().position(|(_, m)| m == want).unwrap();
         assert_eq!(sent[at(&Message::WatchListen)].0, CONTROL_STREAM);
         assert!(at(&Message::WatchListen) < at(&Message::Start));
+        // A terminal's size goes to the process's stream before Start.
+        let resize = at(&Message::Resize {
+            rows: 30,
+            cols: 100,
+        });
+        assert_eq!(sent[resize].0, MAIN_PROCESS_STREAM);
+        assert!(resize < at(&Message::Start));
     }
 
     #[test]

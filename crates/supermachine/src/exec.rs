@@ -428,11 +428,11 @@ pub fn exec(opts: &ExecOptions) -> Result<i32, Error> {
     let mut conn =
         AgentConn::exec(sock, spec, size).map_err(|e| Error::Exec(crate::error_chain(&e)))?;
     if opts.interactive {
-        forward_stdin(&writer)?;
+        forward_stdin(&writer, EXEC_STREAM)?;
     }
     if terminal.is_some() {
         crate::terminal::on_resize(move |rows, cols| {
-            send(&writer, &Message::Resize { rows, cols });
+            send(&writer, EXEC_STREAM, &Message::Resize { rows, cols });
         });
     }
     let r = conn.follow(
@@ -453,20 +453,23 @@ pub fn exec(opts: &ExecOptions) -> Result<i32, Error> {
     }
 }
 
-/// Sends one frame on the exec connection; a failure means the VM is gone,
-/// which the reading side reports.
-fn send(writer: &Mutex<UnixStream>, m: &Message) {
+/// A connection's write side, shared by the threads that send on it.
+pub(crate) type Writer = Arc<Mutex<UnixStream>>;
+
+/// Sends one frame on `stream`; a failure means the VM is gone, which the
+/// reading side reports.
+pub(crate) fn send(writer: &Mutex<UnixStream>, stream: u32, m: &Message) {
     let mut frame = Vec::new();
-    if encode_frame(EXEC_STREAM, m, &mut frame).is_ok() {
+    if encode_frame(stream, m, &mut frame).is_ok() {
         if let Ok(mut w) = writer.lock() {
             let _ = w.write_all(&frame);
         }
     }
 }
 
-/// Copies this process's stdin to the exec'd process on a thread of its own,
-/// then its end of file.
-fn forward_stdin(writer: &Arc<Mutex<UnixStream>>) -> Result<(), Error> {
+/// Copies this process's stdin to the guest process on `stream`, on a thread
+/// of its own, then its end of file.
+pub(crate) fn forward_stdin(writer: &Writer, stream: u32) -> Result<(), Error> {
     let writer = writer.clone();
     std::thread::Builder::new()
         .name("sm-exec-stdin".into())
@@ -476,12 +479,12 @@ fn forward_stdin(writer: &Arc<Mutex<UnixStream>>) -> Result<(), Error> {
             loop {
                 match stdin.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => send(&writer, &Message::Stdin(buf[..n].to_vec())),
+                    Ok(n) => send(&writer, stream, &Message::Stdin(buf[..n].to_vec())),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => break,
                 }
             }
-            send(&writer, &Message::StdinEof);
+            send(&writer, stream, &Message::StdinEof);
         })
         .map(drop)
         .map_err(|source| Error::Thread {

@@ -182,6 +182,13 @@ enum Command {
         /// this run's. No image is named; the VM is the snapshot's.
         #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot_out", "image", "cpus", "memory", "kernel", "disks", "env", "workdir", "user", "entrypoint"])]
         restore: Option<PathBuf>,
+        /// Keep stdin open and send it to the process.
+        #[arg(short = 'i', long, conflicts_with = "restore")]
+        interactive: bool,
+        /// Run the process on a terminal (a pty in the guest; with -i the
+        /// host terminal is in raw mode until it ends).
+        #[arg(short = 't', long, conflicts_with = "restore")]
+        tty: bool,
         /// Name the VM while it runs, so that `supermachine exec NAME CMD`
         /// from another terminal runs a command in it (letters, digits, '_',
         /// '.', '-'; one running VM per name).
@@ -587,6 +594,8 @@ fn main() -> ExitCode {
             snapshot_quiesce_ms,
             leave_running,
             restore,
+            interactive,
+            tty,
             name,
             image,
             args,
@@ -633,6 +642,8 @@ fn main() -> ExitCode {
                 publish,
                 publish_all,
                 name,
+                interactive,
+                tty,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             match supermachine::run::run(

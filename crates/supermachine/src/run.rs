@@ -90,6 +90,11 @@ pub struct RunOptions {
     /// through its control socket in the runtime directory
     /// (`crate::exec::runtime_dir`). Claimed before anything is pulled.
     pub name: Option<String>,
+    /// Forward stdin to the process (`-i`).
+    pub interactive: bool,
+    /// Run the process on a pseudo-terminal (`-t`); with `interactive`, this
+    /// terminal is in raw mode while it runs.
+    pub tty: bool,
 }
 
 /// An image ready to boot: its store record and its root filesystem image.
@@ -311,8 +316,8 @@ pub fn process_spec(cfg: &ImageConfig, opts: &RunOptions) -> Result<ProcessSpec,
                 .or_else(|| cfg.user.clone())
                 .unwrap_or_default(),
         ),
-        tty: false,
-        stdin: false,
+        tty: opts.tty,
+        stdin: opts.interactive,
     })
 }
 
@@ -403,6 +408,13 @@ pub fn run(
     err: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
+    if opts.tty && opts.interactive && !std::io::stdin().is_terminal() {
+        return Err(Error::Usage(
+            "the input device is not a TTY: -t with -i needs a terminal on stdin \
+             (drop -t to pipe input)"
+                .into(),
+        ));
+    }
     // A port in use, or a name a running VM holds, fails the run before
     // anything is pulled or booted.
     let mut bound = crate::publish::Bound::bind(&opts.publish)?;
@@ -417,6 +429,7 @@ pub fn run(
         let reach = Reach {
             published: Arc::new(bound),
             named,
+            stdio: None,
         };
         return run_restored(opts, path, &reach, (out, err), timings);
     }
@@ -437,9 +450,13 @@ pub fn run(
         bound.bind_more(&extra)?;
     }
     bound.announce();
+    // The terminal goes raw, and its size changes are followed, before the
+    // sandbox (which allows neither to start) and before the guest runs.
+    let (_raw, stdio) = terminal_for(opts)?;
     let reach = Reach {
         published: Arc::new(bound),
         named,
+        stdio,
     };
     timings.phase("image_ready");
     let spec = process_spec(&img.config, opts)?;
@@ -455,6 +472,7 @@ pub fn run(
             .capture
             .as_ref()
             .is_some_and(|c| c.trigger == crate::Trigger::Listen),
+        size: opts.tty.then(crate::terminal::size).flatten(),
     };
 
     // A VM of this configuration that ran before left its ready snapshot:
@@ -573,11 +591,52 @@ pub fn vm_resources(opts: &RunOptions, img: &PreparedImage) -> Result<crate::VmR
     Ok(res)
 }
 
-/// How the host reaches a run's VM besides its main process: published
-/// ports, and the control socket of its name.
+/// How the host reaches a run's VM besides its main process's output:
+/// published ports, the control socket of its name, and stdin and the
+/// terminal's size.
 struct Reach {
     published: Arc<crate::publish::Bound>,
     named: Option<Arc<crate::exec::Named>>,
+    stdio: Option<Stdio>,
+}
+
+/// `-i` and `-t`: the agent connection's write side once it is open, for
+/// the stdin and window-size threads.
+#[derive(Clone)]
+struct Stdio {
+    interactive: bool,
+    writer: Arc<std::sync::Mutex<Option<crate::exec::Writer>>>,
+}
+
+/// Raw mode and the SIGWINCH thread for `-t` (raw only with `-i`); the
+/// guard restores the terminal when dropped.
+fn terminal_for(opts: &RunOptions) -> Result<(Option<crate::terminal::Raw>, Option<Stdio>), Error> {
+    if !opts.tty && !opts.interactive {
+        return Ok((None, None));
+    }
+    let stdio = Stdio {
+        interactive: opts.interactive,
+        writer: Arc::new(std::sync::Mutex::new(None)),
+    };
+    if opts.tty {
+        let slot = stdio.writer.clone();
+        crate::terminal::on_resize(move |rows, cols| {
+            let w = slot.lock().ok().and_then(|w| w.clone());
+            if let Some(w) = w {
+                crate::exec::send(
+                    &w,
+                    agent_protocol::MAIN_PROCESS_STREAM,
+                    &agent_protocol::Message::Resize { rows, cols },
+                );
+            }
+        });
+    }
+    let raw = if opts.tty && opts.interactive {
+        Some(crate::terminal::Raw::enter(false)?)
+    } else {
+        None
+    };
+    Ok((raw, Some(stdio)))
 }
 
 /// How a run's VM comes to be.
@@ -694,6 +753,7 @@ fn launch(
         Error::Usage("the VM has no vsock device to reach its agent through".into())
     })?;
     let vsock_after = vsock.clone();
+    let stdio = reach.stdio.clone();
     let mut publishers = crate::publish::serve(&reach.published, &vsock, &stop)?;
     if let Some(named) = &reach.named {
         let main = match &begin {
@@ -738,7 +798,21 @@ fn launch(
                     let _ = captured_rx.recv();
                 }
                 let _ = news_tx.send(AgentNews::Started);
+                let writer = stdio.as_ref().and_then(|st| {
+                    let w = Arc::new(std::sync::Mutex::new(conn.get_ref().try_clone().ok()?));
+                    if let Ok(mut slot) = st.writer.lock() {
+                        *slot = Some(w.clone());
+                    }
+                    Some((w, st.interactive))
+                });
                 let mut news = |e| {
+                    if let (agent::Event::Started, Some((w, true))) = (e, &writer) {
+                        if let Err(e) =
+                            crate::exec::forward_stdin(w, agent_protocol::MAIN_PROCESS_STREAM)
+                        {
+                            eprintln!("supermachine: warning: stdin is not forwarded: {e}");
+                        }
+                    }
                     let _ = news_tx.send(AgentNews::Guest(e));
                 };
                 let r = conn

@@ -137,6 +137,10 @@ pub fn on_resize(f: impl Fn(u16, u16) + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("sm-winch".into())
         .spawn(move || {
+            // Started before the VMM's sandbox (`run -t`): it confines itself.
+            if let Err(e) = crate::sandbox::confine_helper_thread() {
+                tracing::warn!("the window-size thread is not sandboxed: {e}");
+            }
             for _ in signals.forever() {
                 if let Some((rows, cols)) = size() {
                     f(rows, cols);

@@ -2179,11 +2179,20 @@ fn exec_into_the_named_vm(env: &Env) -> Result<(), String> {
     )
 }
 
-/// `exec -it` on a pseudo-terminal this test holds, as a user's terminal:
-/// a prompt, a command's output, the size the host set and a resize, Ctrl-C
+/// `exec -it` into the named VM, and `run -it IMAGE sh`, each on a
+/// pseudo-terminal this test holds as a user's terminal.
+fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
+    on_a_terminal(env, &["exec", "-it", EXEC_VM, "sh"])?;
+    let img = images()?;
+    on_a_terminal(env, &["run", "-it", NO_NET[0], NO_NET[1], &img.oci, "sh"])
+}
+
+/// `supermachine ARGS` (a shell) on a pseudo-terminal: a prompt, a
+/// command's output, the size the host set and a resize, Ctrl-C
 /// interrupting `sleep` with the shell surviving, `exit 3`, and the
 /// terminal's mode as it was before.
-fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
+fn on_a_terminal(env: &Env, args: &[&str]) -> Result<(), String> {
+    let what = format!("{} -it", args[0]);
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let (mut master, slave) = {
         let (mut m, mut s) = (-1, -1);
@@ -2224,8 +2233,7 @@ fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
     let before = mode(slave.as_raw_fd());
     let io = |f: &OwnedFd| f.try_clone().map(Stdio::from).map_err(|e| e.to_string());
     let mut cmd = Command::new(&env.bin);
-    cmd.args(["exec", "-it", EXEC_VM, "sh"])
-        .env("PS1", "P$ ")
+    cmd.args(args)
         .stdin(io(&slave)?)
         .stdout(io(&slave)?)
         .stderr(io(&slave)?);
@@ -2317,17 +2325,19 @@ fn exec_with_a_terminal(env: &Env) -> Result<(), String> {
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    result.map_err(|e| format!("exec -it: {e}"))?;
+    result.map_err(|e| format!("{what}: {e}"))?;
     if status.and_then(|s| s.code()) != Some(3) {
         return Err(format!(
-            "exec -it: `exit 3` ended it with {status:?}; the terminal showed {:?}",
+            "{what}: `exit 3` ended it with {status:?}; the terminal showed {:?}",
             shown()
         ));
     }
     if mode(slave.as_raw_fd()) != before {
-        return Err("exec -it left the terminal in another mode than it found it".into());
+        return Err(format!(
+            "{what} left the terminal in another mode than it found it"
+        ));
     }
-    eprintln!("  exec: -it prompt, stty size, resize, Ctrl-C and exit 3 through a pty");
+    eprintln!("  {what}: prompt, stty size, resize, Ctrl-C and exit 3 through a pty");
     Ok(())
 }
 

@@ -57,8 +57,10 @@ fn arg_without(r: &mut Rules, call: Sysno, arg: u8, mask: u64) {
 
 /// `FIONBIO`: std's `set_nonblocking` on sockets.
 const FIONBIO: u64 = libc::FIONBIO;
-/// `TCGETS` (`isatty`) and `TIOCGWINSZ` on the terminal the VMM was started on.
-const TERMINAL_IOCTLS: [u64; 2] = [libc::TCGETS, libc::TIOCGWINSZ];
+/// `TCGETS` (`isatty`) and `TIOCGWINSZ` on the terminal the VMM was started
+/// on, and `TCSETS`: `run -it` puts that terminal back in its own mode at the
+/// end (the terminal is the user's, which the VMM writes to anyway).
+const TERMINAL_IOCTLS: [u64; 3] = [libc::TCGETS, libc::TIOCGWINSZ, libc::TCSETS];
 
 /// Namespace flags no clone of the VMM may ask for: a compromised VMM must not
 /// get a user namespace (and the kernel surface behind it).
@@ -213,7 +215,8 @@ pub(super) fn rules(class: ThreadClass, ioctls: &BackendIoctls) -> Rules {
         }
         ThreadClass::Helper => {
             // signal-hook's self-pipe (a socket pair) and the stop it
-            // triggers (locks and vCPU kicks: common).
+            // triggers (locks and vCPU kicks: common); `run -t`'s SIGWINCH
+            // thread reads the terminal's size and sends it (write: common).
             any(
                 &mut r,
                 &[
@@ -224,6 +227,7 @@ pub(super) fn rules(class: ThreadClass, ioctls: &BackendIoctls) -> Rules {
                     Sysno::ppoll,
                 ],
             );
+            arg_in(&mut r, Sysno::ioctl, 1, &[libc::TIOCGWINSZ]);
         }
     }
     r
