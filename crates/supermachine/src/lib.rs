@@ -23,6 +23,7 @@ pub mod publish;
 pub mod run;
 pub mod snapshots;
 pub mod terminal;
+pub mod tls;
 
 pub use interrupt::Interrupt;
 pub use publish::{HostEnd, Publish};
@@ -182,6 +183,9 @@ pub enum Error {
     /// The VMM could not be sandboxed.
     #[error("cannot sandbox the VMM (--no-sandbox runs without it, for debugging only)")]
     Sandbox(#[source] runner::vmm::ControlError),
+    /// A published port's TLS certificate or key is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The runtime directory (named VMs' sockets) is unusable.
     #[error("cannot use the runtime directory {path}: {why}")]
     RuntimeDir {

@@ -22,6 +22,8 @@ struct Cli {
     command: Command,
 }
 
+// One value, parsed once per process: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a kernel with supermachine's guest init; prints the guest console and
@@ -131,7 +133,7 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         vsock_uds: Option<PathBuf>,
         /// Publish a guest TCP port on the host (repeatable):
-        /// [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] listens on HOST_IP (default
+        /// [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/tls] listens on HOST_IP (default
         /// 127.0.0.1, only this host; 0.0.0.0 for every interface; host port 0
         /// takes a free one, printed), unix:PATH:GUEST_PORT on a UNIX socket.
         /// Carried over vsock: no TAP, no root, any --network.
@@ -182,6 +184,14 @@ enum Command {
         /// this run's. No image is named; the VM is the snapshot's.
         #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot_out", "image", "cpus", "memory", "kernel", "disks", "env", "workdir", "user", "entrypoint"])]
         restore: Option<PathBuf>,
+        /// Terminate TLS on the published ports with this PEM certificate
+        /// chain (server certificate first): the ports published with /tls,
+        /// or every TCP one when none is; the guest port gets plaintext.
+        #[arg(long, value_name = "CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's PEM private key (PKCS#8, PKCS#1 or SEC1).
+        #[arg(long, value_name = "KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Keep stdin open and send it to the process.
         #[arg(short = 'i', long, conflicts_with = "restore")]
         interactive: bool,
@@ -594,6 +604,8 @@ fn main() -> ExitCode {
             snapshot_quiesce_ms,
             leave_running,
             restore,
+            tls_cert,
+            tls_key,
             interactive,
             tty,
             name,
@@ -642,6 +654,7 @@ fn main() -> ExitCode {
                 publish,
                 publish_all,
                 name,
+                tls: tls_cert.zip(tls_key),
                 interactive,
                 tty,
             };

@@ -39,11 +39,16 @@ pub struct Publish {
     pub host: HostEnd,
     /// The guest's TCP port.
     pub guest_port: u16,
+    /// Terminate TLS on the host end (`/tls`; the guest port gets plaintext).
+    pub tls: bool,
 }
 
 impl std::fmt::Display for Publish {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.host {
+            HostEnd::Tcp(a) if self.tls => {
+                write!(f, "{a} (TLS) -> guest port {}", self.guest_port)
+            }
             HostEnd::Tcp(a) => write!(f, "{a} -> guest port {}", self.guest_port),
             HostEnd::Unix(p) => write!(f, "{} -> guest port {}", p.display(), self.guest_port),
         }
@@ -53,13 +58,13 @@ impl std::fmt::Display for Publish {
 impl Publish {
     /// Parses docker's `-p` syntax: `HOST_PORT:GUEST_PORT`,
     /// `HOST_IP:HOST_PORT:GUEST_PORT` (an IPv6 address in brackets), each with
-    /// an optional `/tcp`, or `unix:PATH:GUEST_PORT`. A host port of 0 takes a
-    /// free one.
+    /// an optional `/tcp` (or `/tls`: TLS terminated on the host end), or
+    /// `unix:PATH:GUEST_PORT`. A host port of 0 takes a free one.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let bad = |why: &str| {
             format!(
-                "bad published port {spec:?}: {why} (want [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] \
-                 or unix:PATH:GUEST_PORT)"
+                "bad published port {spec:?}: {why} (want \
+                 [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/tls] or unix:PATH:GUEST_PORT)"
             )
         };
         let port = |s: &str, what: &str| -> Result<u16, String> {
@@ -75,14 +80,18 @@ impl Publish {
                 host: HostEnd::Unix(PathBuf::from(path)),
                 guest_port: nonzero(port(guest, "guest port")?)
                     .ok_or_else(|| bad("guest port 0"))?,
+                tls: false,
             });
         }
-        let spec_tcp = match spec.rsplit_once('/') {
-            Some((s, "tcp")) => s,
+        let (spec_tcp, tls) = match spec.rsplit_once('/') {
+            Some((s, "tcp")) => (s, false),
+            Some((s, "tls")) => (s, true),
             Some((_, proto)) => {
-                return Err(bad(&format!("protocol {proto:?}: only tcp is published")))
+                return Err(bad(&format!(
+                    "protocol {proto:?}: only tcp (or tls over it) is published"
+                )))
             }
-            None => spec,
+            None => (spec, false),
         };
         let (host, guest) = spec_tcp
             .rsplit_once(':')
@@ -104,6 +113,7 @@ impl Publish {
         Ok(Self {
             host: HostEnd::Tcp(SocketAddr::new(ip, port(host_port, "host port")?)),
             guest_port,
+            tls,
         })
     }
 }
@@ -130,6 +140,7 @@ pub fn exposed(exposed_ports: &[String], taken: &[Publish]) -> (Vec<Publish>, Ve
                     publish.push(Publish {
                         host: HostEnd::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
                         guest_port: p,
+                        tls: false,
                     });
                 }
             }
@@ -150,18 +161,33 @@ enum Listener {
 /// or booted (a port in use fails the run at once).
 #[derive(Debug, Default)]
 pub struct Bound {
-    /// Each listener, its guest port, and whether the user asked for a free
-    /// host port (so is told which).
-    ports: Vec<(Listener, u16, bool)>,
+    /// Each listener, its guest port, whether the user asked for a free
+    /// host port (so is told which), and whether it terminates TLS.
+    ports: Vec<(Listener, u16, bool, bool)>,
+    /// The certificate of the ports that terminate TLS.
+    tls: Option<crate::tls::TlsConfig>,
+    /// No port was marked `/tls`: with a certificate, every TCP port is.
+    tls_all: bool,
 }
 
 impl Bound {
     /// Binds every `publish` (TCP with `SO_REUSEADDR`, as std does; a UNIX
-    /// path that exists is an error, never removed).
-    pub fn bind(publish: &[Publish]) -> Result<Self, Error> {
+    /// path that exists is an error, never removed). With `tls`, the ports
+    /// marked `/tls` terminate TLS, or every TCP port when none is marked.
+    pub fn bind(publish: &[Publish], tls: Option<crate::tls::TlsConfig>) -> Result<Self, Error> {
+        let marked = publish.iter().any(|p| p.tls);
+        if marked && tls.is_none() {
+            return Err(Error::Tls(
+                "a port published with /tls needs --tls-cert and --tls-key".into(),
+            ));
+        }
         // Built as it goes: a later failure drops (and removes) the sockets
         // already bound.
-        let mut bound = Self::default();
+        let mut bound = Self {
+            ports: Vec::new(),
+            tls_all: tls.is_some() && !marked,
+            tls,
+        };
         bound.bind_more(publish)?;
         Ok(bound)
     }
@@ -180,7 +206,8 @@ impl Bound {
                 }
             };
             let free = matches!(p.host, HostEnd::Tcp(a) if a.port() == 0);
-            self.ports.push((l, p.guest_port, free));
+            let tls = matches!(p.host, HostEnd::Tcp(_)) && (p.tls || self.tls_all);
+            self.ports.push((l, p.guest_port, free, tls));
         }
         Ok(())
     }
@@ -188,10 +215,11 @@ impl Bound {
     /// Tells the user (on stderr) where each port asked to take a free host
     /// port was published.
     pub fn announce(&self) {
-        for (l, guest, free) in &self.ports {
+        for (l, guest, free, tls) in &self.ports {
             if let (Listener::Tcp(t), true) = (l, free) {
                 if let Ok(a) = t.local_addr() {
-                    eprintln!("supermachine: published {a} -> guest port {guest}");
+                    let tls = if *tls { " (TLS)" } else { "" };
+                    eprintln!("supermachine: published {a}{tls} -> guest port {guest}");
                 }
             }
         }
@@ -202,7 +230,7 @@ impl Bound {
     pub fn tcp_addrs(&self) -> Vec<(SocketAddr, u16)> {
         self.ports
             .iter()
-            .filter_map(|(l, g, _)| match l {
+            .filter_map(|(l, g, _, _)| match l {
                 Listener::Tcp(t) => t.local_addr().ok().map(|a| (a, *g)),
                 Listener::Unix(..) => None,
             })
@@ -214,7 +242,7 @@ impl Bound {
     pub fn unix_paths(&self) -> Vec<PathBuf> {
         self.ports
             .iter()
-            .filter_map(|(l, _, _)| match l {
+            .filter_map(|(l, _, _, _)| match l {
                 Listener::Unix(_, p) => Some(p.clone()),
                 Listener::Tcp(_) => None,
             })
@@ -342,9 +370,10 @@ fn accept_loop(
     vsock: &runner::virtio::VsockHandle,
     vm: &runner::vmm::StopHandle,
 ) {
-    let Some((listener, guest_port, _)) = bound.ports.get(i) else {
+    let Some((listener, guest_port, _, tls)) = bound.ports.get(i) else {
         return;
     };
+    let tls = bound.tls.clone().filter(|_| *tls);
     let fd = match listener {
         Listener::Tcp(l) => l.as_raw_fd(),
         Listener::Unix(l, _) => l.as_raw_fd(),
@@ -374,11 +403,11 @@ fn accept_loop(
                 continue;
             }
         };
-        let (vsock, vm, port) = (vsock.clone(), vm.clone(), *guest_port);
+        let (vsock, vm, port, tls) = (vsock.clone(), vm.clone(), *guest_port, tls.clone());
         let spawned = std::thread::Builder::new()
             .name("sm-forward".into())
             .stack_size(THREAD_STACK)
-            .spawn(move || forward(client, &vsock, port, &vm));
+            .spawn(move || forward(client, &vsock, port, &vm, tls.as_ref()));
         if let Err(e) = spawned {
             tracing::warn!(
                 "published port {guest_port}: cannot start a thread for a connection: {e}"
@@ -446,6 +475,7 @@ fn forward(
     vsock: &runner::virtio::VsockHandle,
     port: u16,
     vm: &runner::vmm::StopHandle,
+    tls: Option<&crate::tls::TlsConfig>,
 ) {
     let deadline = Instant::now() + GUEST_READY_TIMEOUT;
     let (conn, early) = loop {
@@ -468,7 +498,10 @@ fn forward(
             }
         }
     };
-    splice(client, &early, conn, vm);
+    match (tls, client) {
+        (Some(cfg), Client::Tcp(tcp)) => crate::tls::splice(cfg, tcp, &early, conn),
+        (_, client) => splice(client, &early, conn, vm),
+    }
 }
 
 /// Carries `client` to the guest connection `conn` and back until both
@@ -534,7 +567,8 @@ mod tests {
             publish,
             [443, 9000].map(|guest_port| Publish {
                 host: free.clone(),
-                guest_port
+                guest_port,
+                tls: false,
             })
         );
         assert_eq!(skipped, ["53/udp", "x/tcp", "0/tcp"]);
@@ -542,7 +576,7 @@ mod tests {
 
     #[test]
     fn free_host_ports_are_bound_and_reported() {
-        let mut b = Bound::bind(&[Publish::parse("0:80").unwrap()]).unwrap();
+        let mut b = Bound::bind(&[Publish::parse("0:80").unwrap()], None).unwrap();
         b.bind_more(&exposed(&["81/tcp".into()], &[]).0).unwrap();
         let addrs = b.tcp_addrs();
         assert_eq!(addrs.len(), 2);
@@ -559,9 +593,11 @@ mod tests {
             tcp("8080:80"),
             Publish {
                 host: HostEnd::Tcp("127.0.0.1:8080".parse().unwrap()),
-                guest_port: 80
+                guest_port: 80,
+                tls: false,
             }
         );
+        assert!(tcp("8443:80/tls").tls && !tcp("8443:80/tcp").tls);
         assert_eq!(
             tcp("0.0.0.0:8080:80/tcp").host,
             HostEnd::Tcp("0.0.0.0:8080".parse().unwrap())
@@ -578,7 +614,8 @@ mod tests {
             tcp("unix:/tmp/a:b.sock:80"),
             Publish {
                 host: HostEnd::Unix("/tmp/a:b.sock".into()),
-                guest_port: 80
+                guest_port: 80,
+                tls: false,
             }
         );
         for bad in [

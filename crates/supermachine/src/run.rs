@@ -90,6 +90,10 @@ pub struct RunOptions {
     /// through its control socket in the runtime directory
     /// (`crate::exec::runtime_dir`). Claimed before anything is pulled.
     pub name: Option<String>,
+    /// Terminate TLS on the published ports with this PEM certificate chain
+    /// and key (`--tls-cert`, `--tls-key`): the ports marked `/tls`, or every
+    /// TCP one when none is marked.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Forward stdin to the process (`-i`).
     pub interactive: bool,
     /// Run the process on a pseudo-terminal (`-t`); with `interactive`, this
@@ -417,7 +421,11 @@ pub fn run(
     }
     // A port in use, or a name a running VM holds, fails the run before
     // anything is pulled or booted.
-    let mut bound = crate::publish::Bound::bind(&opts.publish)?;
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(crate::tls::TlsConfig::load(cert, key)?),
+        None => None,
+    };
+    let mut bound = crate::publish::Bound::bind(&opts.publish, tls)?;
     let named = opts
         .name
         .as_deref()

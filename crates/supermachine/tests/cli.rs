@@ -319,6 +319,48 @@ fn run_malformed_or_taken_published_port_is_one_line_error_before_any_pull() {
 }
 
 #[test]
+fn run_with_a_tls_key_that_is_not_its_certificates_is_one_line_error_before_any_pull() {
+    let d = tmpdir("tls");
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key, other_key) = (d.join("a.crt"), d.join("a.key"), d.join("b.key"));
+    std::fs::write(&cert, a.cert.pem()).unwrap();
+    std::fs::write(&key, a.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&other_key, b.key_pair.serialize_pem()).unwrap();
+    let run = |args: &[&str]| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = format!("{port}:80/tls");
+        Command::new(bin())
+            .args(["run", "-p", &p])
+            .args(args)
+            .arg("oci:/nonexistent:x")
+            .bounded()
+    };
+    let (c, k, ok) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        other_key.to_str().unwrap(),
+    );
+    let o = run(&["--tls-cert", c, "--tls-key", ok]);
+    assert_one_line_error(&o, "does not fit the certificate");
+    let o = run(&["--tls-cert", k, "--tls-key", k]);
+    assert_one_line_error(&o, "holds no PEM certificate");
+    let o = run(&["--tls-cert", c, "--tls-key", "/nonexistent.key"]);
+    assert_one_line_error(&o, "cannot read the private key /nonexistent.key");
+    let o = run(&[]);
+    assert_one_line_error(&o, "/tls needs --tls-cert and --tls-key");
+    // The matching pair gets past TLS to the (missing) image.
+    let o = run(&["--tls-cert", c, "--tls-key", k]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(!err.contains("TLS"), "{err}");
+}
+
+#[test]
 fn boot_vsock_uds_adds_a_device_whose_socket_errors_are_reported() {
     if !kvm_usable() {
         return;

@@ -1824,7 +1824,8 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
     )?;
     drop(taken);
 
-    let (web, dead) = (free_port()?, free_port()?);
+    let (web, dead, tls) = (free_port()?, free_port()?, free_port()?);
+    let ca = TestCa::new(&scratch("tls"))?;
     let sock = scratch("web.sock");
     let _ = std::fs::remove_file(&sock);
     let sock_arg = format!("unix:{}:80", sock.display());
@@ -1849,6 +1850,12 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         &sock_arg,
         "-p",
         &format!("127.0.0.1:{dead}:82"),
+        "-p",
+        &format!("{tls}:80/tls"),
+        "--tls-cert",
+        &ca.cert,
+        "--tls-key",
+        &ca.key,
         &img.oci,
         "sh",
         "-c",
@@ -1969,6 +1976,25 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
             ));
         }
 
+        // TLS terminated on the host end: a client that trusts only the
+        // test's CA gets the page the guest serves in plain HTTP.
+        let page = ca.https_get(([127, 0, 0, 1], tls).into(), "/index.html")?;
+        if http_body(&page) != Some(b"page\n") {
+            return Err(format!(
+                "the page through -p .../tls: {:?}",
+                String::from_utf8_lossy(&page)
+            ));
+        }
+        let big = ca.https_get(([127, 0, 0, 1], tls).into(), "/big")?;
+        let body = http_body(&big).ok_or("GET /big over TLS: not a 200")?;
+        if sha256_hex(body) != sha256_hex(&big_file_bytes()) {
+            return Err(format!(
+                "GET /big over TLS: {} bytes, wrong SHA-256",
+                body.len()
+            ));
+        }
+        eprintln!("  publish: TLS page and 32 MiB verified against the test's CA");
+
         // Nobody on guest port 82: the client is reset, and the VM serves on.
         let dead_addr: std::net::SocketAddr = ([127, 0, 0, 1], dead).into();
         let mut d = std::net::TcpStream::connect(dead_addr).map_err(|e| e.to_string())?;
@@ -2060,6 +2086,80 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         .status();
     let o = running.finish(Duration::from_secs(60))?;
     expect(result.is_ok(), &result.err().unwrap_or_default(), &o)
+}
+
+/// A CA of the test's own and a server certificate for `localhost` it
+/// signed (PEM files), and a TLS client that trusts only that CA.
+struct TestCa {
+    cert: String,
+    key: String,
+    ca_der: Vec<u8>,
+}
+
+#[cfg(not(target_os = "macos"))]
+impl TestCa {
+    fn new(dir: &Path) -> Result<Self, String> {
+        let e = |e: rcgen::Error| e.to_string();
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let ca_key = rcgen::KeyPair::generate().map_err(e)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).map_err(e)?;
+        let key = rcgen::KeyPair::generate().map_err(e)?;
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .map_err(e)?
+            .signed_by(&key, &ca, &ca_key)
+            .map_err(e)?;
+        let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert_path, leaf.pem()).map_err(|e| e.to_string())?;
+        std::fs::write(&key_path, key.serialize_pem()).map_err(|e| e.to_string())?;
+        Ok(Self {
+            cert: cert_path.display().to_string(),
+            key: key_path.display().to_string(),
+            ca_der: ca.der().to_vec(),
+        })
+    }
+
+    /// `GET path` over TLS to `addr` as `localhost`; the whole response once
+    /// the server closed (with close_notify).
+    fn https_get(&self, addr: std::net::SocketAddr, path: &str) -> Result<Vec<u8>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
+            .map_err(|e| e.to_string())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let conn =
+            rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+        let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(|e| e.to_string())?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .map_err(|e| format!("TLS: {e}"))?;
+        let mut resp = Vec::new();
+        tls.read_to_end(&mut resp)
+            .map_err(|e| format!("TLS read after {} bytes: {e}", resp.len()))?;
+        Ok(resp)
+    }
+}
+
+/// macOS builds terminate no TLS (and the rig runs on Linux only).
+#[cfg(target_os = "macos")]
+impl TestCa {
+    fn new(_dir: &Path) -> Result<Self, String> {
+        Err("TLS termination is not built for macOS".into())
+    }
+
+    fn https_get(&self, _addr: std::net::SocketAddr, _path: &str) -> Result<Vec<u8>, String> {
+        Err(format!("{} {} {}", self.cert, self.key, self.ca_der.len()))
+    }
 }
 
 /// The name the published-ports scenario gives its VM for `exec`.
