@@ -30,6 +30,11 @@ pub enum HostEnd {
     Tcp(SocketAddr),
     /// A UNIX socket path (`-p unix:PATH:GUEST`).
     Unix(PathBuf),
+    /// A UNIX socket path over which other processes hand over connections
+    /// they accepted (`-p handoff:PATH:GUEST`): each file descriptor passed
+    /// with `SCM_RIGHTS` (a connected TCP or UNIX stream socket) is carried to
+    /// the guest port as if it had been accepted here.
+    Handoff(PathBuf),
 }
 
 /// One `-p`: a host end and the guest's TCP port.
@@ -51,6 +56,12 @@ impl std::fmt::Display for Publish {
             }
             HostEnd::Tcp(a) => write!(f, "{a} -> guest port {}", self.guest_port),
             HostEnd::Unix(p) => write!(f, "{} -> guest port {}", p.display(), self.guest_port),
+            HostEnd::Handoff(p) => write!(
+                f,
+                "handoff {} -> guest port {}",
+                p.display(),
+                self.guest_port
+            ),
         }
     }
 }
@@ -64,20 +75,30 @@ impl Publish {
         let bad = |why: &str| {
             format!(
                 "bad published port {spec:?}: {why} (want \
-                 [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/tls] or unix:PATH:GUEST_PORT)"
+                 [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/tls], unix:PATH:GUEST_PORT or \
+                 handoff:PATH:GUEST_PORT)"
             )
         };
         let port = |s: &str, what: &str| -> Result<u16, String> {
             s.parse::<u16>()
                 .map_err(|_| bad(&format!("{what} {s:?} is not a port number")))
         };
-        if let Some(rest) = spec.strip_prefix("unix:") {
+        let unix = spec
+            .strip_prefix("unix:")
+            .map(|r| (r, false))
+            .or_else(|| spec.strip_prefix("handoff:").map(|r| (r, true)));
+        if let Some((rest, handoff)) = unix {
             let (path, guest) = rest.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
             if path.is_empty() {
                 return Err(bad("empty socket path"));
             }
+            let path = PathBuf::from(path);
             return Ok(Self {
-                host: HostEnd::Unix(PathBuf::from(path)),
+                host: if handoff {
+                    HostEnd::Handoff(path)
+                } else {
+                    HostEnd::Unix(path)
+                },
                 guest_port: nonzero(port(guest, "guest port")?)
                     .ok_or_else(|| bad("guest port 0"))?,
                 tls: false,
@@ -155,6 +176,7 @@ pub fn exposed(exposed_ports: &[String], taken: &[Publish]) -> (Vec<Publish>, Ve
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+    Handoff(UnixListener, PathBuf),
 }
 
 /// The host ends of a run's published ports, bound before anything is pulled
@@ -204,6 +226,9 @@ impl Bound {
                 HostEnd::Unix(path) => {
                     Listener::Unix(UnixListener::bind(path).map_err(fail)?, path.clone())
                 }
+                HostEnd::Handoff(path) => {
+                    Listener::Handoff(UnixListener::bind(path).map_err(fail)?, path.clone())
+                }
             };
             let free = matches!(p.host, HostEnd::Tcp(a) if a.port() == 0);
             let tls = matches!(p.host, HostEnd::Tcp(_)) && (p.tls || self.tls_all);
@@ -232,7 +257,7 @@ impl Bound {
             .iter()
             .filter_map(|(l, g, _, _)| match l {
                 Listener::Tcp(t) => t.local_addr().ok().map(|a| (a, *g)),
-                Listener::Unix(..) => None,
+                Listener::Unix(..) | Listener::Handoff(..) => None,
             })
             .collect()
     }
@@ -243,7 +268,7 @@ impl Bound {
         self.ports
             .iter()
             .filter_map(|(l, _, _, _)| match l {
-                Listener::Unix(_, p) => Some(p.clone()),
+                Listener::Unix(_, p) | Listener::Handoff(_, p) => Some(p.clone()),
                 Listener::Tcp(_) => None,
             })
             .collect()
@@ -376,7 +401,7 @@ fn accept_loop(
     let tls = bound.tls.clone().filter(|_| *tls);
     let fd = match listener {
         Listener::Tcp(l) => l.as_raw_fd(),
-        Listener::Unix(l, _) => l.as_raw_fd(),
+        Listener::Unix(l, _) | Listener::Handoff(l, _) => l.as_raw_fd(),
     };
     while !vm.is_ending() {
         let mut pfd = [libc::pollfd {
@@ -395,6 +420,23 @@ fn accept_loop(
                 Client::Tcp(s)
             }),
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Client::Unix(s)),
+            Listener::Handoff(l, _) => {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let (vsock, vm, port, tls) =
+                            (vsock.clone(), vm.clone(), *guest_port, tls.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name("sm-handoff".into())
+                            .stack_size(THREAD_STACK)
+                            .spawn(move || handoffs(&s, &vsock, port, &vm, tls.as_ref()));
+                        if let Err(e) = spawned {
+                            tracing::warn!("handoff socket: cannot start a thread: {e}");
+                        }
+                    }
+                    Err(e) => tracing::debug!("handoff socket: accept: {e}"),
+                }
+                continue;
+            }
         };
         let client = match client {
             Ok(c) => c,
@@ -413,6 +455,161 @@ fn accept_loop(
                 "published port {guest_port}: cannot start a thread for a connection: {e}"
             );
         }
+    }
+}
+
+/// Connections handed over on one handoff connection: every file
+/// descriptor that arrives is forwarded on a thread of its own, until the
+/// sender closes.
+fn handoffs(
+    from: &UnixStream,
+    vsock: &runner::virtio::VsockHandle,
+    port: u16,
+    vm: &runner::vmm::StopHandle,
+    tls: Option<&crate::tls::TlsConfig>,
+) {
+    while !vm.is_ending() {
+        let fds = match receive_fds(from) {
+            Ok(Some(fds)) => fds,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("handoff socket: {e}");
+                return;
+            }
+        };
+        for fd in fds {
+            let Some(client) = client_of(fd) else {
+                tracing::debug!("handoff socket: a descriptor that is no connected stream socket");
+                continue;
+            };
+            let (vsock, vm, tls) = (vsock.clone(), vm.clone(), tls.cloned());
+            let spawned = std::thread::Builder::new()
+                .name("sm-forward".into())
+                .stack_size(THREAD_STACK)
+                .spawn(move || forward(client, &vsock, port, &vm, tls.as_ref()));
+            if let Err(e) = spawned {
+                tracing::warn!("handoff socket: cannot start a thread for a connection: {e}");
+            }
+        }
+    }
+}
+
+/// Received descriptors are close-on-exec from the start where the kernel
+/// can do it (Linux); the VMM never executes anything once it runs anyway.
+#[cfg(target_os = "linux")]
+const RECV_FLAGS: libc::c_int = libc::MSG_CMSG_CLOEXEC;
+#[cfg(not(target_os = "linux"))]
+const RECV_FLAGS: libc::c_int = 0;
+
+/// File descriptors one passes at most per message.
+const MAX_HANDOFF_FDS: usize = 16;
+
+/// One message's descriptors (`SCM_RIGHTS`, received close-on-exec); its
+/// bytes are ignored. `None` once the sender closed.
+fn receive_fds(from: &UnixStream) -> std::io::Result<Option<Vec<std::os::fd::OwnedFd>>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fd_bytes = (MAX_HANDOFF_FDS * std::mem::size_of::<libc::c_int>()) as libc::c_uint;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    // u64s: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut data = [0u8; 256];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr is plain data; zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = (control.len() * 8) as _;
+        // SAFETY: msg points at a valid iovec and control buffer of the
+        // lengths given, which live across the call.
+        let n = unsafe { libc::recvmsg(from.as_raw_fd(), &mut msg, RECV_FLAGS) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut fds = Vec::new();
+        // SAFETY: the CMSG macros walk the control buffer recvmsg filled,
+        // within msg_controllen; each SCM_RIGHTS payload is an array of ints
+        // (read unaligned), each a descriptor now owned by this process.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    let p = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                    for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                        fds.push(OwnedFd::from_raw_fd(p.add(i).read_unaligned()));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if n == 0 && fds.is_empty() {
+            return Ok(None);
+        }
+        return Ok(Some(fds));
+    }
+}
+
+/// A handed-over descriptor as a client: a connected TCP (IPv4 or IPv6) or
+/// UNIX stream socket; `None` (and closed) for anything else.
+fn client_of(fd: std::os::fd::OwnedFd) -> Option<Client> {
+    let opt = |name: libc::c_int| -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int to a valid pointer of the length given.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(v)
+    };
+    if opt(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return None;
+    }
+    // Linux: SO_DOMAIN (getsockopt is in the VMM's sandbox; getsockname is not).
+    #[cfg(target_os = "linux")]
+    let family = opt(libc::SO_DOMAIN)?;
+    #[cfg(not(target_os = "linux"))]
+    let family = {
+        // SAFETY: sockaddr_storage is plain data; getsockname fills at most
+        // its length, given.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: as above; the pointer and length describe `addr`.
+        let rc = unsafe {
+            libc::getsockname(
+                fd.as_raw_fd(),
+                (&mut addr as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        libc::c_int::from(addr.ss_family)
+    };
+    match family {
+        libc::AF_INET | libc::AF_INET6 => {
+            let s = TcpStream::from(fd);
+            let _ = s.set_nodelay(true);
+            Some(Client::Tcp(s))
+        }
+        libc::AF_UNIX => Some(Client::Unix(UnixStream::from(fd))),
+        _ => None,
     }
 }
 
@@ -618,6 +815,10 @@ mod tests {
                 tls: false,
             }
         );
+        assert_eq!(
+            tcp("handoff:/run/h.sock:8080").host,
+            HostEnd::Handoff("/run/h.sock".into())
+        );
         for bad in [
             "",
             "80",
@@ -630,6 +831,7 @@ mod tests {
             "unix::80",
             "unix:/s",
             "unix:/s:0",
+            "handoff:/s",
         ] {
             let e = Publish::parse(bad).unwrap_err();
             assert!(e.contains("bad published port"), "{bad}: {e}");

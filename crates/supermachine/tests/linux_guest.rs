@@ -1829,6 +1829,9 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
     let sock = scratch("web.sock");
     let _ = std::fs::remove_file(&sock);
     let sock_arg = format!("unix:{}:80", sock.display());
+    let handoff = scratch("handoff.sock");
+    let _ = std::fs::remove_file(&handoff);
+    let handoff_arg = format!("handoff:{}:80", handoff.display());
     // No single quotes: the script goes through printf '%s' '...'.
     let cgi =
         "#!/bin/sh\necho Content-Type: text/plain\necho\nhead -c \"$CONTENT_LENGTH\" | sha256sum\n";
@@ -1850,6 +1853,8 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         &sock_arg,
         "-p",
         &format!("127.0.0.1:{dead}:82"),
+        "-p",
+        &handoff_arg,
         "-p",
         &format!("{tls}:80/tls"),
         "--tls-cert",
@@ -1976,6 +1981,15 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
             ));
         }
 
+        // A connection this test accepted, handed over with SCM_RIGHTS.
+        let page = handed_over_get(&handoff, "/index.html")?;
+        if http_body(&page) != Some(b"page\n") {
+            return Err(format!(
+                "the page through -p handoff: {:?}",
+                String::from_utf8_lossy(&page)
+            ));
+        }
+
         // TLS terminated on the host end: a client that trusts only the
         // test's CA gets the page the guest serves in plain HTTP.
         let page = ca.https_get(([127, 0, 0, 1], tls).into(), "/index.html")?;
@@ -2024,8 +2038,8 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
     let o = running.finish(Duration::from_secs(60))?;
     expect(result.is_ok(), &result.err().unwrap_or_default(), &o)?;
     expect(
-        o.code == Some(143) && !sock.exists(),
-        "SIGTERM ends the server's run (143) and its UNIX socket is removed",
+        o.code == Some(143) && !sock.exists() && !handoff.exists(),
+        "SIGTERM ends the server's run (143) and its UNIX and handoff sockets are removed",
         &o,
     )?;
     let gone = env.supermachine(&["exec", EXEC_VM, "true"], Duration::from_secs(60))?;
@@ -2086,6 +2100,55 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
         .status();
     let o = running.finish(Duration::from_secs(60))?;
     expect(result.is_ok(), &result.err().unwrap_or_default(), &o)
+}
+
+/// `GET path` on a TCP connection this test accepts itself and hands over
+/// (`SCM_RIGHTS`) on the handoff socket `at`, as a front end that accepted
+/// it would: the client's side reads the response.
+fn handed_over_get(at: &Path, path: &str) -> Result<Vec<u8>, String> {
+    use std::os::fd::AsRawFd;
+    let e = |e: std::io::Error| e.to_string();
+    let front = std::net::TcpListener::bind("127.0.0.1:0").map_err(e)?;
+    let client = std::net::TcpStream::connect(front.local_addr().map_err(e)?).map_err(e)?;
+    let (accepted, _) = front.accept().map_err(e)?;
+    let to = UnixStream::connect(at).map_err(|err| format!("{}: {err}", at.display()))?;
+    let fd: libc::c_int = accepted.as_raw_fd();
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr is plain data; zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes; the header and data
+    // written are inside `control` (32 bytes, room for one int's cmsg).
+    let sent = unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+        libc::CMSG_DATA(c).cast::<libc::c_int>().write_unaligned(fd);
+        libc::sendmsg(to.as_raw_fd(), &msg, 0)
+    };
+    if sent != 1 {
+        return Err(format!("sendmsg: {}", std::io::Error::last_os_error()));
+    }
+    // The VMM has its own copy now; the front end lets go of its own.
+    drop(accepted);
+    client
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(e)?;
+    http_over(
+        client,
+        format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes(),
+        |_| {},
+    )
+    .map_err(|err| format!("GET over a handed-over connection: {err}"))
 }
 
 /// A CA of the test's own and a server certificate for `localhost` it
