@@ -245,3 +245,101 @@ pub(crate) fn splice(
     _guest: std::os::unix::net::UnixStream,
 ) {
 }
+
+#[cfg(all(test, not(target_os = "macos")))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A certificate for `localhost` and a client config that trusts it.
+    fn pair(dir: &Path) -> (TlsConfig, Arc<rustls::ClientConfig>) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(c.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        (TlsConfig::load(&cert, &key).unwrap(), Arc::new(client))
+    }
+
+    #[test]
+    fn a_terminated_connection_carries_bytes_both_ways_and_passes_half_closes_on() {
+        let dir = std::env::temp_dir().join(format!("sm-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, client_cfg) = pair(&dir);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (guest, mut guest_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let terminator = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            splice(&server, tcp, b"banner\n", guest);
+        });
+        // The "guest": echoes what arrives (plaintext) until the client's
+        // half-close, then sends 8 MiB and closes.
+        let guest = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            guest_peer.read_to_end(&mut got).unwrap();
+            guest_peer.write_all(&got).unwrap();
+            let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+            guest_peer.write_all(&big).unwrap();
+            got
+        });
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(client_cfg, name).unwrap();
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let request: Vec<u8> = (0..3u32 << 20).map(|i| (i % 241) as u8).collect();
+        tls.write_all(&request).unwrap();
+        // The client's close_notify is the guest's end of stream.
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        let mut back = Vec::new();
+        tls.read_to_end(&mut back).unwrap();
+        let sent = guest.join().unwrap();
+        terminator.join().unwrap();
+        assert_eq!(sent.len(), request.len());
+        assert!(
+            sent == request,
+            "the guest got other plaintext than was sent"
+        );
+        let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut want = b"banner\n".to_vec();
+        want.extend_from_slice(&request);
+        want.extend_from_slice(&big);
+        assert_eq!(back.len(), want.len());
+        assert!(
+            back == want,
+            "the client got other bytes than the guest sent"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_that_is_not_tls_ends_without_reaching_the_guest() {
+        let dir = std::env::temp_dir().join(format!("sm-tls-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, _) = pair(&dir);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (guest, mut guest_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let terminator = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            splice(&server, tcp, b"", guest);
+        });
+        let mut plain = std::net::TcpStream::connect(addr).unwrap();
+        plain.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        terminator.join().unwrap();
+        let mut got = Vec::new();
+        guest_peer.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "plaintext reached the guest: {got:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
