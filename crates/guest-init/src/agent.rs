@@ -84,6 +84,53 @@ pub fn listen_on(port: u32, backlog: i32) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// Stack of the threads [`serve_port`] starts: their buffers are on the heap.
+const CONNECTION_STACK: usize = 256 << 10;
+
+/// Listens on vsock `port` and, for as long as the VM runs, serves every
+/// connection with `serve` on a thread of its own (named `name`); failures
+/// are printed with `what` (published ports, exec), never a panic.
+pub fn serve_port(
+    port: u32,
+    backlog: i32,
+    name: &'static str,
+    what: &'static str,
+    serve: impl Fn(OwnedFd) + Clone + Send + 'static,
+) -> io::Result<()> {
+    let listener = listen_on(port, backlog)?;
+    let report = move |e: &dyn std::fmt::Display| {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "supermachine: guest-init: {what}: {e}"
+        );
+    };
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(CONNECTION_STACK)
+        .spawn(move || loop {
+            match accept(&listener, Duration::from_secs(3600)) {
+                Ok(Some(sock)) => {
+                    let serve = serve.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("{name}-conn"))
+                        .stack_size(CONNECTION_STACK)
+                        .spawn(move || serve(sock));
+                    if let Err(e) = spawned {
+                        // The connection is dropped: the host sees it end.
+                        report(&format!("cannot start a thread for a connection: {e}"));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    report(&format!("accepting a connection: {e}"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })?;
+    Ok(())
+}
+
 /// Accepts one connection within `timeout`; `Ok(None)` when none came.
 pub fn accept(listener: &OwnedFd, timeout: Duration) -> io::Result<Option<OwnedFd>> {
     let deadline = Instant::now() + timeout;

@@ -41,8 +41,6 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const STDIN_BACKLOG: usize = 4 << 20;
 /// Pending connections the listener holds.
 const BACKLOG: i32 = 256;
-/// Stack of the exec threads: their buffers are on the heap.
-const THREAD_STACK: usize = 256 << 10;
 
 macro_rules! note {
     ($($arg:tt)*) => {{
@@ -99,35 +97,10 @@ pub fn reap_next() -> Option<(libc::pid_t, i32)> {
 /// Listens on [`EXEC_PORT`] and serves every connection on a thread of its
 /// own, for as long as the VM runs.
 pub fn start(opts: &Options) -> io::Result<()> {
-    let listener = agent::listen_on(EXEC_PORT, BACKLOG)?;
     let opts = opts.clone();
-    std::thread::Builder::new()
-        .name("exec".into())
-        .stack_size(THREAD_STACK)
-        .spawn(move || accept_loop(&listener, &opts))?;
-    Ok(())
-}
-
-fn accept_loop(listener: &OwnedFd, opts: &Options) {
-    loop {
-        match agent::accept(listener, Duration::from_secs(3600)) {
-            Ok(Some(sock)) => {
-                let opts = opts.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("exec-conn".into())
-                    .stack_size(THREAD_STACK)
-                    .spawn(move || serve(Channel::new(sock), &opts));
-                if let Err(e) = spawned {
-                    note!("cannot start a thread for a connection: {e}");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                note!("accepting a connection: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    agent::serve_port(EXEC_PORT, BACKLOG, "exec", "exec", move |sock| {
+        serve(Channel::new(sock), &opts)
+    })
 }
 
 /// What the host sent before Start.

@@ -43,34 +43,7 @@ macro_rules! note {
 /// Listens on [`FORWARD_PORT`] and serves every connection on its own
 /// threads, for as long as the VM runs.
 pub fn start() -> io::Result<()> {
-    let listener = agent::listen_on(FORWARD_PORT, BACKLOG)?;
-    std::thread::Builder::new()
-        .name("forward".into())
-        .stack_size(THREAD_STACK)
-        .spawn(move || accept_loop(&listener))?;
-    Ok(())
-}
-
-fn accept_loop(listener: &OwnedFd) {
-    loop {
-        match agent::accept(listener, Duration::from_secs(3600)) {
-            Ok(Some(sock)) => {
-                let spawned = std::thread::Builder::new()
-                    .name("forward-conn".into())
-                    .stack_size(THREAD_STACK)
-                    .spawn(move || serve(sock));
-                if let Err(e) = spawned {
-                    // The connection is dropped: the host sees it end.
-                    note!("cannot start a thread for a connection: {e}");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                note!("accepting a connection: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    agent::serve_port(FORWARD_PORT, BACKLOG, "forward", "published ports", serve)
 }
 
 /// A vsock connection shared by the two directions.

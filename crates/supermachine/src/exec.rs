@@ -37,8 +37,6 @@ pub const RUNTIME_DIR_ENV: &str = "SUPERMACHINE_RUNTIME_DIR";
 const MAX_NAME: usize = 64;
 /// How long an exec client has to send its `ProcessSpec`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the accept loop looks at whether the VM ended.
-const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// Stack of the exec threads (their buffers are on the heap).
 const THREAD_STACK: usize = 256 << 10;
 
@@ -236,14 +234,7 @@ fn accept_loop(
 ) {
     let fd = named.listener.as_raw_fd();
     while !vm.is_ending() {
-        let mut pfd = [libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd for the listener, which `named` keeps open.
-        let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 1, ACCEPT_POLL.as_millis() as i32) };
-        if rc <= 0 || pfd[0].revents == 0 {
+        if !crate::publish::readable_soon(fd) {
             continue;
         }
         let client = match named.listener.accept() {

@@ -91,15 +91,8 @@ enum Command {
         /// Accepted for docker compatibility: every VM is removed when it ends.
         #[arg(long)]
         rm: bool,
-        /// Set an environment variable (KEY=VALUE), repeatable.
-        #[arg(short = 'e', long = "env")]
-        env: Vec<String>,
-        /// Working directory inside the container.
-        #[arg(short = 'w', long = "workdir")]
-        workdir: Option<String>,
-        /// User: name, uid, name:group or uid:gid.
-        #[arg(short = 'u', long = "user")]
-        user: Option<String>,
+        #[command(flatten)]
+        process: ProcessArgs,
         /// Replace the image's entrypoint.
         #[arg(long)]
         entrypoint: Option<String>,
@@ -222,15 +215,8 @@ enum Command {
         /// terminal is in raw mode until it ends).
         #[arg(short = 't', long)]
         tty: bool,
-        /// Set an environment variable (KEY=VALUE), repeatable.
-        #[arg(short = 'e', long = "env")]
-        env: Vec<String>,
-        /// Working directory inside the container.
-        #[arg(short = 'w', long = "workdir")]
-        workdir: Option<String>,
-        /// User: name, uid, name:group or uid:gid.
-        #[arg(short = 'u', long = "user")]
-        user: Option<String>,
+        #[command(flatten)]
+        process: ProcessArgs,
         /// The VM's name (`run --name`).
         name: String,
         /// Command and arguments.
@@ -260,6 +246,20 @@ enum Command {
         #[command(subcommand)]
         action: Option<SnapshotsAction>,
     },
+}
+
+/// What `run` and `exec` say about their process, as docker's flags do.
+#[derive(clap::Args, Debug)]
+struct ProcessArgs {
+    /// Set an environment variable (KEY=VALUE), repeatable.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -580,9 +580,7 @@ fn main() -> ExitCode {
         }
         Command::Run {
             rm: _,
-            env,
-            workdir,
-            user,
+            process: ProcessArgs { env, workdir, user },
             entrypoint,
             cpus,
             memory,
@@ -672,9 +670,7 @@ fn main() -> ExitCode {
         Command::Exec {
             interactive,
             tty,
-            env,
-            workdir,
-            user,
+            process: ProcessArgs { env, workdir, user },
             name,
             command,
         } => {

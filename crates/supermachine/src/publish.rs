@@ -404,14 +404,7 @@ fn accept_loop(
         Listener::Unix(l, _) | Listener::Handoff(l, _) => l.as_raw_fd(),
     };
     while !vm.is_ending() {
-        let mut pfd = [libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd for the listener, which `bound` keeps open.
-        let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 1, ACCEPT_POLL.as_millis() as i32) };
-        if rc <= 0 || pfd[0].revents == 0 {
+        if !readable_soon(fd) {
             continue;
         }
         let client = match listener {
@@ -611,6 +604,19 @@ fn client_of(fd: std::os::fd::OwnedFd) -> Option<Client> {
         libc::AF_UNIX => Some(Client::Unix(UnixStream::from(fd))),
         _ => None,
     }
+}
+
+/// Whether the listener `fd` has a connection waiting within
+/// [`ACCEPT_POLL`], so that an accept loop looks at the VM's end that often.
+pub(crate) fn readable_soon(fd: std::os::fd::RawFd) -> bool {
+    let mut pfd = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd for a listener the caller keeps open.
+    let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 1, ACCEPT_POLL.as_millis() as i32) };
+    rc > 0 && pfd[0].revents != 0
 }
 
 /// How a `Forward` went.

@@ -1056,3 +1056,34 @@ fn snapshots_lists_and_prunes_and_rmi_removes_an_images_snapshots() {
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     assert!(!dir.exists(), "rmi left {}", dir.display());
 }
+
+#[test]
+fn exec_into_no_running_vm_and_bad_names_are_one_line_errors() {
+    let d = tmpdir("names");
+    let runtime = d.join("runtime");
+    let sm = |args: &[&str]| {
+        Command::new(bin())
+            .env("SUPERMACHINE_RUNTIME_DIR", &runtime)
+            .args(args)
+            .bounded()
+    };
+    assert_one_line_error(&sm(&["exec", "web", "true"]), "no running VM named web");
+    // A socket a killed run left behind is no running VM either.
+    std::fs::create_dir_all(runtime.join("vms")).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(runtime.join("vms/web.sock")).unwrap());
+    assert_one_line_error(&sm(&["exec", "web", "true"]), "no running VM named web");
+    for bad in ["a", ".x", "a/b"] {
+        assert_one_line_error(&sm(&["exec", bad, "true"]), "invalid VM name");
+        assert_one_line_error(
+            &sm(&["run", "--name", bad, "img", "true"]),
+            "invalid VM name",
+        );
+    }
+    // A runtime directory others may enter is refused.
+    std::fs::set_permissions(
+        &runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    assert_one_line_error(&sm(&["exec", "web", "true"]), "others may reach it");
+}
