@@ -2722,7 +2722,23 @@ fn run_scenarios(env: &Env, filter: Option<&str>) -> bool {
             continue;
         }
         let t = Instant::now();
-        match (s.run)(env) {
+        let mut result = (s.run)(env);
+        // Seen once in CI: a guest that reset within a second of its boot, before
+        // printing anything (the same scenario passed on every run before and
+        // after). TCG's nested SVM under L1 is the suspect; one more run in this
+        // L1 tells such a flake from a failure, and says so. No other failure
+        // is run again.
+        if result
+            .as_ref()
+            .is_err_and(|e| e.contains("the VM ended (Reset) before the process"))
+        {
+            println!(
+                "linux_guest: {}: a VM reset before its agent answered; running the scenario once more",
+                s.name
+            );
+            result = (s.run)(env);
+        }
+        match result {
             Ok(()) => {
                 passed += 1;
                 println!("test {} ... ok ({:.1}s)", s.name, t.elapsed().as_secs_f64());
