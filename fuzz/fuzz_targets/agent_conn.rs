@@ -121,9 +121,15 @@ fuzz_target!(|data: &[u8]| {
                 agent::Begin::Start {
                     spec,
                     watch_listen: chunk & 2 == 2,
+                    size: (chunk & 4 == 4).then_some((24, 80)),
                 }
             };
             let r = conn.run_process(begin, &mut out, &mut err, &mut |e| events.push(e));
+            // Started comes first, once, as the spec (or Attach) is sent; the
+            // rest is what the guest said.
+            assert_eq!(events.first(), Some(&agent::Event::Started));
+            events.remove(0);
+            assert!(!events.contains(&agent::Event::Started));
             match r {
                 Ok(status) => {
                     assert_eq!(Some(status), want.status);
