@@ -2741,20 +2741,42 @@ fn run_scenarios(env: &Env, filter: Option<&str>) -> bool {
         match result {
             Ok(()) => {
                 passed += 1;
-                println!("test {} ... ok ({:.1}s)", s.name, t.elapsed().as_secs_f64());
+                println!(
+                    "test {} ... ok ({:.1}s{})",
+                    s.name,
+                    t.elapsed().as_secs_f64(),
+                    mem_available()
+                );
             }
             Err(e) => {
                 failed += 1;
                 println!(
-                    "test {} ... FAILED ({:.1}s)\n{e}",
+                    "test {} ... FAILED ({:.1}s{})\n{e}",
                     s.name,
-                    t.elapsed().as_secs_f64()
+                    t.elapsed().as_secs_f64(),
+                    mem_available()
                 );
             }
         }
     }
     println!("linux_guest: {passed} passed, {failed} failed");
     failed == 0
+}
+
+/// `, N MiB free`: the memory this host could still give (MemAvailable), shown
+/// after each scenario. L1's RAM holds the payload, the image store, every
+/// snapshot the suite writes and each VM's guest RAM; a failure that comes with
+/// little of it left (an allocation failing in the VMM) reads differently.
+fn mem_available() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| format!(", {} MiB free", kib / 1024))
+        .unwrap_or_default()
 }
 
 fn kvm_is_pvm() -> bool {

@@ -86,6 +86,9 @@ fn common(r: &mut Rules) {
             Sysno::madvise,
             Sysno::futex,
             Sysno::sched_yield,
+            // glibc's malloc counts CPUs with it when it sizes its arenas
+            // (after its sysfs and /proc reads failed: see `open_eacces`).
+            Sysno::sched_getaffinity,
             Sysno::getrandom,
             Sysno::rt_sigreturn,
             Sysno::rt_sigprocmask,
@@ -156,12 +159,14 @@ pub(super) fn rules(class: ThreadClass, ioctls: &BackendIoctls) -> Rules {
     match class {
         ThreadClass::Vcpu => {
             device_io(&mut r);
+            any(&mut r, &OPENS);
             let mut req = ioctls.vcpu.clone();
             req.push(FIONBIO);
             arg_in(&mut r, Sysno::ioctl, 1, &req);
         }
         ThreadClass::Devices => {
             device_io(&mut r);
+            any(&mut r, &OPENS);
             any(&mut r, &[Sysno::epoll_wait, Sysno::epoll_pwait]);
             let mut req = ioctls.devices.clone();
             req.push(FIONBIO);
@@ -180,7 +185,6 @@ pub(super) fn rules(class: ThreadClass, ioctls: &BackendIoctls) -> Rules {
                     // stack guard, robust list and name.
                     Sysno::rseq,
                     Sysno::set_robust_list,
-                    Sysno::sched_getaffinity,
                     // The teardown helper's pipe; passt stopped at the end.
                     Sysno::pipe2,
                     Sysno::kill,
@@ -217,6 +221,7 @@ pub(super) fn rules(class: ThreadClass, ioctls: &BackendIoctls) -> Rules {
             // signal-hook's self-pipe (a socket pair) and the stop it
             // triggers (locks and vCPU kicks: common); `run -t`'s SIGWINCH
             // thread reads the terminal's size and sends it (write: common).
+            any(&mut r, &OPENS);
             any(
                 &mut r,
                 &[
@@ -258,5 +263,23 @@ impl BackendIoctls {
 pub(super) fn clone3_enosys() -> Rules {
     let mut r = Rules::new();
     any(&mut r, &[Sysno::clone3]);
+    r
+}
+
+/// The calls the classes that open nothing let through to their second filter,
+/// which answers them `EACCES` ([`open_eacces`]).
+const OPENS: [Sysno; 2] = [Sysno::open, Sysno::openat];
+
+/// The second filter of the classes that open no file (vCPU, devices, helper):
+/// opening answers `EACCES` instead of stopping the process. glibc's malloc
+/// opens files by itself, once per process, on whichever thread gets there
+/// first: `/proc/sys/vm/overcommit_memory` when `free` shrinks a thread
+/// arena's heap (seen in the nested rig on the device event loop, streaming
+/// 64 MiB of guest stdout), `/sys/devices/system/cpu/online` when it sizes its
+/// arenas; it takes a failed open as "no" and carries on. Nothing is opened:
+/// the thread only learns it may not.
+pub(super) fn open_eacces() -> Rules {
+    let mut r = Rules::new();
+    any(&mut r, &OPENS);
     r
 }

@@ -44,23 +44,39 @@ fn compile(
     })
 }
 
-/// `clone3` -> `ENOSYS`, everything else allowed: stacked under a class's own
-/// filter, whose allow-list lets `clone3` through to this one.
-fn clone3_filter() -> Result<BpfProgram, SandboxError> {
-    let filter = SeccompFilter::new(
-        filters::clone3_enosys(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| SandboxError::Filter {
-        class: "clone3",
-        reason: e.to_string(),
-    })?;
+/// A filter stacked under a class's own, whose allow-list lets `rules`'
+/// calls through to this one: they get `answer` (an errno), everything else
+/// is allowed. (Of stacked filters the kernel takes the strictest answer, so a
+/// call the class's filter traps stays trapped.)
+fn errno_filter(
+    name: &'static str,
+    rules: Rules,
+    answer: SeccompAction,
+) -> Result<BpfProgram, SandboxError> {
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, answer, TargetArch::x86_64)
+        .map_err(|e| SandboxError::Filter {
+            class: name,
+            reason: e.to_string(),
+        })?;
     BpfProgram::try_from(filter).map_err(|e| SandboxError::Filter {
-        class: "clone3",
+        class: name,
         reason: e.to_string(),
     })
+}
+
+fn errno(e: libc::c_int) -> SeccompAction {
+    SeccompAction::Errno(e.unsigned_abs())
+}
+
+/// Opening answers `EACCES` on the threads that open nothing
+/// ([`filters::open_eacces`]); in log mode it is logged and let through, like
+/// every other call a filter would refuse.
+fn open_filter(mode: SandboxMode) -> Result<BpfProgram, SandboxError> {
+    let answer = match mode {
+        SandboxMode::Enforce => errno(libc::EACCES),
+        SandboxMode::Log => SeccompAction::Log,
+    };
+    errno_filter("open", filters::open_eacces(), answer)
 }
 
 fn install(class: ThreadClass, bpf: &BpfProgram) -> Result<(), SandboxError> {
@@ -91,6 +107,7 @@ pub(super) struct Prepared {
     devices: BpfProgram,
     controller: BpfProgram,
     clone3: BpfProgram,
+    open_eacces: BpfProgram,
     /// The ruleset, cloned by each thread that restricts itself.
     ruleset: RulesetCreated,
     /// The worst status a thread's restriction reported.
@@ -106,7 +123,8 @@ impl Prepared {
         let vcpu = class(ThreadClass::Vcpu)?;
         let devices = class(ThreadClass::Devices)?;
         let controller = class(ThreadClass::Controller)?;
-        let clone3 = clone3_filter()?;
+        let clone3 = errno_filter("clone3", filters::clone3_enosys(), errno(libc::ENOSYS))?;
+        let open_eacces = open_filter(cfg.mode)?;
         let ruleset = ruleset(cfg)?;
         Ok(Self {
             mode: cfg.mode,
@@ -114,6 +132,7 @@ impl Prepared {
             devices,
             controller,
             clone3,
+            open_eacces,
             ruleset,
             landlock: Mutex::new(LandlockStatus::Enforced),
             max_open_files: cfg.max_open_files,
@@ -138,20 +157,19 @@ impl Prepared {
     pub(super) fn enter_thread(&self, class: ThreadClass) -> Result<(), SandboxError> {
         self.restrict_paths()?;
         match class {
-            ThreadClass::Vcpu => install(class, &self.vcpu),
-            ThreadClass::Devices => install(class, &self.devices),
+            ThreadClass::Vcpu => {
+                install(class, &self.open_eacces)?;
+                install(class, &self.vcpu)
+            }
+            ThreadClass::Devices => {
+                install(class, &self.open_eacces)?;
+                install(class, &self.devices)
+            }
             ThreadClass::Controller => {
                 install(class, &self.clone3)?;
                 install(class, &self.controller)
             }
-            ThreadClass::Helper => {
-                let bpf = compile(
-                    class.name(),
-                    filters::rules(class, &BackendIoctls::default()),
-                    self.mode,
-                )?;
-                install(class, &bpf)
-            }
+            ThreadClass::Helper => confine_helper(self.mode),
         }
     }
 
@@ -272,6 +290,7 @@ pub(super) fn confine_helper(mode: SandboxMode) -> Result<(), SandboxError> {
         filters::rules(ThreadClass::Helper, &BackendIoctls::default()),
         mode,
     )?;
+    install(ThreadClass::Helper, &open_filter(mode)?)?;
     install(ThreadClass::Helper, &bpf)
 }
 
@@ -339,10 +358,62 @@ impl Msg {
     }
 }
 
+/// The register (an index into `gregs`) that holds the path argument of the
+/// path-taking call `nr`: the report says which file a thread tried to open.
+fn path_argument(nr: libc::c_int) -> Option<usize> {
+    let reg = match i64::from(nr) {
+        libc::SYS_open
+        | libc::SYS_stat
+        | libc::SYS_lstat
+        | libc::SYS_access
+        | libc::SYS_unlink
+        | libc::SYS_readlink
+        | libc::SYS_mkdir
+        | libc::SYS_rmdir
+        | libc::SYS_rename => libc::REG_RDI,
+        libc::SYS_openat
+        | libc::SYS_newfstatat
+        | libc::SYS_faccessat
+        | libc::SYS_faccessat2
+        | libc::SYS_readlinkat
+        | libc::SYS_unlinkat
+        | libc::SYS_mkdirat
+        | libc::SYS_statx
+        | libc::SYS_openat2 => libc::REG_RSI,
+        _ => return None,
+    };
+    usize::try_from(reg).ok()
+}
+
+/// Appends the NUL-terminated string at `ptr` (at most `max` bytes of it,
+/// printable ASCII as is, anything else as `?`); nothing for a null pointer.
+///
+/// # Safety
+/// `ptr` is null or points at readable bytes up to a NUL or `max` bytes.
+unsafe fn push_c_string(m: &mut Msg, ptr: *const u8, max: usize) {
+    if ptr.is_null() {
+        return;
+    }
+    for i in 0..max {
+        // SAFETY: within the string (the caller's promise), before its NUL.
+        let b = unsafe { ptr.add(i).read() };
+        if b == 0 {
+            return;
+        }
+        let shown = if b.is_ascii_graphic() || b == b' ' {
+            b
+        } else {
+            b'?'
+        };
+        m.push(&[shown]);
+    }
+    m.push(b"...");
+}
+
 /// The `SIGSYS` handler: says which call which thread made, and ends the
 /// process with `EXIT_SANDBOX_VIOLATION`. Async-signal-safe: no allocation, no
 /// lock, only `write` and `_exit` (which every filter allows).
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler;
     // SigsysInfo is the SIGSYS layout of its first bytes (siginfo_t is 128).
     let info = unsafe { &*info.cast::<SigsysInfo>() };
@@ -365,6 +436,18 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         m.push(b" (");
         m.push_num(u64::try_from(info.syscall).unwrap_or(0));
         m.push(b")");
+        if let Some(arg) = path_argument(info.syscall) {
+            // SAFETY: the kernel passes the interrupted context as a valid
+            // ucontext_t to a SA_SIGINFO handler.
+            let regs = unsafe { &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+            let ptr = regs[arg] as *const u8;
+            m.push(b" on \"");
+            // SAFETY: the refused call's path argument: the thread was about
+            // to hand it to the kernel as a NUL-terminated string, so it
+            // points at readable bytes up to its NUL (read at most 200).
+            unsafe { push_c_string(&mut m, ptr, 200) };
+            m.push(b"\"");
+        }
     } else {
         m.push(b"(not reported: a SIGSYS that seccomp did not raise)");
     }
