@@ -319,18 +319,19 @@ impl std::fmt::Debug for VsockHandle {
 impl VsockHandle {
     /// The vsock device among `attached`, if there is one.
     pub fn find(attached: &[Attached]) -> Option<Self> {
-        attached
-            .iter()
-            .find(|a| {
-                a.transport
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .device::<Vsock>()
-                    .is_some()
-            })
-            .map(|a| Self {
-                transport: a.transport.clone(),
-            })
+        attached.iter().find_map(|a| Self::new(a.transport.clone()))
+    }
+
+    /// A handle on `transport` if it holds a vsock device: for a device set
+    /// the caller assembled and drives itself (the VMM's own is
+    /// [`crate::vmm::Vmm::vsock`]).
+    pub fn new(transport: Arc<Mutex<MmioTransport>>) -> Option<Self> {
+        let is_vsock = transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .device::<Vsock>()
+            .is_some();
+        is_vsock.then_some(Self { transport })
     }
 
     /// Ends every connection of the device (host streams read end-of-file), as

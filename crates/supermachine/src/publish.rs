@@ -367,8 +367,28 @@ const THREAD_STACK: usize = 256 << 10;
 
 /// Serves `bound` for the VM behind `vsock` until `vm` ends: one accept
 /// thread per host end, started here (inside the caller's sandbox, which the
-/// threads inherit). Join the handles after the VM's end.
-pub(crate) fn serve(
+/// threads inherit), and a thread per connection that asks the guest agent to
+/// connect it to its guest port and splices both ways. Join the handles after
+/// the VM's end. `run` serves its `-p` this way; a library user who built a
+/// [`runner::vmm::Vmm`] passes its [`runner::vmm::Vmm::vsock`] and
+/// [`runner::vmm::Vmm::stop_handle`]. The guest side is guest-init's forward
+/// port ([`FORWARD_PORT`]).
+///
+/// ```no_run
+/// # fn demo<V: hypervisor::Vm>(vmm: &runner::vmm::Vmm<V>) -> Result<(), supermachine::Error> {
+/// use std::sync::Arc;
+/// use supermachine::publish::{self, Bound, Publish};
+/// let web = Publish::parse("127.0.0.1:8080:80").map_err(supermachine::Error::Usage)?;
+/// let bound = Arc::new(Bound::bind(&[web], None)?);
+/// let vsock = vmm.vsock().expect("the VM has a vsock device");
+/// let threads = publish::serve(&bound, &vsock, &vmm.stop_handle())?;
+/// // ... once the VM has ended:
+/// for t in threads {
+///     let _ = t.join();
+/// }
+/// # Ok(()) }
+/// ```
+pub fn serve(
     bound: &Arc<Bound>,
     vsock: &runner::virtio::VsockHandle,
     vm: &runner::vmm::StopHandle,

@@ -336,6 +336,14 @@ impl std::fmt::Debug for StopHandle {
 }
 
 impl StopHandle {
+    /// A handle no VM of this crate owns: [`StopHandle::stop`] only marks it
+    /// ending. For endpoints served over a vsock device the caller drives
+    /// itself (a device model under test, a simulated guest), which stop when
+    /// their handle says the run is ending.
+    pub fn detached() -> Self {
+        Self(Arc::new(End::new()))
+    }
+
     /// Asks the run to end now.
     pub fn stop(&self) {
         self.0.finish(Ok(RunOutcome {
