@@ -1,254 +1,100 @@
-//! `exec`: a new process in a running VM's container, as `docker exec` does it.
+//! `exec`: a new process in a running VM's container, as `docker exec` does it,
+//! and the VM's control socket that serves it.
 //!
-//! A `run --name NAME` claims the name in the user's runtime directory
-//! ([`runtime_dir`]): `vms/NAME.lock` (held with `flock` for the run's life,
-//! so a run killed with SIGKILL frees its name) and the control socket
-//! `vms/NAME.sock`, which it serves while the VM runs (`serve`). `exec`
-//! ([`exec`]) connects there and speaks agent frames (docs/agent-protocol.md,
-//! "Exec"): its `ProcessSpec` names only what the user gave; the run fills in
-//! the main process's env, working directory and user, opens a vsock
-//! connection to the guest's [`EXEC_PORT`], sends the completed spec and then
-//! carries the bytes both ways untouched. The guest runs the process in the
-//! container's root, and its output, exit status and (with `-t`) terminal
-//! come back over that connection.
+//! Every run registers its VM ([`crate::vms`]) and serves its control socket
+//! (`vms/ID/ctl.sock`) while the VM runs (`serve`). `exec` ([`exec`]) finds the
+//! VM by name or id prefix, connects there and speaks agent frames
+//! (docs/agent-protocol.md, "Exec"): its `ProcessSpec` names only what the
+//! user gave; the run fills in the main process's env, working directory and
+//! user, opens a vsock connection to the guest's [`EXEC_PORT`], sends the
+//! completed spec and then carries the bytes both ways untouched. The guest
+//! runs the process in the container's root, and its output, exit status and
+//! (with `-t`) terminal come back over that connection. A `Signal` frame on
+//! stream 0 instead asks the run to signal its main process (`stop`, `kill`).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_protocol::{
     encode_frame, FrameDecoder, Message, ProcessSpec, User, CONTROL_STREAM, EXEC_PORT, EXEC_STREAM,
+    MAIN_PROCESS_STREAM,
 };
 
 use crate::agent::{self, AgentConn};
 use crate::publish::Client;
+use crate::vms::Registration;
 use crate::Error;
 
-/// Names the directory that holds the named VMs' sockets, overriding
-/// `$XDG_RUNTIME_DIR/supermachine` (or `/tmp/supermachine-UID`).
-pub const RUNTIME_DIR_ENV: &str = "SUPERMACHINE_RUNTIME_DIR";
-
-/// The longest name: a socket path must fit `sun_path` (108 bytes) with room
-/// for the directory.
-const MAX_NAME: usize = 64;
 /// How long an exec client has to send its `ProcessSpec`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stack of the exec threads (their buffers are on the heap).
 const THREAD_STACK: usize = 256 << 10;
 
-/// Checks a VM name as docker checks a container's: a letter or digit, then
-/// letters, digits, `_`, `.` and `-`, at least two characters.
-pub fn validate_name(name: &str) -> Result<(), Error> {
-    let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if name.len() < 2 || name.len() > MAX_NAME || !first_ok || !rest_ok {
-        return Err(Error::Usage(format!(
-            "invalid VM name {name:?}: use 2 to {MAX_NAME} letters, digits, '_', '.' or '-', \
-             starting with a letter or digit"
-        )));
-    }
-    Ok(())
+/// The main process's side of the run's agent connection, once it started:
+/// where the control socket's signals go.
+pub(crate) type MainSlot = Arc<Mutex<Option<Writer>>>;
+
+/// What the control socket's connections share: the VM, its main process's
+/// spec (the exec defaults) and its side of the agent connection.
+#[derive(Clone)]
+struct Served {
+    vsock: runner::virtio::VsockHandle,
+    vm: runner::vmm::StopHandle,
+    main: Arc<Option<ProcessSpec>>,
+    slot: MainSlot,
 }
 
-/// The user's runtime directory for supermachine, created (mode 0700) when
-/// missing: `$SUPERMACHINE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/supermachine`,
-/// else `/tmp/supermachine-UID`. It must belong to this user and be closed to
-/// others: a socket there is a way into the user's VMs.
-pub fn runtime_dir() -> Result<PathBuf, Error> {
-    let from_env = |k: &str| {
-        std::env::var_os(k)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    };
-    // SAFETY: geteuid has no arguments and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    let dir = from_env(RUNTIME_DIR_ENV)
-        .or_else(|| from_env("XDG_RUNTIME_DIR").map(|d| d.join("supermachine")))
-        .unwrap_or_else(|| PathBuf::from(format!("/tmp/supermachine-{uid}")));
-    let bad = |why: String| Error::RuntimeDir {
-        path: dir.clone(),
-        why,
-    };
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-    {
-        Ok(()) => {}
-        Err(e) => return Err(bad(e.to_string())),
-    }
-    let meta = std::fs::symlink_metadata(&dir).map_err(|e| bad(e.to_string()))?;
-    if !meta.is_dir() {
-        return Err(bad("it is not a directory".into()));
-    }
-    if meta.uid() != uid {
-        return Err(bad(format!(
-            "it belongs to uid {}, not to this user ({uid})",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(bad(format!(
-            "its mode is {:o}: others may reach it (chmod 700 it)",
-            meta.mode() & 0o777
-        )));
-    }
-    let vms = dir.join("vms");
-    match std::fs::DirBuilder::new().mode(0o700).create(&vms) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(Error::RuntimeDir {
-                path: vms,
-                why: e.to_string(),
-            })
-        }
-    }
-    Ok(vms)
-}
-
-/// The control socket of the VM named `name`.
-fn socket_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}.sock"))
-}
-
-/// A name a running VM holds: its lock, and its control socket, bound.
-/// Dropping it removes both.
-#[derive(Debug)]
-pub struct Named {
-    name: String,
-    socket: PathBuf,
-    lock_path: PathBuf,
-    listener: UnixListener,
-    // Held (flock) for as long as this value lives.
-    _lock: std::fs::File,
-}
-
-impl Named {
-    /// Claims `name` for this process's VM: refused while another process
-    /// holds it; a socket a killed run left behind is replaced.
-    pub fn claim(name: &str) -> Result<Self, Error> {
-        validate_name(name)?;
-        let dir = runtime_dir()?;
-        let lock_path = dir.join(format!("{name}.lock"));
-        let io = |path: &Path, e: std::io::Error| Error::RuntimeDir {
-            path: path.to_owned(),
-            why: e.to_string(),
-        };
-        let lock = loop {
-            let f = std::fs::File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&lock_path)
-                .map_err(|e| io(&lock_path, e))?;
-            // SAFETY: flock on a file this process just opened; no memory.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    return Err(Error::NameInUse { name: name.into() });
-                }
-                return Err(io(&lock_path, e));
-            }
-            // A run that ended removes its lock file; one opened just before
-            // that is locked but no longer the name's: open the new one.
-            let held = f.metadata().map_err(|e| io(&lock_path, e))?;
-            match std::fs::metadata(&lock_path) {
-                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => break f,
-                _ => continue,
-            }
-        };
-        let socket = socket_path(&dir, name);
-        match std::fs::remove_file(&socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&socket, e)),
-        }
-        let listener = UnixListener::bind(&socket).map_err(|e| io(&socket, e))?;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| io(&socket, e))?;
-        Ok(Self {
-            name: name.into(),
-            socket,
-            lock_path,
-            listener,
-            _lock: lock,
-        })
-    }
-
-    /// The name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The control socket (the sandbox lets the run remove it at the end).
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-}
-
-impl Drop for Named {
-    fn drop(&mut self) {
-        // The socket first: an exec that finds no socket reports no VM, one
-        // that finds the lock alone finds nobody listening either.
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_file(&self.lock_path);
-    }
-}
-
-/// Serves `named`'s control socket for the VM behind `vsock` until `vm`
-/// ends, on one accept thread (started inside the caller's sandbox). An
-/// exec's process gets `main`'s env (and its own `-e` after it), and
-/// `main`'s working directory and user unless it names its own. Join the
-/// handle after the VM's end.
+/// Serves `reg`'s control socket for the VM behind `vsock` until `vm` ends,
+/// on one accept thread (started inside the caller's sandbox). An exec's
+/// process gets `main`'s env (and its own `-e` after it), and `main`'s
+/// working directory and user unless it names its own; a signal goes to the
+/// main process through `slot`. Join the handle after the VM's end.
 pub(crate) fn serve(
-    named: &Arc<Named>,
+    reg: &Arc<Registration>,
     vsock: &runner::virtio::VsockHandle,
     vm: &runner::vmm::StopHandle,
     main: Option<ProcessSpec>,
+    slot: MainSlot,
 ) -> Result<std::thread::JoinHandle<()>, Error> {
-    let (named, vsock, vm) = (named.clone(), vsock.clone(), vm.clone());
-    let main = Arc::new(main);
+    let reg = reg.clone();
+    let served = Served {
+        vsock: vsock.clone(),
+        vm: vm.clone(),
+        main: Arc::new(main),
+        slot,
+    };
     std::thread::Builder::new()
         .name("sm-exec".into())
         .stack_size(THREAD_STACK)
-        .spawn(move || accept_loop(&named, &vsock, &vm, &main))
+        .spawn(move || accept_loop(&reg, &served))
         .map_err(|source| Error::Thread {
-            what: "the exec socket's accept thread",
+            what: "the control socket's accept thread",
             source,
         })
 }
 
-fn accept_loop(
-    named: &Named,
-    vsock: &runner::virtio::VsockHandle,
-    vm: &runner::vmm::StopHandle,
-    main: &Arc<Option<ProcessSpec>>,
-) {
-    let fd = named.listener.as_raw_fd();
-    while !vm.is_ending() {
+fn accept_loop(reg: &Registration, served: &Served) {
+    let listener = reg.listener();
+    let fd = listener.as_raw_fd();
+    while !served.vm.is_ending() {
         if !crate::publish::readable_soon(fd) {
             continue;
         }
-        let client = match named.listener.accept() {
+        let client = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
                 tracing::debug!("exec socket: accept: {e}");
                 continue;
             }
         };
-        let (vsock, vm, main) = (vsock.clone(), vm.clone(), main.clone());
+        let served = served.clone();
         let spawned = std::thread::Builder::new()
             .name("sm-exec-conn".into())
             .stack_size(THREAD_STACK)
-            .spawn(move || proxy(client, &vsock, &vm, (*main).as_ref()));
+            .spawn(move || proxy(client, &served));
         if let Err(e) = spawned {
             tracing::warn!("exec socket: cannot start a thread for a connection: {e}");
         }
@@ -281,8 +127,17 @@ fn refuse(client: &mut UnixStream, message: String) {
     }
 }
 
-/// Reads the client's first frame, its `ProcessSpec`, and any bytes after it.
-fn read_request(client: &mut UnixStream) -> Result<(u32, ProcessSpec, Vec<u8>), String> {
+/// What a control socket client asks for.
+enum Request {
+    /// An exec: its stream, spec, and the bytes after the spec.
+    Exec(u32, ProcessSpec, Vec<u8>),
+    /// A signal for the main process.
+    Signal(i32),
+}
+
+/// Reads the client's first frame: an exec's `ProcessSpec` (and any bytes
+/// after it), or a `Signal` on stream 0.
+fn read_request(client: &mut UnixStream) -> Result<Request, String> {
     client
         .set_read_timeout(Some(REQUEST_TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -301,30 +156,47 @@ fn read_request(client: &mut UnixStream) -> Result<(u32, ProcessSpec, Vec<u8>), 
             let _ = client.set_read_timeout(None);
             return match raw.to_frame() {
                 Ok(f) if f.stream != CONTROL_STREAM => match f.message {
-                    Message::ProcessSpec(spec) => Ok((f.stream, spec, early)),
+                    Message::ProcessSpec(spec) => Ok(Request::Exec(f.stream, spec, early)),
                     other => Err(format!(
                         "an exec request starts with ProcessSpec, not {:?}",
                         other.kind()
                     )),
                 },
-                Ok(_) => Err("an exec request is on a process stream, not stream 0".into()),
+                Ok(f) => match f.message {
+                    Message::Signal { signo } => Ok(Request::Signal(signo)),
+                    other => Err(format!(
+                        "stream 0 takes a Signal for the main process, not {:?}",
+                        other.kind()
+                    )),
+                },
                 Err(e) => Err(e.to_string()),
             };
         }
     }
 }
 
-/// Carries one exec client to the guest's exec port and back.
-fn proxy(
-    mut client: UnixStream,
-    vsock: &runner::virtio::VsockHandle,
-    vm: &runner::vmm::StopHandle,
-    main: Option<&ProcessSpec>,
-) {
+/// Carries one exec client to the guest's exec port and back, or passes a
+/// signal on to the main process (answering with the same `Signal` once it
+/// went).
+fn proxy(mut client: UnixStream, served: &Served) {
     let (stream, spec, early) = match read_request(&mut client) {
-        Ok(r) => r,
+        Ok(Request::Exec(stream, spec, early)) => (stream, spec, early),
+        Ok(Request::Signal(signo)) => {
+            let w = served.slot.lock().ok().and_then(|w| w.clone());
+            let Some(w) = w else {
+                return refuse(&mut client, "the VM's process has not started".into());
+            };
+            send(&w, MAIN_PROCESS_STREAM, &Message::Signal { signo });
+            // The same frame back says it went.
+            let mut frame = Vec::new();
+            if encode_frame(CONTROL_STREAM, &Message::Signal { signo }, &mut frame).is_ok() {
+                let _ = client.write_all(&frame);
+            }
+            return;
+        }
         Err(e) => return refuse(&mut client, e),
     };
+    let (vsock, vm, main) = (&served.vsock, &served.vm, (*served.main).as_ref());
     let mut conn = match vsock.connect(EXEC_PORT) {
         Ok(c) => c,
         Err(e) => {
@@ -355,7 +227,7 @@ fn proxy(
 /// What `supermachine exec` runs.
 #[derive(Clone, Debug, Default)]
 pub struct ExecOptions {
-    /// The running VM (`run --name`).
+    /// The running VM: its name or a unique prefix of its id.
     pub name: String,
     /// The command and its arguments.
     pub argv: Vec<String>,
@@ -374,30 +246,10 @@ pub struct ExecOptions {
 /// Runs `opts.argv` in the VM named `opts.name`; its stdout and stderr go to
 /// this process's, and the result is docker's exit code for it.
 pub fn exec(opts: &ExecOptions) -> Result<i32, Error> {
-    validate_name(&opts.name)?;
     if opts.argv.is_empty() {
         return Err(Error::Usage("exec needs a command to run".into()));
     }
-    let path = socket_path(&runtime_dir()?, &opts.name);
-    let sock = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Err(Error::NoSuchVm {
-                name: opts.name.clone(),
-            })
-        }
-        Err(e) => {
-            return Err(Error::RuntimeDir {
-                path,
-                why: e.to_string(),
-            })
-        }
-    };
+    let sock = connect(&crate::vms::find(&opts.name)?)?;
     let terminal = if opts.tty && opts.interactive {
         Some(crate::terminal::Raw::enter(true)?)
     } else {
@@ -441,6 +293,71 @@ pub fn exec(opts: &ExecOptions) -> Result<i32, Error> {
             opts.name
         ))),
         Err(e) => Err(Error::Exec(crate::error_chain(&e))),
+    }
+}
+
+/// A connection to `e`'s control socket; a VM that is not running (or whose
+/// socket is gone with it) is [`Error::VmNotRunning`].
+pub(crate) fn connect(e: &crate::vms::Entry) -> Result<UnixStream, Error> {
+    let not_running = || Error::VmNotRunning {
+        name: e.display_name().into(),
+    };
+    if !e.is_running() {
+        return Err(not_running());
+    }
+    let path = e.socket();
+    match UnixStream::connect(&path) {
+        Ok(s) => Ok(s),
+        Err(err)
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Err(not_running())
+        }
+        Err(err) => Err(Error::RuntimeDir {
+            path,
+            why: err.to_string(),
+        }),
+    }
+}
+
+/// Has `e`'s run send `signo` to its main process.
+pub fn signal(e: &crate::vms::Entry, signo: i32) -> Result<(), Error> {
+    let mut sock = connect(e)?;
+    let mut frame = Vec::new();
+    encode_frame(CONTROL_STREAM, &Message::Signal { signo }, &mut frame)
+        .map_err(|err| Error::Exec(err.to_string()))?;
+    sock.write_all(&frame).map_err(|_| Error::VmNotRunning {
+        name: e.display_name().into(),
+    })?;
+    sock.set_read_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(|err| Error::Exec(err.to_string()))?;
+    let mut dec = FrameDecoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            return Err(Error::VmNotRunning {
+                name: e.display_name().into(),
+            });
+        }
+        let mut input = &buf[..n];
+        if let Some(raw) = dec
+            .decode(&mut input)
+            .map_err(|err| Error::Exec(err.to_string()))?
+        {
+            return match raw.to_frame().map(|f| f.message) {
+                Ok(Message::Signal { .. }) => Ok(()),
+                Ok(Message::Error { message }) => Err(Error::Exec(message)),
+                Ok(other) => Err(Error::Exec(format!(
+                    "the VM answered {:?} to a signal",
+                    other.kind()
+                ))),
+                Err(err) => Err(Error::Exec(err.to_string())),
+            };
+        }
     }
 }
 
@@ -489,17 +406,6 @@ pub(crate) fn forward_stdin(writer: &Writer, stream: u32) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn names_follow_dockers_rules() {
-        for ok in ["web", "a1", "my_vm.2-x", "0db"] {
-            assert!(validate_name(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "a", "-x", ".x", "a/b", "a b", "ü1", &"x".repeat(65)] {
-            let e = validate_name(bad).unwrap_err().to_string();
-            assert!(e.contains("invalid VM name"), "{bad}: {e}");
-        }
-    }
-
     fn spec(env: &[&str], cwd: &str, user: &str) -> ProcessSpec {
         ProcessSpec {
             argv: vec!["sh".into()],
@@ -525,33 +431,5 @@ mod tests {
         );
         // A restored VM's main process is not known: the exec's own spec.
         assert_eq!(complete(spec(&["A=2"], "", ""), None).env, vec!["A=2"]);
-    }
-
-    #[test]
-    fn a_name_is_held_by_one_run_at_a_time_and_freed_at_its_end() {
-        let dir = std::env::temp_dir().join(format!("sm-exec-names-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        // Only this test of the library's reads the variable.
-        std::env::set_var(RUNTIME_DIR_ENV, &dir);
-        let first = Named::claim("web").unwrap();
-        assert!(first.socket().exists());
-        let e = Named::claim("web").unwrap_err().to_string();
-        assert!(e.contains("already running"), "{e}");
-        // A stale socket of a killed run does not hold the name.
-        drop(first);
-        assert!(!dir.join("vms/web.sock").exists());
-        std::os::unix::net::UnixListener::bind(dir.join("vms/web.sock")).unwrap();
-        let again = Named::claim("web").unwrap();
-        let e = exec(&ExecOptions {
-            name: "nope".into(),
-            argv: vec!["true".into()],
-            ..Default::default()
-        })
-        .unwrap_err()
-        .to_string();
-        assert_eq!(e, "no running VM named nope");
-        drop(again);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -19,11 +19,13 @@ use std::sync::Arc;
 pub mod agent;
 pub mod exec;
 pub mod interrupt;
+pub mod manage;
 pub mod publish;
 pub mod run;
 pub mod snapshots;
 pub mod terminal;
 pub mod tls;
+pub mod vms;
 
 pub use interrupt::Interrupt;
 pub use publish::{HostEnd, Publish};
@@ -194,16 +196,40 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
-    /// `run --name` with a name a running VM holds.
-    #[error("a VM named {name} is already running (choose another --name)")]
+    /// `run --name` with a name another VM holds (running, or detached and
+    /// not removed).
+    #[error("a VM named {name} already exists (choose another --name, or rm it)")]
     NameInUse {
         /// The name.
         name: String,
     },
-    /// `exec` names no running VM.
-    #[error("no running VM named {name}")]
+    /// A name or id prefix that names no VM.
+    #[error("no VM named {name}")]
     NoSuchVm {
-        /// The name.
+        /// The name or id prefix.
+        name: String,
+    },
+    /// An id prefix that several VMs share.
+    #[error("{query} names {count} VMs: give more of the id, or the name")]
+    AmbiguousVm {
+        /// The prefix.
+        query: String,
+        /// How many VMs it matches.
+        count: usize,
+    },
+    /// `rm` of a running VM without `-f`.
+    #[error("VM {name} is running: stop it first, or rm -f")]
+    VmRunning {
+        /// Its name or short id.
+        name: String,
+    },
+    /// `run -d`: the VM's supervisor failed before its process started.
+    #[error("{0}")]
+    Detach(String),
+    /// `exec`, `stop` or `kill` of a VM that has ended.
+    #[error("VM {name} is not running")]
+    VmNotRunning {
+        /// Its name or short id.
         name: String,
     },
     /// An exec could not run its process, or lost it.

@@ -88,9 +88,19 @@ enum Command {
     /// Run an image's process in a new microVM, as `docker run` does; exits with
     /// its status (125 for supermachine's own errors).
     Run {
-        /// Accepted for docker compatibility: every VM is removed when it ends.
+        /// Accepted for docker compatibility: a foreground VM is removed when
+        /// it ends.
         #[arg(long)]
         rm: bool,
+        /// Run in the background: print the VM's id once its process has
+        /// started; `ps`, `logs`, `stop`, `rm` manage it.
+        #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty", "restore"])]
+        detach: bool,
+        /// With -d: run the VM again when its process ends: no, on-failure[:N]
+        /// (after a non-zero exit, at most N times) or always (but after a
+        /// `stop`).
+        #[arg(long, value_parser = parse_restart, default_value = "no", requires = "detach")]
+        restart: supermachine::manage::RestartPolicy,
         #[command(flatten)]
         process: ProcessArgs,
         /// Replace the image's entrypoint.
@@ -192,9 +202,9 @@ enum Command {
         /// host terminal is in raw mode until it ends).
         #[arg(short = 't', long, conflicts_with = "restore")]
         tty: bool,
-        /// Name the VM while it runs, so that `supermachine exec NAME CMD`
-        /// from another terminal runs a command in it (letters, digits, '_',
-        /// '.', '-'; one running VM per name).
+        /// Name the VM, so that `exec NAME CMD`, `stop NAME`... reach it
+        /// (letters, digits, '_', '.', '-'; one VM per name until it is
+        /// removed).
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
         /// The image.
@@ -204,9 +214,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a command in a running VM's container (one started with `run
-    /// --name`), as `docker exec` does: the main process's root, env, working
-    /// directory and user unless given; exits with the command's status.
+    /// Run a command in a running VM's container, as `docker exec` does: the
+    /// main process's root, env, working directory and user unless given;
+    /// exits with the command's status.
     Exec {
         /// Keep stdin open and send it to the command.
         #[arg(short = 'i', long)]
@@ -217,11 +227,77 @@ enum Command {
         tty: bool,
         #[command(flatten)]
         process: ProcessArgs,
-        /// The VM's name (`run --name`).
+        /// The VM: its name or a unique prefix of its id.
         name: String,
         /// Command and arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+    /// List VMs: the running ones, or every one with -a.
+    Ps {
+        /// Also the VMs that ended (detached ones stay until `rm`).
+        #[arg(short = 'a', long)]
+        all: bool,
+        /// Only the ids.
+        #[arg(short = 'q', long)]
+        quiet: bool,
+        /// `json`: one JSON object per VM and line.
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
+    },
+    /// Print a detached VM's output: its stdout on stdout, its stderr on stderr.
+    Logs {
+        /// Keep printing new output until the VM ends.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<usize>,
+        /// Prefix each line with the time it was written (RFC 3339, UTC).
+        #[arg(short = 't', long)]
+        timestamps: bool,
+        /// The VM: its name or a unique prefix of its id.
+        vm: String,
+    },
+    /// Stop VMs: the image's stop signal (SIGTERM unless it names another) to
+    /// the process, SIGKILL after the timeout, then the VM powers off.
+    Stop {
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long, default_value_t = 10)]
+        time: u64,
+        /// The VMs.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Send a signal to VMs' processes.
+    Kill {
+        /// The signal: a name (SIGTERM, TERM) or a number.
+        #[arg(short = 's', long, default_value = "SIGKILL")]
+        signal: String,
+        /// The VMs.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Remove VMs that ended (with -f, stop running ones first).
+    Rm {
+        /// Stop a running VM (SIGKILL) and remove it.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// The VMs.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Print what is known about VMs as JSON: config, state, ports, pid, log.
+    Inspect {
+        /// The VMs.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Wait until VMs end; prints each one's exit code.
+    Wait {
+        /// The VMs.
+        #[arg(required = true)]
+        vms: Vec<String>,
     },
     /// Pull an image into the store and build its root filesystem.
     Pull {
@@ -421,6 +497,151 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
     ExitCode::from(EXIT_INTERNAL)
 }
 
+/// Exit code of the VM verbs' own failures (docker's CLI uses 1 for a
+/// container it cannot find or act on).
+const EXIT_VERB: u8 = 1;
+
+fn fail_verb(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("supermachine: error: {}", supermachine::error_chain(e));
+    ExitCode::from(EXIT_VERB)
+}
+
+/// Runs `f` on each VM named in `queries`, printing what it returns (a line
+/// per VM, as docker's verbs print names); errors are printed as they come
+/// and the exit code is 1 if any failed.
+fn each_vm(
+    queries: &[String],
+    f: impl Fn(&supermachine::vms::Entry) -> Result<String, supermachine::Error>,
+) -> ExitCode {
+    let mut code = ExitCode::SUCCESS;
+    for q in queries {
+        match supermachine::vms::find(q).and_then(|e| f(&e)) {
+            Ok(line) => println!("{line}"),
+            Err(e) => code = fail_verb(&e),
+        }
+    }
+    code
+}
+
+/// How long ago `ms` (since the epoch) was, as docker says it.
+fn ago(ms: u64) -> String {
+    let s = supermachine::vms::now_ms().saturating_sub(ms) / 1000;
+    match s {
+        0 => "Less than a second".into(),
+        1 => "1 second".into(),
+        2..=59 => format!("{s} seconds"),
+        60..=119 => "About a minute".into(),
+        120..=3599 => format!("{} minutes", s / 60),
+        3600..=7199 => "About an hour".into(),
+        7200..=172_799 => format!("{} hours", s / 3600),
+        _ => format!("{} days", s / 86_400),
+    }
+}
+
+/// `ps`'s STATUS column.
+fn status_text(e: &supermachine::vms::Entry) -> String {
+    use supermachine::vms::Status;
+    let s = e.effective_state();
+    match s.status {
+        Status::Created => "Created".into(),
+        Status::Running => format!("Up {}", ago(s.started_ms.unwrap_or(e.config.created_ms))),
+        Status::Exited => {
+            let when = ago(s.finished_ms.unwrap_or(e.config.created_ms));
+            match s.exit_code {
+                Some(c) => format!("Exited ({c}) {when} ago"),
+                None => format!(
+                    "Exited ({}) {when} ago",
+                    s.reason.as_deref().unwrap_or("no exit code")
+                ),
+            }
+        }
+    }
+}
+
+/// `inspect`'s JSON for one VM.
+fn inspect_json(e: &supermachine::vms::Entry) -> serde_json::Value {
+    let s = e.effective_state();
+    let time = |ms: Option<u64>| {
+        ms.map(|ms| {
+            supermachine::manage::rfc3339(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+        })
+    };
+    serde_json::json!({
+        "Id": e.config.id,
+        "Name": e.config.name,
+        "Image": e.config.image,
+        "Command": e.config.command,
+        "Created": time(Some(e.config.created_ms)),
+        "Detached": e.config.detached,
+        "Ports": e.config.ports,
+        "State": {
+            "Status": s.status,
+            "Running": e.is_running(),
+            "Pid": s.pid,
+            "ExitCode": s.exit_code,
+            "Error": s.reason,
+            "StartedAt": time(s.started_ms),
+            "FinishedAt": time(s.finished_ms),
+            "StopSignal": s.stop_signal,
+        },
+        "LogPath": e.log(),
+        "Dir": e.dir,
+    })
+}
+
+/// `supermachine ps`.
+fn ps(all: bool, quiet: bool, format: Option<&str>) -> ExitCode {
+    let list = match supermachine::vms::list() {
+        Ok(l) => l,
+        Err(e) => return fail_verb(&e),
+    };
+    let shown = list.iter().filter(|e| all || e.is_running());
+    match format {
+        Some("json") => {
+            for e in shown {
+                println!("{}", inspect_json(e));
+            }
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            return fail_verb(&supermachine::Error::Usage(format!(
+                "unknown --format {other:?} (json)"
+            )))
+        }
+        None => {}
+    }
+    if quiet {
+        for e in shown {
+            println!("{}", e.short_id());
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<14} {:<24} {:<22} {:<16} {:<28} {:<24} NAMES",
+        "VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"
+    );
+    for e in shown {
+        let mut cmd = e.config.command.join(" ");
+        if cmd.len() > 20 {
+            cmd.truncate(17);
+            cmd.push_str("...");
+        }
+        println!(
+            "{:<14} {:<24} {:<22} {:<16} {:<28} {:<24} {}",
+            e.short_id(),
+            e.config.image,
+            format!("\"{cmd}\""),
+            format!("{} ago", ago(e.config.created_ms)),
+            status_text(e),
+            e.config.ports.join(", "),
+            e.config.name.as_deref().unwrap_or("")
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 /// A command line clap refused: one line and 125, as every other supermachine
 /// failure (docker run also exits 125 on a bad flag). Help and version requests
 /// print as clap renders them.
@@ -453,6 +674,10 @@ fn clap_message(rendered: &str) -> String {
 
 fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
     supermachine::DiskSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_restart(s: &str) -> Result<supermachine::manage::RestartPolicy, String> {
+    supermachine::manage::RestartPolicy::parse(s)
 }
 
 fn parse_publish(s: &str) -> Result<supermachine::Publish, String> {
@@ -580,6 +805,8 @@ fn main() -> ExitCode {
         }
         Command::Run {
             rm: _,
+            detach,
+            restart,
             process: ProcessArgs { env, workdir, user },
             entrypoint,
             cpus,
@@ -655,18 +882,108 @@ fn main() -> ExitCode {
                 tls: tls_cert.zip(tls_key),
                 interactive,
                 tty,
+                detached: detach,
+                restart,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
-            match supermachine::run::run(
-                &opts,
-                Box::new(std::io::stdout()),
-                Box::new(std::io::stderr()),
-                timings,
-            ) {
+            let supervisor = std::env::var_os(supermachine::manage::SUPERVISOR_ENV).is_some();
+            if detach && !supervisor {
+                return match supermachine::manage::detach() {
+                    Ok(id) => {
+                        println!("{id}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                };
+            }
+            let r = if detach {
+                let log = supermachine::manage::LogSink::default();
+                let streams = log.clone();
+                supermachine::run::run_registered(
+                    &opts,
+                    || {
+                        (
+                            Box::new(streams.stdout()) as Box<dyn std::io::Write + Send>,
+                            Box::new(streams.stderr()) as Box<dyn std::io::Write + Send>,
+                        )
+                    },
+                    timings,
+                    |reg| supermachine::manage::supervise(reg, &log),
+                )
+            } else {
+                supermachine::run::run(
+                    &opts,
+                    Box::new(std::io::stdout()),
+                    Box::new(std::io::stderr()),
+                    timings,
+                )
+            };
+            match r {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => exit_for(&e),
             }
         }
+        Command::Ps { all, quiet, format } => ps(all, quiet, format.as_deref()),
+        Command::Logs {
+            follow,
+            tail,
+            timestamps,
+            vm,
+        } => {
+            let opts = supermachine::manage::LogsOptions {
+                follow,
+                tail,
+                timestamps,
+            };
+            let r = supermachine::vms::find(&vm).and_then(|e| {
+                supermachine::manage::logs(
+                    &e,
+                    &opts,
+                    &mut std::io::stdout(),
+                    &mut std::io::stderr(),
+                )
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail_verb(&e),
+            }
+        }
+        Command::Stop { time, vms } => each_vm(&vms, |e| {
+            supermachine::manage::stop(e, std::time::Duration::from_secs(time))
+                .map(|()| e.display_name().to_string())
+        }),
+        Command::Kill { signal, vms } => match supermachine::manage::parse_signal(&signal) {
+            Ok(n) => each_vm(&vms, |e| {
+                supermachine::manage::kill(e, n).map(|()| e.display_name().to_string())
+            }),
+            Err(e) => fail_verb(&e),
+        },
+        Command::Rm { force, vms } => each_vm(&vms, |e| {
+            if e.is_running() {
+                if !force {
+                    return Err(supermachine::Error::VmRunning {
+                        name: e.display_name().into(),
+                    });
+                }
+                supermachine::manage::stop(e, std::time::Duration::ZERO)?;
+            }
+            supermachine::vms::remove(e).map(|()| e.display_name().to_string())
+        }),
+        Command::Inspect { vms } => {
+            let mut out = Vec::new();
+            let mut code = ExitCode::SUCCESS;
+            for q in &vms {
+                match supermachine::vms::find(q) {
+                    Ok(e) => out.push(inspect_json(&e)),
+                    Err(e) => code = fail_verb(&e),
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            code
+        }
+        Command::Wait { vms } => each_vm(&vms, |e| {
+            supermachine::manage::wait(e).map(|c| c.to_string())
+        }),
         Command::Exec {
             interactive,
             tty,

@@ -86,10 +86,17 @@ pub struct RunOptions {
     /// from the capture on and its exit status are the run's. `image`, `args`
     /// and the VM options are the snapshot's own and not used.
     pub restore: Option<PathBuf>,
-    /// A name for the VM while it runs (`--name`): `exec NAME` reaches it
+    /// A name for the VM (`--name`): `exec NAME`, `stop NAME`... reach it
     /// through its control socket in the runtime directory
-    /// (`crate::exec::runtime_dir`). Claimed before anything is pulled.
+    /// (`crate::vms::runtime_dir`). Claimed before anything is pulled.
     pub name: Option<String>,
+    /// `run -d`: the VM's entry stays in the registry after its end, until
+    /// `rm` (a foreground run's goes with it). The caller is the supervisor
+    /// and sends the output where `logs` finds it.
+    pub detached: bool,
+    /// `--restart`: run again when the process ends (see
+    /// [`crate::manage::RestartPolicy`]); a `stop` ends it for good.
+    pub restart: crate::manage::RestartPolicy,
     /// Terminate TLS on the published ports with this PEM certificate chain
     /// and key (`--tls-cert`, `--tls-key`): the ports marked `/tls`, or every
     /// TCP one when none is marked.
@@ -412,6 +419,96 @@ pub fn run(
     err: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
+    let mut io = Some((out, err));
+    run_registered(
+        opts,
+        || {
+            io.take().unwrap_or_else(|| {
+                (
+                    Box::new(std::io::stdout()) as Box<dyn Write + Send>,
+                    Box::new(std::io::stderr()) as Box<dyn Write + Send>,
+                )
+            })
+        },
+        timings,
+        |_| {},
+    )
+}
+
+/// [`run`], calling `registered` with the VM's registration as soon as it
+/// exists (before anything is pulled): `run -d`'s supervisor tells its
+/// parent the id there. The registration records each run's end, and
+/// `opts.restart` runs the VM again (with new output from `io`) unless a
+/// `stop` or a signal ended it. Returns the last run's exit code.
+pub fn run_registered(
+    opts: &RunOptions,
+    mut io: impl FnMut() -> (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    timings: Arc<Timings>,
+    registered: impl FnOnce(&crate::vms::Registration),
+) -> Result<i32, Error> {
+    // A port in use, or a name another VM holds, fails the run before
+    // anything is pulled or booted.
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(crate::tls::TlsConfig::load(cert, key)?),
+        None => None,
+    };
+    let mut bound = Some(crate::publish::Bound::bind(&opts.publish, tls.clone())?);
+    let vm = Arc::new(crate::vms::Registration::create(crate::vms::VmConfig {
+        name: opts.name.clone(),
+        image: match &opts.restore {
+            Some(p) => p.display().to_string(),
+            None => opts.image.clone(),
+        },
+        command: opts.args.clone(),
+        ports: opts.publish.iter().map(ToString::to_string).collect(),
+        detached: opts.detached,
+        restart: opts.restart.to_string(),
+        ..crate::vms::VmConfig::default()
+    })?);
+    registered(&vm);
+    let mut restarts = 0;
+    let mut backoff = RESTART_BACKOFF;
+    loop {
+        // The ports are bound again for a restart (the last run closed them).
+        let b = match bound.take() {
+            Some(b) => b,
+            None => crate::publish::Bound::bind(&opts.publish, tls.clone())?,
+        };
+        let r = run_in(opts, b, &vm, io(), timings.clone());
+        match &r {
+            Ok(code) => vm.exited(Some(*code), None),
+            Err(e) => vm.exited(None, Some(crate::error_chain(e))),
+        }
+        let code = r.as_ref().ok().copied();
+        let interrupted = matches!(r, Err(Error::Interrupted { .. }))
+            || opts
+                .interrupt
+                .as_ref()
+                .and_then(crate::Interrupt::signal)
+                .is_some();
+        if interrupted || vm.stop_requested() || !opts.restart.restarts_after(code, restarts) {
+            return r;
+        }
+        restarts += 1;
+        vm.update(|s| s.restarts = restarts);
+        // docker's back-off: doubling from 100 ms, so a program that fails at
+        // once does not spin.
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+    }
+}
+
+/// The first wait before a restart, and the longest.
+const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+fn run_in(
+    opts: &RunOptions,
+    mut bound: crate::publish::Bound,
+    vm: &Arc<crate::vms::Registration>,
+    (out, err): (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    timings: Arc<Timings>,
+) -> Result<i32, Error> {
     if opts.tty && opts.interactive && !std::io::stdin().is_terminal() {
         return Err(Error::Usage(
             "the input device is not a TTY: -t with -i needs a terminal on stdin \
@@ -419,24 +516,12 @@ pub fn run(
                 .into(),
         ));
     }
-    // A port in use, or a name a running VM holds, fails the run before
-    // anything is pulled or booted.
-    let tls = match &opts.tls {
-        Some((cert, key)) => Some(crate::tls::TlsConfig::load(cert, key)?),
-        None => None,
-    };
-    let mut bound = crate::publish::Bound::bind(&opts.publish, tls)?;
-    let named = opts
-        .name
-        .as_deref()
-        .map(crate::exec::Named::claim)
-        .transpose()?
-        .map(Arc::new);
     if let Some(path) = &opts.restore {
         bound.announce();
         let reach = Reach {
             published: Arc::new(bound),
-            named,
+            vm: vm.clone(),
+            main: crate::exec::MainSlot::default(),
             stdio: None,
         };
         return run_restored(opts, path, &reach, (out, err), timings);
@@ -460,13 +545,21 @@ pub fn run(
     bound.announce();
     // The terminal goes raw, and its size changes are followed, before the
     // sandbox (which allows neither to start) and before the guest runs.
-    let (_raw, stdio) = terminal_for(opts)?;
+    let main = crate::exec::MainSlot::default();
+    let (_raw, stdio) = terminal_for(opts, &main)?;
     let reach = Reach {
         published: Arc::new(bound),
-        named,
+        vm: vm.clone(),
+        main,
         stdio,
     };
     timings.phase("image_ready");
+    let stop_signal = img
+        .config
+        .stop_signal
+        .as_deref()
+        .and_then(|s| crate::manage::parse_signal(s).ok());
+    vm.update(|s| s.stop_signal = stop_signal);
     let spec = process_spec(&img.config, opts)?;
     let res = vm_resources(opts, &img)?;
     timings.phase("resources_ready");
@@ -600,34 +693,36 @@ pub fn vm_resources(opts: &RunOptions, img: &PreparedImage) -> Result<crate::VmR
 }
 
 /// How the host reaches a run's VM besides its main process's output:
-/// published ports, the control socket of its name, and stdin and the
-/// terminal's size.
+/// published ports, its registration's control socket, the main process's
+/// side of the agent connection (signals, stdin, the terminal's size once it
+/// started), and `-i`/`-t`.
 struct Reach {
     published: Arc<crate::publish::Bound>,
-    named: Option<Arc<crate::exec::Named>>,
+    vm: Arc<crate::vms::Registration>,
+    main: crate::exec::MainSlot,
     stdio: Option<Stdio>,
 }
 
-/// `-i` and `-t`: the agent connection's write side once it is open, for
-/// the stdin and window-size threads.
+/// `-i` and `-t`: whether stdin is forwarded once the process started.
 #[derive(Clone)]
 struct Stdio {
     interactive: bool,
-    writer: Arc<std::sync::Mutex<Option<crate::exec::Writer>>>,
 }
 
 /// Raw mode and the SIGWINCH thread for `-t` (raw only with `-i`); the
 /// guard restores the terminal when dropped.
-fn terminal_for(opts: &RunOptions) -> Result<(Option<crate::terminal::Raw>, Option<Stdio>), Error> {
+fn terminal_for(
+    opts: &RunOptions,
+    main: &crate::exec::MainSlot,
+) -> Result<(Option<crate::terminal::Raw>, Option<Stdio>), Error> {
     if !opts.tty && !opts.interactive {
         return Ok((None, None));
     }
     let stdio = Stdio {
         interactive: opts.interactive,
-        writer: Arc::new(std::sync::Mutex::new(None)),
     };
     if opts.tty {
-        let slot = stdio.writer.clone();
+        let slot = main.clone();
         crate::terminal::on_resize(move |rows, cols| {
             let w = slot.lock().ok().and_then(|w| w.clone());
             if let Some(w) = w {
@@ -753,7 +848,7 @@ fn launch(
             .into_iter()
             .chain(explicit.map(|c| c.path.as_path()))
             .chain(sockets.iter().map(PathBuf::as_path))
-            .chain(reach.named.as_deref().map(crate::exec::Named::socket));
+            .chain(std::iter::once(reach.vm.socket()));
         crate::enter_sandbox(&vmm, res, mode, files)?;
     }
     let stop = vmm.stop_handle();
@@ -763,13 +858,19 @@ fn launch(
     let vsock_after = vsock.clone();
     let stdio = reach.stdio.clone();
     let mut publishers = crate::publish::serve(&reach.published, &vsock, &stop)?;
-    if let Some(named) = &reach.named {
-        let main = match &begin {
-            agent::Begin::Start { spec, .. } => Some(spec.clone()),
-            agent::Begin::Attach => None,
-        };
-        publishers.push(crate::exec::serve(named, &vsock, &stop, main)?);
-    }
+    let main_spec = match &begin {
+        agent::Begin::Start { spec, .. } => Some(spec.clone()),
+        agent::Begin::Attach => None,
+    };
+    publishers.push(crate::exec::serve(
+        &reach.vm,
+        &vsock,
+        &stop,
+        main_spec,
+        reach.main.clone(),
+    )?);
+    let main_slot = reach.main.clone();
+    let registration = reach.vm.clone();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     // The agent's news for the captures, and a ready capture's "done" back:
@@ -806,19 +907,24 @@ fn launch(
                     let _ = captured_rx.recv();
                 }
                 let _ = news_tx.send(AgentNews::Started);
-                let writer = stdio.as_ref().and_then(|st| {
-                    let w = Arc::new(std::sync::Mutex::new(conn.get_ref().try_clone().ok()?));
-                    if let Ok(mut slot) = st.writer.lock() {
-                        *slot = Some(w.clone());
-                    }
-                    Some((w, st.interactive))
-                });
+                let writer = conn
+                    .get_ref()
+                    .try_clone()
+                    .ok()
+                    .map(|w| Arc::new(std::sync::Mutex::new(w)));
+                if let (Some(w), Ok(mut slot)) = (&writer, main_slot.lock()) {
+                    *slot = Some(w.clone());
+                }
+                let interactive = stdio.as_ref().is_some_and(|st| st.interactive);
                 let mut news = |e| {
-                    if let (agent::Event::Started, Some((w, true))) = (e, &writer) {
-                        if let Err(e) =
-                            crate::exec::forward_stdin(w, agent_protocol::MAIN_PROCESS_STREAM)
-                        {
-                            eprintln!("supermachine: warning: stdin is not forwarded: {e}");
+                    if let agent::Event::Started = e {
+                        registration.running();
+                        if let (Some(w), true) = (&writer, interactive) {
+                            if let Err(e) =
+                                crate::exec::forward_stdin(w, agent_protocol::MAIN_PROCESS_STREAM)
+                            {
+                                eprintln!("supermachine: warning: stdin is not forwarded: {e}");
+                            }
                         }
                     }
                     let _ = news_tx.send(AgentNews::Guest(e));

@@ -137,8 +137,17 @@ fn boot(args: &[&str]) -> Output {
 
 /// A supermachine failure: exit 125, exactly one line on stderr naming the problem.
 fn assert_one_line_error(o: &Output, needle: &str) {
+    assert_one_line_error_code(o, 125, needle);
+}
+
+/// The VM verbs (`stop`, `rm`, `inspect`...) fail with docker's 1.
+fn assert_verb_error(o: &Output, needle: &str) {
+    assert_one_line_error_code(o, 1, needle);
+}
+
+fn assert_one_line_error_code(o: &Output, code: i32, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(125), "stderr: {err}");
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
     assert_eq!(err.lines().count(), 1, "one line expected, got: {err}");
     assert!(err.starts_with("supermachine: error: "), "{err}");
     assert!(err.contains(needle), "{needle:?} not in: {err}");
@@ -1057,8 +1066,34 @@ fn snapshots_lists_and_prunes_and_rmi_removes_an_images_snapshots() {
     assert!(!dir.exists(), "rmi left {}", dir.display());
 }
 
+/// A registry entry as a supervisor leaves it: `vms/ID/{config,state}.json`,
+/// its lock file and, if named, `names/NAME`.
+fn fake_vm(runtime: &Path, id: &str, name: Option<&str>, state: &str) -> std::fs::File {
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["", "vms", "names"] {
+        std::fs::create_dir_all(runtime.join(d)).unwrap();
+        std::fs::set_permissions(runtime.join(d), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let dir = runtime.join("vms").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let name_json = name.map_or("null".to_string(), |n| format!("{n:?}"));
+    std::fs::write(
+        dir.join("config.json"),
+        format!(
+            r#"{{"id":"{id}","name":{name_json},"image":"busybox","command":["sleep","100"],"ports":[],"detached":true,"restart":"no","created_ms":1}}"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("state.json"), state).unwrap();
+    if let Some(n) = name {
+        std::os::unix::fs::symlink(id, runtime.join("names").join(n)).unwrap();
+    }
+    std::fs::File::create(dir.join("lock")).unwrap()
+}
+
 #[test]
-fn exec_into_no_running_vm_and_bad_names_are_one_line_errors() {
+fn vm_verbs_on_unknown_dead_ambiguous_and_running_vms_are_one_line_errors() {
+    use std::os::fd::AsRawFd;
     let d = tmpdir("names");
     let runtime = d.join("runtime");
     let sm = |args: &[&str]| {
@@ -1067,13 +1102,63 @@ fn exec_into_no_running_vm_and_bad_names_are_one_line_errors() {
             .args(args)
             .bounded()
     };
-    assert_one_line_error(&sm(&["exec", "web", "true"]), "no running VM named web");
-    // A socket a killed run left behind is no running VM either.
-    std::fs::create_dir_all(runtime.join("vms")).unwrap();
-    drop(std::os::unix::net::UnixListener::bind(runtime.join("vms/web.sock")).unwrap());
-    assert_one_line_error(&sm(&["exec", "web", "true"]), "no running VM named web");
+    assert_one_line_error(&sm(&["exec", "web", "true"]), "no VM named web");
+    assert_verb_error(&sm(&["stop", "web"]), "no VM named web");
+    // A detached VM whose supervisor was killed while it ran: exited, with
+    // the reason; exec and stop say it is not running; rm removes it.
+    let running = r#"{"status":"running","pid":1,"started_ms":1,"finished_ms":null,"exit_code":null,"reason":null,"restarts":0,"stop_signal":null}"#;
+    let abc1 = "abc1".repeat(16);
+    drop(fake_vm(&runtime, &abc1, Some("web"), running));
+    assert_one_line_error(&sm(&["exec", "web", "true"]), "VM web is not running");
+    assert_verb_error(&sm(&["stop", "web"]), "VM web is not running");
+    let ps = sm(&["ps", "-a"]);
+    let text = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        text.contains("abc1abc1abc1")
+            && text.contains("Exited (its supervisor ended")
+            && text.contains("web"),
+        "{text}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&sm(&["ps"]).stdout).contains("abc1"),
+        "ps without -a lists only running VMs"
+    );
+    // Two ids that share a prefix: the prefix names neither.
+    let abc2 = "abc2".repeat(16);
+    let lock = fake_vm(&runtime, &abc2, Some("db"), running);
+    assert_verb_error(&sm(&["inspect", "abc"]), "abc names 2 VMs");
+    let one = sm(&["inspect", "abc2"]);
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(
+        text.contains(&abc2) && text.contains(r#""Name": "db""#),
+        "{text}"
+    );
+    // A VM whose supervisor holds its lock runs: rm refuses it without -f.
+    // SAFETY: flock on a file this test opened.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    assert_verb_error(
+        &sm(&["rm", "db"]),
+        "VM db is running: stop it first, or rm -f",
+    );
+    assert!(String::from_utf8_lossy(&sm(&["ps", "-q"]).stdout).contains("abc2abc2abc2"));
+    // A name another VM holds is refused before anything is pulled.
+    assert_one_line_error(
+        &sm(&["run", "--name", "db", "--no-sandbox", "img", "true"]),
+        "a VM named db already exists",
+    );
+    drop(lock);
+    let rm = sm(&["rm", "web", "db"]);
+    assert_eq!(rm.status.code(), Some(0), "{rm:?}");
+    assert_eq!(String::from_utf8_lossy(&rm.stdout), "web\ndb\n");
+    assert!(std::fs::read_dir(runtime.join("vms"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(std::fs::read_dir(runtime.join("names"))
+        .unwrap()
+        .next()
+        .is_none());
     for bad in ["a", ".x", "a/b"] {
-        assert_one_line_error(&sm(&["exec", bad, "true"]), "invalid VM name");
         assert_one_line_error(
             &sm(&["run", "--name", bad, "img", "true"]),
             "invalid VM name",

@@ -1560,6 +1560,10 @@ const SCENARIOS: &[Scenario] = &[
         name: "run_published_ports_reach_the_guest_server",
         run: run_published_ports_reach_the_guest_server,
     },
+    Scenario {
+        name: "run_detached_vms_are_managed_like_containers",
+        run: run_detached_vms_are_managed_like_containers,
+    },
 ];
 
 /// The counter of the mid-process scenario: a file written first, one line a
@@ -1852,6 +1856,284 @@ fn free_port() -> Result<u16, String> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
+/// `run -d` like docker's: a detached httpd answers on its published port,
+/// `ps` lists it with the port, `logs` and `logs -f` show its output, `stop`
+/// delivers SIGTERM to the process (whose handler prints a marker and exits
+/// 0), `ps -a` shows it exited (0) and `rm` removes it; a process that
+/// ignores SIGTERM is killed after `stop -t 2`; a supervisor killed with -9
+/// shows as exited, and its name is free again after `rm`.
+fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let port = free_port()?;
+    let sm = |args: &[&str]| env.supermachine(args, Duration::from_secs(120));
+    let script = "trap 'echo got-term; exit 0' TERM; mkdir -p /w; echo page > /w/index.html; \
+                  httpd -p 80 -h /w; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
+    let t = Instant::now();
+    let started = env.supermachine(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            NO_NET[0],
+            NO_NET[1],
+            "-p",
+            &format!("{port}:80"),
+            &img.oci,
+            "sh",
+            "-c",
+            script,
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    let id = started.stdout.trim().to_string();
+    expect(
+        started.code == Some(0) && id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "run -d prints the VM's id and exits 0",
+        &started,
+    )?;
+    eprintln!(
+        "  detached: run -d returned in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let ps = sm(&["ps"])?;
+    expect(
+        ps.stdout.contains(&id[..12])
+            && ps.stdout.contains("web")
+            && ps.stdout.contains("Up ")
+            && ps.stdout.contains(&format!("{port}:80")),
+        "ps lists the VM as up, with its port",
+        &ps,
+    )?;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        match http_get(addr, "/index.html") {
+            Ok(r) if http_body(&r) == Some(b"page\n".as_slice()) => break r,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            other => return Err(format!("the detached server's page: {other:?}")),
+        }
+    };
+    drop(page);
+    let logs = sm(&["logs", "web"])?;
+    expect(
+        logs.code == Some(0) && logs.stdout.starts_with("tick 0\n"),
+        "logs shows the process's output",
+        &logs,
+    )?;
+    let seen = logs.stdout.lines().count();
+    // logs -f: the lines so far, new ones as they come, and its end with the VM's.
+    let mut follow = Command::new(&env.bin)
+        .args(["logs", "-f", "web"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = follow.stdout.take().ok_or("no logs -f stdout")?;
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(reader)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let want = format!("tick {}", seen + 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut followed = Vec::new();
+    while !followed.contains(&want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => followed.push(l),
+            Err(_) => {
+                let _ = follow.kill();
+                return Err(format!("logs -f never showed {want:?}: {followed:?}"));
+            }
+        }
+    }
+    let t = Instant::now();
+    let stop = sm(&["stop", "web"])?;
+    expect(
+        stop.code == Some(0) && stop.stdout == "web\n",
+        "stop prints the VM's name and exits 0",
+        &stop,
+    )?;
+    eprintln!("  detached: stop took {:.1}s", t.elapsed().as_secs_f64());
+    let ended = (|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(_)) = follow.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                let _ = follow.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })();
+    followed.extend(rx.try_iter());
+    if !ended || followed.last().map(String::as_str) != Some("got-term") {
+        return Err(format!(
+            "logs -f ends with the VM, after the SIGTERM handler's line (ended: {ended}): {:?}",
+            &followed[followed.len().saturating_sub(5)..]
+        ));
+    }
+    let all = sm(&["ps", "-a"])?;
+    expect(
+        all.stdout.contains("web") && all.stdout.contains("Exited (0)"),
+        "ps -a shows it exited (0)",
+        &all,
+    )?;
+    let wait = sm(&["wait", "web"])?;
+    expect(wait.stdout == "0\n", "wait prints its exit code", &wait)?;
+    let rm = sm(&["rm", "web"])?;
+    let all = sm(&["ps", "-a"])?;
+    expect(
+        rm.code == Some(0) && !all.stdout.contains("web"),
+        "rm removes it from ps -a",
+        &all,
+    )?;
+
+    // SIGTERM ignored: SIGKILL after -t 2; the exit code says so.
+    let stubborn = env.supermachine(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "stubborn",
+            NO_NET[0],
+            NO_NET[1],
+            &img.oci,
+            "sh",
+            "-c",
+            "trap '' TERM; while true; do sleep 1; done",
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    expect(
+        stubborn.code == Some(0),
+        "run -d of a TERM-ignoring process",
+        &stubborn,
+    )?;
+    let t = Instant::now();
+    let stop = sm(&["stop", "-t", "2", "stubborn"])?;
+    let took = t.elapsed().as_secs_f64();
+    eprintln!("  detached: stop -t 2 of a process that ignores SIGTERM took {took:.1}s");
+    let wait = sm(&["wait", "stubborn"])?;
+    expect(
+        stop.code == Some(0) && took >= 2.0 && wait.stdout == "137\n",
+        "stop -t 2 kills a process that ignores SIGTERM (137)",
+        &wait,
+    )?;
+    sm(&["rm", "stubborn"])?;
+
+    // --restart on-failure:3 of a program that exits 1: four runs in all.
+    let flaky = env.supermachine(
+        &[
+            "run",
+            "-d",
+            "--restart",
+            "on-failure:3",
+            "--name",
+            "flaky",
+            NO_NET[0],
+            NO_NET[1],
+            &img.oci,
+            "sh",
+            "-c",
+            "echo ran; exit 1",
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    expect(
+        flaky.code == Some(0),
+        "run -d --restart on-failure:3",
+        &flaky,
+    )?;
+    let t = Instant::now();
+    let wait = env.supermachine(&["wait", "flaky"], BOOT_TIMEOUT)?;
+    let logs = sm(&["logs", "flaky"])?;
+    eprintln!(
+        "  detached: three restarts done {:.1}s after run -d returned",
+        t.elapsed().as_secs_f64()
+    );
+    expect(
+        wait.stdout == "1\n" && logs.stdout == "ran\nran\nran\nran\n",
+        "on-failure:3 runs a failing program four times; wait prints 1",
+        &Outcome {
+            code: wait.code,
+            stdout: format!("wait: {:?}, logs: {:?}", wait.stdout, logs.stdout),
+            stderr: wait.stderr.clone(),
+        },
+    )?;
+    sm(&["rm", "flaky"])?;
+
+    // A supervisor killed with -9: exited in ps -a, removable, its name free.
+    let crash = env.supermachine(
+        &[
+            "run", "-d", "--name", "crash", NO_NET[0], NO_NET[1], &img.oci, "sleep", "1000",
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    expect(crash.code == Some(0), "run -d sleep", &crash)?;
+    let inspect = sm(&["inspect", "crash"])?;
+    let pid = inspect
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"Pid\": "))
+        .and_then(|p| p.trim_end_matches(',').parse::<i32>().ok())
+        .ok_or_else(|| format!("no Pid in inspect: {}", inspect.stdout))?;
+    // SAFETY: kill takes plain integers; the pid is the supervisor's.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let all = sm(&["ps", "-a"])?;
+        if all.stdout.contains("Exited (its supervisor ended") {
+            break all;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "a killed supervisor still shows as running: {}",
+                all.stdout
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(dead);
+    let again = sm(&[
+        "run", "-d", "--name", "crash", NO_NET[0], NO_NET[1], &img.oci, "true",
+    ])?;
+    expect(
+        again.code == Some(1) || again.code == Some(125),
+        "the name of a VM not yet removed is taken",
+        &again,
+    )?;
+    sm(&["rm", "crash"])?;
+    let again = env.supermachine(
+        &[
+            "run", "-d", "--name", "crash", NO_NET[0], NO_NET[1], &img.oci, "sleep", "1000",
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    expect(
+        again.code == Some(0),
+        "after rm, the name starts a new VM",
+        &again,
+    )?;
+    let rm = sm(&["rm", "-f", "crash"])?;
+    let all = sm(&["ps", "-a", "-q"])?;
+    expect(
+        rm.code == Some(0) && all.stdout.trim().is_empty(),
+        "rm -f stops and removes a running VM; nothing is left",
+        &all,
+    )
+}
+
 /// busybox httpd in the guest, published with `-p` on TCP and on a UNIX socket:
 /// a page; 200 concurrent clients each get it whole; 100 MiB down and 16 MiB
 /// up (through CGI scripts) arrive intact; a client that half-closes after
@@ -2108,7 +2390,7 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
     let gone = env.supermachine(&["exec", EXEC_VM, "true"], Duration::from_secs(60))?;
     expect(
         gone.code == Some(125)
-            && gone.stderr.trim() == format!("supermachine: error: no running VM named {EXEC_VM}"),
+            && gone.stderr.trim() == format!("supermachine: error: no VM named {EXEC_VM}"),
         "exec into a VM that has ended: one line, exit 125",
         &gone,
     )?;
@@ -2385,7 +2667,7 @@ fn exec_into_the_named_vm(env: &Env) -> Result<(), String> {
     let unknown = env.supermachine(&["exec", "nosuch", "true"], Duration::from_secs(60))?;
     expect(
         unknown.code == Some(125)
-            && unknown.stderr.trim() == "supermachine: error: no running VM named nosuch",
+            && unknown.stderr.trim() == "supermachine: error: no VM named nosuch",
         "exec into an unknown VM: one line, exit 125",
         &unknown,
     )?;
@@ -2398,7 +2680,8 @@ fn exec_into_the_named_vm(env: &Env) -> Result<(), String> {
     )?;
     expect(
         taken.code == Some(125)
-            && taken.stderr.contains("already running")
+            && taken.stderr.contains("a VM named")
+            && taken.stderr.contains("already exists")
             && taken.stderr.trim().lines().count() == 1,
         "run --name with the name of a running VM: one line, exit 125",
         &taken,

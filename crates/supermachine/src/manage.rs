@@ -1,0 +1,620 @@
+//! Managing registered VMs like containers: `run -d`'s supervisor and its
+//! log, `stop`, `kill`, `wait`, `logs` and the signal names they take.
+//!
+//! A detached VM is an ordinary `run` in a process of its own (the
+//! supervisor: a new session, stdin from /dev/null) whose process output goes
+//! to its log ([`LogSink`]) and its own messages to `supervisor.log` beside
+//! it. [`detach`] starts it and returns once the VM's process has started
+//! (the registry's state says so) or failed.
+
+use std::io::{BufRead, Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::vms::{self, Entry, Status};
+use crate::Error;
+
+/// The supervisor's environment marker: `run -d` started this process.
+pub const SUPERVISOR_ENV: &str = "SUPERMACHINE_SUPERVISOR";
+/// A log is rotated (to `log.1`, replacing the one before) past this size.
+pub const LOG_CAP: u64 = 8 << 20;
+/// A partial line is written out once this long.
+const LINE_MAX: usize = 16 << 10;
+/// How often the waiting commands look at the registry.
+const POLL: Duration = Duration::from_millis(20);
+/// `stop`: how long SIGKILL may take, then the supervisor's own SIGTERM.
+const KILL_GRACE: Duration = Duration::from_secs(10);
+
+/// A signal by docker's spelling: `SIGTERM`, `TERM` or `15`.
+pub fn parse_signal(s: &str) -> Result<i32, Error> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+    }
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let n = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "ALRM" => libc::SIGALRM,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "WINCH" => libc::SIGWINCH,
+        "PWR" => libc::SIGPWR,
+        _ => {
+            return Err(Error::Usage(format!(
+                "unknown signal {s:?} (a name like SIGTERM or a number)"
+            )))
+        }
+    };
+    Ok(n)
+}
+
+/// `--restart`: what the supervisor does when the VM's process ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Never (the default).
+    #[default]
+    No,
+    /// After a non-zero exit (or a failed start), at most this many times
+    /// (`on-failure[:N]`; without N, without limit).
+    OnFailure(Option<u32>),
+    /// After every end but a `stop`.
+    Always,
+}
+
+impl RestartPolicy {
+    /// `no`, `on-failure`, `on-failure:N` or `always`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "no" => Ok(Self::No),
+            None if s == "always" => Ok(Self::Always),
+            None if s == "on-failure" => Ok(Self::OnFailure(None)),
+            Some(("on-failure", n)) => n.parse().map(|n| Self::OnFailure(Some(n))).map_err(|_| {
+                format!("--restart on-failure:{n}: the count is a number of restarts")
+            }),
+            _ => Err(format!("--restart {s:?}: use no, on-failure[:N] or always")),
+        }
+    }
+
+    /// Whether a VM that ended with `code` (none: it failed to start) and
+    /// was restarted `restarts` times already starts again.
+    pub fn restarts_after(self, code: Option<i32>, restarts: u32) -> bool {
+        match self {
+            Self::No => false,
+            Self::Always => true,
+            Self::OnFailure(max) => code != Some(0) && max.is_none_or(|m| restarts < m),
+        }
+    }
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::No => f.write_str("no"),
+            Self::Always => f.write_str("always"),
+            Self::OnFailure(None) => f.write_str("on-failure"),
+            Self::OnFailure(Some(n)) => write!(f, "on-failure:{n}"),
+        }
+    }
+}
+
+// ---- the log ----
+
+/// The file a detached VM's process writes to: one line per record,
+/// `TIMESTAMP o|e TEXT` (stdout or stderr), rotated past [`LOG_CAP`].
+#[derive(Debug)]
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            size,
+        })
+    }
+
+    fn record(&mut self, tag: u8, line: &[u8]) {
+        let head = format!("{} {} ", rfc3339(std::time::SystemTime::now()), tag as char);
+        let len = (head.len() + line.len() + 1) as u64;
+        if self.size > 0 && self.size + len > LOG_CAP {
+            let old = self.path.with_extension("1");
+            if std::fs::rename(&self.path, &old).is_ok() {
+                if let Ok(f) = Self::open(&self.path) {
+                    *self = f;
+                }
+            }
+        }
+        let mut rec = head.into_bytes();
+        rec.extend_from_slice(line);
+        rec.push(b'\n');
+        if self.file.write_all(&rec).is_ok() {
+            self.size += len;
+        }
+    }
+}
+
+/// Where a detached VM's output goes once its directory exists: a `Write`
+/// per stream ([`LogSink::stdout`], [`LogSink::stderr`]).
+#[derive(Clone, Debug, Default)]
+pub struct LogSink(Arc<Mutex<Option<LogFile>>>);
+
+impl LogSink {
+    /// Opens the log in the VM's directory `dir`.
+    pub fn open(&self, dir: &Path) -> std::io::Result<()> {
+        let f = LogFile::open(&dir.join(vms::LOG))?;
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(f);
+        }
+        Ok(())
+    }
+
+    pub fn stdout(&self) -> LogStream {
+        LogStream {
+            sink: self.clone(),
+            tag: b'o',
+            partial: Vec::new(),
+        }
+    }
+
+    pub fn stderr(&self) -> LogStream {
+        LogStream {
+            sink: self.clone(),
+            tag: b'e',
+            partial: Vec::new(),
+        }
+    }
+}
+
+/// One stream into a [`LogSink`]: whole lines become records.
+#[derive(Debug)]
+pub struct LogStream {
+    sink: LogSink,
+    tag: u8,
+    partial: Vec<u8>,
+}
+
+impl LogStream {
+    fn emit(&mut self, line: &[u8]) {
+        if let Ok(mut f) = self.sink.0.lock() {
+            if let Some(f) = f.as_mut() {
+                f.record(self.tag, line);
+            }
+        }
+    }
+}
+
+impl Write for LogStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut rest = buf;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            self.partial.extend_from_slice(&rest[..i]);
+            let line = std::mem::take(&mut self.partial);
+            self.emit(&line);
+            rest = &rest[i + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        while self.partial.len() >= LINE_MAX {
+            let line: Vec<u8> = self.partial.drain(..LINE_MAX).collect();
+            self.emit(&line);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogStream {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.emit(&line);
+        }
+    }
+}
+
+/// `t` as RFC 3339 in UTC with nanoseconds, as docker's `--timestamps`.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm), for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+// ---- logs ----
+
+/// What `logs` prints.
+#[derive(Clone, Debug, Default)]
+pub struct LogsOptions {
+    /// Keep printing new lines until the VM ends.
+    pub follow: bool,
+    /// Only the last N lines.
+    pub tail: Option<usize>,
+    /// Prefix each line with its time.
+    pub timestamps: bool,
+}
+
+/// Prints `e`'s log: stdout lines to `out`, stderr lines to `err`.
+pub fn logs(
+    e: &Entry,
+    opts: &LogsOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), Error> {
+    let path = e.log();
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |x: std::io::Error| Error::RuntimeDir {
+            path: p.clone(),
+            why: x.to_string(),
+        }
+    };
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    for p in [path.with_extension("1"), path.clone()] {
+        match std::fs::read(&p) {
+            Ok(b) => lines.extend(
+                b.split(|&c| c == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(<[u8]>::to_vec),
+            ),
+            Err(x) if x.kind() == std::io::ErrorKind::NotFound => {}
+            Err(x) => return Err(io(&p)(x)),
+        }
+    }
+    let skip = opts.tail.map_or(0, |n| lines.len().saturating_sub(n));
+    for l in &lines[skip..] {
+        print_record(l, opts.timestamps, out, err);
+    }
+    if !opts.follow {
+        return Ok(());
+    }
+    // From the end of what was read: new records as they come, across a
+    // rotation (the file is then new and shorter), until the VM ends.
+    let mut file = std::fs::File::open(&path).ok();
+    let mut pos = file
+        .as_ref()
+        .and_then(|f| f.metadata().ok())
+        .map_or(0, |m| m.len());
+    let mut partial = Vec::new();
+    loop {
+        let alive = vms::find(&e.config.id).is_ok_and(|now| now.alive);
+        if file.is_none() {
+            file = std::fs::File::open(&path).ok();
+            pos = 0;
+        }
+        if let Some(f) = file.as_mut() {
+            let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+            if len < pos {
+                // Rotated: the rest of the old file is log.1's tail, lost to a
+                // follower that far behind; go on with the new one.
+                file = std::fs::File::open(&path).ok();
+                pos = 0;
+                continue;
+            }
+            if f.seek(std::io::SeekFrom::Start(pos)).is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut buf) {
+                    pos += n as u64;
+                    partial.extend_from_slice(&buf);
+                    while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = partial.drain(..=i).collect();
+                        print_record(&line[..line.len() - 1], opts.timestamps, out, err);
+                    }
+                }
+            }
+        }
+        if !alive {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn print_record(rec: &[u8], timestamps: bool, out: &mut dyn Write, err: &mut dyn Write) {
+    let mut parts = rec.splitn(3, |&b| b == b' ');
+    let (Some(ts), Some(tag), text) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    let text = text.unwrap_or_default();
+    let w: &mut dyn Write = if tag == b"e" { err } else { out };
+    if timestamps {
+        let _ = w.write_all(ts);
+        let _ = w.write_all(b" ");
+    }
+    let _ = w.write_all(text);
+    let _ = w.write_all(b"\n");
+    let _ = w.flush();
+}
+
+// ---- stop, kill, wait ----
+
+/// Waits until `e`'s supervisor is gone (or `limit` passed): `true` if it is.
+fn gone_within(e: &Entry, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        match vms::find(&e.config.id) {
+            Ok(now) if now.alive => {}
+            _ => return true,
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `kill`: `signo` to `e`'s main process.
+pub fn kill(e: &Entry, signo: i32) -> Result<(), Error> {
+    crate::exec::signal(e, signo)
+}
+
+/// `stop`: the image's stop signal (SIGTERM unless it names another) to the
+/// main process; SIGKILL once `timeout` passed; and if the VM still has not
+/// ended, its supervisor is told to stop it (SIGTERM, then SIGKILL).
+pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
+    if !e.is_running() {
+        return Err(Error::VmNotRunning {
+            name: e.display_name().into(),
+        });
+    }
+    // The supervisor restarts nothing a user stopped.
+    let _ = std::fs::write(e.dir.join(vms::STOPPING), b"");
+    let sig = e.state.stop_signal.unwrap_or(libc::SIGTERM);
+    // A process that has not started yet cannot be signalled: the VM is
+    // stopped by its supervisor below.
+    if crate::exec::signal(e, sig).is_ok() && gone_within(e, timeout) {
+        return Ok(());
+    }
+    if crate::exec::signal(e, libc::SIGKILL).is_ok() && gone_within(e, KILL_GRACE) {
+        return Ok(());
+    }
+    let pid = i32::try_from(e.state.pid).unwrap_or(0);
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        if pid > 0 {
+            // SAFETY: kill takes plain integers; the pid is the supervisor's,
+            // whose lock says it still runs.
+            unsafe { libc::kill(pid, sig) };
+        }
+        if gone_within(e, KILL_GRACE) {
+            return Ok(());
+        }
+    }
+    Err(Error::Exec(format!(
+        "VM {} did not stop (its supervisor is pid {pid})",
+        e.display_name()
+    )))
+}
+
+/// `wait`: blocks until `e` ended; its exit code (docker's: 255 when the
+/// supervisor ended without recording one).
+pub fn wait(e: &Entry) -> Result<i32, Error> {
+    gone_within(e, Duration::MAX);
+    let now = vms::find(&e.config.id)?;
+    Ok(now.effective_state().exit_code.unwrap_or(255))
+}
+
+// ---- run -d ----
+
+/// Starts `run` again as a detached supervisor (this program, the same
+/// arguments, [`SUPERVISOR_ENV`] set), and returns the VM's id once its
+/// process has started; the supervisor's error if it failed before.
+pub fn detach() -> Result<String, Error> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Usage(format!("cannot find supermachine itself: {e}")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(SUPERVISOR_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the
+    // parent: the supervisor leaves this terminal's session, so the
+    // terminal's hangup and Ctrl-C never reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::Usage(format!("cannot start the VM's supervisor: {e}")))?;
+    let mut errs = child.stderr.take();
+    let err_text = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = errs.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let mut id = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut id);
+    }
+    let id = id.trim().to_string();
+    if id.is_empty() {
+        // It failed before the VM was registered: its error is the answer.
+        let _ = child.wait();
+        let text = err_text.join().unwrap_or_default();
+        let msg = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("the supervisor ended without a word")
+            .trim_start_matches("supermachine: error: ")
+            .to_string();
+        return Err(Error::Detach(msg));
+    }
+    loop {
+        let e = vms::find(&id)?;
+        let s = e.effective_state();
+        if s.started_ms.is_some() {
+            break;
+        }
+        if s.status == Status::Exited {
+            return Err(Error::Detach(s.reason.unwrap_or_else(|| {
+                "the VM ended before its process started".into()
+            })));
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            continue;
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(id)
+}
+
+/// In the supervisor, once the VM is registered: tells the parent its id
+/// (the first line on stdout), then sends this process's own stdout and
+/// stderr to `supervisor.log` in the VM's directory (the parent's pipes
+/// close).
+pub fn supervise(reg: &vms::Registration, log: &LogSink) {
+    if let Err(e) = log.open(reg.dir()) {
+        eprintln!("supermachine: error: cannot open the VM's log: {e}");
+    }
+    let own = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(reg.dir().join("supervisor.log"));
+    println!("{}", reg.id());
+    let _ = std::io::stdout().flush();
+    if let Ok(f) = own {
+        for fd in [1, 2] {
+            // SAFETY: dup2 onto this process's own stdout/stderr descriptors
+            // of a file it just opened; no memory involved.
+            unsafe { libc::dup2(f.as_raw_fd(), fd) };
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_policies_parse_and_decide_as_dockers() {
+        use RestartPolicy::*;
+        assert_eq!(RestartPolicy::parse("no").unwrap(), No);
+        assert_eq!(RestartPolicy::parse("always").unwrap(), Always);
+        assert_eq!(RestartPolicy::parse("on-failure").unwrap(), OnFailure(None));
+        let three = RestartPolicy::parse("on-failure:3").unwrap();
+        assert_eq!(three, OnFailure(Some(3)));
+        assert_eq!(three.to_string(), "on-failure:3");
+        assert!(RestartPolicy::parse("on-failure:x").is_err());
+        assert!(RestartPolicy::parse("sometimes").is_err());
+        // A program that exits 1: four runs in all.
+        let runs = 1
+            + (0..10)
+                .take_while(|&r| three.restarts_after(Some(1), r))
+                .count();
+        assert_eq!(runs, 4);
+        assert!(!three.restarts_after(Some(0), 0));
+        assert!(three.restarts_after(None, 0));
+        assert!(Always.restarts_after(Some(0), 100));
+        assert!(!No.restarts_after(Some(1), 0));
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("SIGTERM").unwrap(), 15);
+        assert_eq!(parse_signal("kill").unwrap(), 9);
+        assert_eq!(parse_signal("10").unwrap(), 10);
+        assert!(parse_signal("SIGNOPE").is_err());
+        assert!(parse_signal("0").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = std::time::UNIX_EPOCH + Duration::new(1_780_000_000, 5);
+        assert_eq!(rfc3339(t), "2026-05-28T20:26:40.000000005Z");
+        assert_eq!(
+            rfc3339(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000000Z"
+        );
+    }
+
+    #[test]
+    fn the_log_keeps_lines_per_stream_and_rotates() {
+        let dir = std::env::temp_dir().join(format!("sm-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sink = LogSink::default();
+        sink.open(&dir).unwrap();
+        let (mut o, mut e) = (sink.stdout(), sink.stderr());
+        o.write_all(b"one\ntw").unwrap();
+        e.write_all(b"err\n").unwrap();
+        o.write_all(b"o\n").unwrap();
+        drop((o, e));
+        let entry = Entry {
+            config: vms::VmConfig::default(),
+            state: vms::VmState::default(),
+            alive: false,
+            dir: dir.clone(),
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        logs(&entry, &LogsOptions::default(), &mut out, &mut err).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "one\ntwo\n");
+        assert_eq!(String::from_utf8(err).unwrap(), "err\n");
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let tail = LogsOptions {
+            tail: Some(1),
+            timestamps: true,
+            ..LogsOptions::default()
+        };
+        logs(&entry, &tail, &mut out, &mut err).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.ends_with("Z two\n") && out.len() > 30, "{out}");
+        assert!(err.is_empty());
+        // Past the cap, the log starts over and the old one is log.1.
+        let mut o = sink.stdout();
+        let line = vec![b'x'; 1000];
+        for _ in 0..(LOG_CAP / 1000 + 10) {
+            o.write_all(&line).unwrap();
+            o.write_all(b"\n").unwrap();
+        }
+        let cur = std::fs::metadata(dir.join("log")).unwrap().len();
+        let old = std::fs::metadata(dir.join("log.1")).unwrap().len();
+        assert!(
+            cur < LOG_CAP && old <= LOG_CAP && old > LOG_CAP / 2,
+            "{cur} {old}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
