@@ -28,6 +28,8 @@ pub enum MessageType {
     Forward = 0x0009,
     /// [`Message::Forwarding`].
     Forwarding = 0x000a,
+    /// [`Message::Egress`].
+    Egress = 0x000b,
     /// [`Message::ProcessSpec`].
     ProcessSpec = 0x0100,
     /// [`Message::Start`].
@@ -52,7 +54,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every known type, for tests and tools.
-    pub const ALL: [MessageType; 20] = [
+    pub const ALL: [MessageType; 21] = [
         Self::Hello,
         Self::Ready,
         Self::Heartbeat,
@@ -63,6 +65,7 @@ impl MessageType {
         Self::Listening,
         Self::Forward,
         Self::Forwarding,
+        Self::Egress,
         Self::ProcessSpec,
         Self::Start,
         Self::Stdin,
@@ -199,6 +202,16 @@ pub enum Message {
     /// Guest -> host: the [`Message::Forward`] connection is spliced to the
     /// guest port; raw bytes follow.
     Forwarding,
+    /// A `supermachine` command -> a VM's supervisor, on its control socket
+    /// (never to the guest): the egress policy from now on (rules as
+    /// `--egress-allow`/`--egress-deny` take them; the same frame comes back
+    /// once it is in force).
+    Egress {
+        /// Allow rules.
+        allow: Vec<String>,
+        /// Deny rules.
+        deny: Vec<String>,
+    },
     /// Host -> guest: the process to run on this frame's stream.
     ProcessSpec(ProcessSpec),
     /// Host -> guest: start the process of this stream.
@@ -303,6 +316,7 @@ impl Message {
             Self::Attach => MessageType::Attach,
             Self::Forward { .. } => MessageType::Forward,
             Self::Forwarding => MessageType::Forwarding,
+            Self::Egress { .. } => MessageType::Egress,
         }
     }
 
@@ -348,6 +362,10 @@ impl Message {
             }
             Self::Start | Self::StdinEof | Self::WatchListen | Self::Attach | Self::Forwarding => {}
             Self::Listening { port } | Self::Forward { port } => w.u16(*port),
+            Self::Egress { allow, deny } => {
+                w.strs(allow);
+                w.strs(deny);
+            }
             Self::Signal { signo } => w.i32(*signo),
             Self::Resize { rows, cols } => {
                 w.u16(*rows);
@@ -391,6 +409,10 @@ impl Message {
             MessageType::Attach => Self::Attach,
             MessageType::Forward => Self::Forward { port: r.u16()? },
             MessageType::Forwarding => Self::Forwarding,
+            MessageType::Egress => Self::Egress {
+                allow: r.strs()?,
+                deny: r.strs()?,
+            },
             MessageType::Stdin => Self::Stdin(r.rest()),
             MessageType::Stdout => Self::Stdout(r.rest()),
             MessageType::Stderr => Self::Stderr(r.rest()),
@@ -498,6 +520,10 @@ mod tests {
             Message::Attach,
             Message::Forward { port: 80 },
             Message::Forwarding,
+            Message::Egress {
+                allow: vec!["192.0.2.1:80".into(), "dns".into()],
+                deny: vec![],
+            },
         ]
     }
 

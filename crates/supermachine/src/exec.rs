@@ -41,10 +41,12 @@ pub(crate) type MainSlot = Arc<Mutex<Option<Writer>>>;
 /// spec (the exec defaults) and its side of the agent connection.
 #[derive(Clone)]
 struct Served {
+    reg: Arc<Registration>,
     vsock: runner::virtio::VsockHandle,
     vm: runner::vmm::StopHandle,
     main: Arc<Option<ProcessSpec>>,
     slot: MainSlot,
+    net: Option<crate::egress::NetHandle>,
 }
 
 /// Serves `reg`'s control socket for the VM behind `vsock` until `vm` ends,
@@ -58,13 +60,16 @@ pub(crate) fn serve(
     vm: &runner::vmm::StopHandle,
     main: Option<ProcessSpec>,
     slot: MainSlot,
+    net: Option<crate::egress::NetHandle>,
 ) -> Result<std::thread::JoinHandle<()>, Error> {
     let reg = reg.clone();
     let served = Served {
+        reg: reg.clone(),
         vsock: vsock.clone(),
         vm: vm.clone(),
         main: Arc::new(main),
         slot,
+        net,
     };
     std::thread::Builder::new()
         .name("sm-exec".into())
@@ -133,6 +138,8 @@ enum Request {
     Exec(u32, ProcessSpec, Vec<u8>),
     /// A signal for the main process.
     Signal(i32),
+    /// A new egress policy: (allow, deny).
+    Egress(Vec<String>, Vec<String>),
 }
 
 /// Reads the client's first frame: an exec's `ProcessSpec` (and any bytes
@@ -164,8 +171,9 @@ fn read_request(client: &mut UnixStream) -> Result<Request, String> {
                 },
                 Ok(f) => match f.message {
                     Message::Signal { signo } => Ok(Request::Signal(signo)),
+                    Message::Egress { allow, deny } => Ok(Request::Egress(allow, deny)),
                     other => Err(format!(
-                        "stream 0 takes a Signal for the main process, not {:?}",
+                        "stream 0 takes a Signal or an Egress policy, not {:?}",
                         other.kind()
                     )),
                 },
@@ -190,6 +198,24 @@ fn proxy(mut client: UnixStream, served: &Served) {
             // The same frame back says it went.
             let mut frame = Vec::new();
             if encode_frame(CONTROL_STREAM, &Message::Signal { signo }, &mut frame).is_ok() {
+                let _ = client.write_all(&frame);
+            }
+            return;
+        }
+        Ok(Request::Egress(allow, deny)) => {
+            let set = match &served.net {
+                Some(n) => n.set(&allow, &deny),
+                None => Err(Error::Usage("the VM has no network device".into())),
+            };
+            if let Err(e) = set {
+                return refuse(&mut client, e.to_string());
+            }
+            served.reg.update(|s| {
+                s.egress_allow.clone_from(&allow);
+                s.egress_deny.clone_from(&deny);
+            });
+            let mut frame = Vec::new();
+            if encode_frame(CONTROL_STREAM, &Message::Egress { allow, deny }, &mut frame).is_ok() {
                 let _ = client.write_all(&frame);
             }
             return;
@@ -325,9 +351,27 @@ pub(crate) fn connect(e: &crate::vms::Entry) -> Result<UnixStream, Error> {
 
 /// Has `e`'s run send `signo` to its main process.
 pub fn signal(e: &crate::vms::Entry, signo: i32) -> Result<(), Error> {
+    control(e, &Message::Signal { signo })
+}
+
+/// Has `e`'s run enforce the egress rules `allow` and `deny` from now on.
+pub fn egress(e: &crate::vms::Entry, allow: &[String], deny: &[String]) -> Result<(), Error> {
+    crate::egress::check(allow, deny)?;
+    control(
+        e,
+        &Message::Egress {
+            allow: allow.to_vec(),
+            deny: deny.to_vec(),
+        },
+    )
+}
+
+/// Sends `request` on `e`'s control socket; `Ok` once the same kind of frame
+/// comes back.
+fn control(e: &crate::vms::Entry, request: &Message) -> Result<(), Error> {
     let mut sock = connect(e)?;
     let mut frame = Vec::new();
-    encode_frame(CONTROL_STREAM, &Message::Signal { signo }, &mut frame)
+    encode_frame(CONTROL_STREAM, request, &mut frame)
         .map_err(|err| Error::Exec(err.to_string()))?;
     sock.write_all(&frame).map_err(|_| Error::VmNotRunning {
         name: e.display_name().into(),
@@ -349,11 +393,12 @@ pub fn signal(e: &crate::vms::Entry, signo: i32) -> Result<(), Error> {
             .map_err(|err| Error::Exec(err.to_string()))?
         {
             return match raw.to_frame().map(|f| f.message) {
-                Ok(Message::Signal { .. }) => Ok(()),
+                Ok(m) if m.kind() == request.kind() => Ok(()),
                 Ok(Message::Error { message }) => Err(Error::Exec(message)),
                 Ok(other) => Err(Error::Exec(format!(
-                    "the VM answered {:?} to a signal",
-                    other.kind()
+                    "the VM answered {:?} to {:?}",
+                    other.kind(),
+                    request.kind()
                 ))),
                 Err(err) => Err(Error::Exec(err.to_string())),
             };

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod agent;
+pub mod egress;
 pub mod exec;
 pub mod interrupt;
 pub mod manage;

@@ -101,6 +101,16 @@ enum Command {
         /// `stop`).
         #[arg(long, value_parser = parse_restart, default_value = "no", requires = "detach")]
         restart: supermachine::manage::RestartPolicy,
+        /// Let the guest reach only what such rules allow (repeatable):
+        /// CIDR[:PORT[-PORT]], [IPV6-CIDR]:PORT, or dns (the resolver the VM
+        /// is given). Enforced by the VMM on every frame: a denied TCP
+        /// connection is reset, a UDP datagram or ping answered unreachable.
+        #[arg(long = "egress-allow", value_name = "RULE")]
+        egress_allow: Vec<String>,
+        /// Never let the guest reach what such a rule matches (repeatable;
+        /// wins over --egress-allow).
+        #[arg(long = "egress-deny", value_name = "RULE")]
+        egress_deny: Vec<String>,
         #[command(flatten)]
         process: ProcessArgs,
         /// Replace the image's entrypoint.
@@ -289,6 +299,19 @@ enum Command {
     },
     /// Print what is known about VMs as JSON: config, state, ports, pid, log.
     Inspect {
+        /// The VMs.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Change a running VM's egress policy (new connections follow it; the
+    /// ones it allowed before carry on). No rule: everything allowed again.
+    Update {
+        /// As run's --egress-allow (the whole new list).
+        #[arg(long = "egress-allow", value_name = "RULE")]
+        egress_allow: Vec<String>,
+        /// As run's --egress-deny (the whole new list).
+        #[arg(long = "egress-deny", value_name = "RULE")]
+        egress_deny: Vec<String>,
         /// The VMs.
         #[arg(required = true)]
         vms: Vec<String>,
@@ -586,6 +609,12 @@ fn inspect_json(e: &supermachine::vms::Entry) -> serde_json::Value {
             "FinishedAt": time(s.finished_ms),
             "StopSignal": s.stop_signal,
         },
+        "Egress": {
+            "Allow": s.egress_allow,
+            "Deny": s.egress_deny,
+            "Denied": s.egress_denied,
+            "Passed": s.egress_passed,
+        },
         "LogPath": e.log(),
         "Dir": e.dir,
     })
@@ -807,6 +836,8 @@ fn main() -> ExitCode {
             rm: _,
             detach,
             restart,
+            egress_allow,
+            egress_deny,
             process: ProcessArgs { env, workdir, user },
             entrypoint,
             cpus,
@@ -884,6 +915,8 @@ fn main() -> ExitCode {
                 tty,
                 detached: detach,
                 restart,
+                egress_allow,
+                egress_deny,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             let supervisor = std::env::var_os(supermachine::manage::SUPERVISOR_ENV).is_some();
@@ -981,6 +1014,14 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             code
         }
+        Command::Update {
+            egress_allow,
+            egress_deny,
+            vms,
+        } => each_vm(&vms, |e| {
+            supermachine::exec::egress(e, &egress_allow, &egress_deny)
+                .map(|()| e.display_name().to_string())
+        }),
         Command::Wait { vms } => each_vm(&vms, |e| {
             supermachine::manage::wait(e).map(|c| c.to_string())
         }),

@@ -429,6 +429,39 @@ pub fn wait(e: &Entry) -> Result<i32, Error> {
     Ok(now.effective_state().exit_code.unwrap_or(255))
 }
 
+/// The VM verbs on a registry entry: the library's handle on a VM.
+impl Entry {
+    /// `stop` (see [`stop`]).
+    pub fn stop(&self, timeout: Duration) -> Result<(), Error> {
+        stop(self, timeout)
+    }
+
+    /// `kill -s SIGNO`.
+    pub fn kill(&self, signo: i32) -> Result<(), Error> {
+        kill(self, signo)
+    }
+
+    /// `wait`: its exit code once it ended.
+    pub fn wait(&self) -> Result<i32, Error> {
+        wait(self)
+    }
+
+    /// `logs` into `out` and `err`.
+    pub fn logs(
+        &self,
+        opts: &LogsOptions,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<(), Error> {
+        logs(self, opts, out, err)
+    }
+
+    /// `rm` (an exited VM).
+    pub fn remove(&self) -> Result<(), Error> {
+        vms::remove(self)
+    }
+}
+
 // ---- run -d ----
 
 /// Starts `run` again as a detached supervisor (this program, the same

@@ -67,6 +67,19 @@ impl std::fmt::Display for Publish {
 }
 
 impl Publish {
+    /// As `docker ps` shows a port: `127.0.0.1:8080->80/tcp`,
+    /// `unix:/tmp/web.sock->80`, `handoff:PATH->80` (`/tls` when terminated).
+    pub fn ps_form(&self) -> String {
+        let proto = if self.tls { "tls" } else { "tcp" };
+        match &self.host {
+            HostEnd::Tcp(a) => format!("{a}->{}/{proto}", self.guest_port),
+            HostEnd::Unix(p) => format!("unix:{}->{}/{proto}", p.display(), self.guest_port),
+            HostEnd::Handoff(p) => {
+                format!("handoff:{}->{}/{proto}", p.display(), self.guest_port)
+            }
+        }
+    }
+
     /// Parses docker's `-p` syntax: `HOST_PORT:GUEST_PORT`,
     /// `HOST_IP:HOST_PORT:GUEST_PORT` (an IPv6 address in brackets), each with
     /// an optional `/tcp` (or `/tls`: TLS terminated on the host end), or

@@ -97,6 +97,11 @@ pub struct RunOptions {
     /// `--restart`: run again when the process ends (see
     /// [`crate::manage::RestartPolicy`]); a `stop` ends it for good.
     pub restart: crate::manage::RestartPolicy,
+    /// `--egress-allow`: with any, the guest reaches only what these rules
+    /// allow (`CIDR[:PORT[-PORT]]`, `[IPV6-CIDR]:PORT`, `dns`).
+    pub egress_allow: Vec<String>,
+    /// `--egress-deny`: destinations the guest never reaches.
+    pub egress_deny: Vec<String>,
     /// Terminate TLS on the published ports with this PEM certificate chain
     /// and key (`--tls-cert`, `--tls-key`): the ports marked `/tls`, or every
     /// TCP one when none is marked.
@@ -452,6 +457,14 @@ pub fn run_registered(
         Some((cert, key)) => Some(crate::tls::TlsConfig::load(cert, key)?),
         None => None,
     };
+    crate::egress::check(&opts.egress_allow, &opts.egress_deny)?;
+    let has_rules = !(opts.egress_allow.is_empty() && opts.egress_deny.is_empty());
+    if has_rules && opts.network.is_none() && opts.restore.is_none() {
+        return Err(Error::Usage(
+            "--egress-allow/--egress-deny need a network (the VM has none with --network none)"
+                .into(),
+        ));
+    }
     let mut bound = Some(crate::publish::Bound::bind(&opts.publish, tls.clone())?);
     let vm = Arc::new(crate::vms::Registration::create(crate::vms::VmConfig {
         name: opts.name.clone(),
@@ -460,11 +473,15 @@ pub fn run_registered(
             None => opts.image.clone(),
         },
         command: opts.args.clone(),
-        ports: opts.publish.iter().map(ToString::to_string).collect(),
+        ports: opts.publish.iter().map(crate::Publish::ps_form).collect(),
         detached: opts.detached,
         restart: opts.restart.to_string(),
         ..crate::vms::VmConfig::default()
     })?);
+    vm.update(|s| {
+        s.egress_allow.clone_from(&opts.egress_allow);
+        s.egress_deny.clone_from(&opts.egress_deny);
+    });
     registered(&vm);
     let mut restarts = 0;
     let mut backoff = RESTART_BACKOFF;
@@ -830,6 +847,25 @@ fn launch(
             ready_capture,
         ),
     };
+    // The egress policy in force (the run's, or what `update` set since),
+    // on the booted or restored device alike: a snapshot carries none.
+    let resolver = res
+        .network
+        .as_ref()
+        .and_then(|n| n.guest)
+        .and_then(|g| g.dns)
+        .map(std::net::IpAddr::V4);
+    let net = crate::egress::NetHandle::find(vmm.virtio_devices(), resolver);
+    let (allow, deny) = reach.vm.egress_rules();
+    match &net {
+        Some(n) => n.set(&allow, &deny)?,
+        None if !(allow.is_empty() && deny.is_empty()) => {
+            return Err(Error::Usage(
+                "--egress-allow/--egress-deny need a network (the VM has none)".into(),
+            ))
+        }
+        None => {}
+    }
     // A mid-process capture is of a booted VM (`run` never asks it of one
     // it restored).
     let explicit = opts.capture.as_ref().filter(|_| !restored);
@@ -868,9 +904,11 @@ fn launch(
         &stop,
         main_spec,
         reach.main.clone(),
+        net.clone(),
     )?);
     let main_slot = reach.main.clone();
     let registration = reach.vm.clone();
+    let mut egress_seen = crate::egress::EgressStats::default();
     // Dropped (or sent to) when the VM has ended: the agent thread's grace wait.
     let (vm_ended_tx, vm_ended_rx) = std::sync::mpsc::channel::<()>();
     // The agent's news for the captures, and a ready capture's "done" back:
@@ -917,6 +955,17 @@ fn launch(
                 }
                 let interactive = stdio.as_ref().is_some_and(|st| st.interactive);
                 let mut news = |e| {
+                    // The egress counters reach `inspect` once a second.
+                    if let (agent::Event::Heartbeat(_), Some(n)) = (e, &net) {
+                        let now = n.stats();
+                        if now != egress_seen {
+                            egress_seen = now;
+                            registration.update(|s| {
+                                s.egress_denied = now.denied;
+                                s.egress_passed = now.passed;
+                            });
+                        }
+                    }
                     if let agent::Event::Started = e {
                         registration.running();
                         if let (Some(w), true) = (&writer, interactive) {

@@ -176,6 +176,16 @@ pub struct VmState {
     pub restarts: u32,
     /// The image's StopSignal (`stop` sends it; SIGTERM when none).
     pub stop_signal: Option<i32>,
+    /// The egress rules in force (`run`'s, or what `update` set since).
+    #[serde(default)]
+    pub egress_allow: Vec<String>,
+    #[serde(default)]
+    pub egress_deny: Vec<String>,
+    /// The egress filter's counters, as of the guest's last heartbeat.
+    #[serde(default)]
+    pub egress_denied: u64,
+    #[serde(default)]
+    pub egress_passed: u64,
 }
 
 /// A VM as `ps` and `inspect` see it.
@@ -502,6 +512,15 @@ impl Registration {
         if let Err(e) = write_json(&self.dir.join(STATE), &*s) {
             tracing::warn!("cannot record the VM's state: {e}");
         }
+    }
+
+    /// The egress rules in force: (allow, deny).
+    pub fn egress_rules(&self) -> (Vec<String>, Vec<String>) {
+        let s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (s.egress_allow.clone(), s.egress_deny.clone())
     }
 
     /// Whether `stop` asked for this VM's end (no restart then).

@@ -1564,6 +1564,10 @@ const SCENARIOS: &[Scenario] = &[
         name: "run_detached_vms_are_managed_like_containers",
         run: run_detached_vms_are_managed_like_containers,
     },
+    Scenario {
+        name: "run_egress_allow_list_is_enforced_by_the_vmm",
+        run: run_egress_allow_list_is_enforced_by_the_vmm,
+    },
 ];
 
 /// The counter of the mid-process scenario: a file written first, one line a
@@ -1856,6 +1860,184 @@ fn free_port() -> Result<u16, String> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
+/// An HTTP/1.0 server on `bind` that answers every request with `body` and
+/// counts the connections it accepted.
+fn start_counting_http(
+    bind: &str,
+    body: &'static str,
+) -> Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>), String> {
+    let l = std::net::TcpListener::bind(bind).map_err(|e| format!("bind HTTP {bind}: {e}"))?;
+    let port = l.local_addr().map_err(|e| e.to_string())?.port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(http_head(body.len()).as_bytes());
+            let _ = s.write_all(body.as_bytes());
+        }
+    });
+    Ok((port, hits))
+}
+
+/// `--egress-allow` through passt in L1: the allowed service answers; a
+/// second port on the same address and a service on another address are
+/// refused within a second (the guest's wget fails; the servers accept
+/// nothing); DNS works only with `--egress-allow dns`; `update` changes the
+/// policy of a running VM for its new connections, and `inspect` counts the
+/// denials.
+fn run_egress_allow_list_is_enforced_by_the_vmm(env: &Env) -> Result<(), String> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let img = images()?;
+    if std::env::var_os(IN_RIG).is_none() {
+        println!("  skipped: needs the rig's private L1 network (dummy0, 192.0.2.0/24)");
+        return Ok(());
+    }
+    for addr in ["192.0.2.53/32", "192.0.2.77/32"] {
+        // Present already if an earlier scenario added it.
+        let _ = Command::new("busybox")
+            .args(["ip", "addr", "add", addr, "dev", "dummy0"])
+            .status();
+    }
+    // The passt scenario's DNS server may hold the port already.
+    let _ = start_dns("192.0.2.53:53", [192, 0, 2, 1].into());
+    let (pa, a_hits) = start_counting_http("192.0.2.1:0", "service A\n")?;
+    let (pb, b_hits) = start_counting_http("192.0.2.1:0", "service B\n")?;
+    let (pc, c_hits) = start_counting_http("192.0.2.77:0", "service C\n")?;
+    let allow_a = format!("192.0.2.1:{pa}");
+    // Each fetch: its output (or "refused") and how long it took, in
+    // hundredths of a second of guest uptime.
+    let fetch = |name: &str, url: &str| {
+        format!(
+            "t0=$(cut -d' ' -f1 /proc/uptime | tr -d .); \
+             if timeout 20 wget -qO- {url}; then :; else echo {name} refused; fi; \
+             t1=$(cut -d' ' -f1 /proc/uptime | tr -d .); echo {name} took $((t1 - t0));"
+        )
+    };
+    let script = format!(
+        "{} {} {} if timeout 20 nslookup {WEB_NAME} >/dev/null 2>&1; then echo dns ok; else echo dns refused; fi",
+        fetch("a", &format!("http://192.0.2.1:{pa}/")),
+        fetch("b", &format!("http://192.0.2.1:{pb}/")),
+        fetch("c", &format!("http://192.0.2.77:{pc}/")),
+    );
+    let o = run_out(
+        env,
+        &["--egress-allow", &allow_a, &img.oci, "sh", "-c", &script],
+    )?;
+    let took = |name: &str| {
+        o.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} took ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    eprintln!(
+        "  egress: refusals took {:?} and {:?} hundredths of a second in the guest",
+        took("b"),
+        took("c")
+    );
+    expect(
+        o.code == Some(0)
+            && o.stdout.contains("service A\n")
+            && o.stdout.contains("b refused\n")
+            && o.stdout.contains("c refused\n")
+            && o.stdout.contains("dns refused\n")
+            && took("b").is_some_and(|t| t <= 100)
+            && took("c").is_some_and(|t| t <= 100)
+            && a_hits.load(SeqCst) == 1
+            && b_hits.load(SeqCst) == 0
+            && c_hits.load(SeqCst) == 0,
+        &format!(
+            "only the allowed service is reached, the others refused within 1 s and never \
+             contacted (accepted: A {}, B {}, C {})",
+            a_hits.load(SeqCst),
+            b_hits.load(SeqCst),
+            c_hits.load(SeqCst)
+        ),
+        &o,
+    )?;
+    let o = run_out(
+        env,
+        &[
+            "--egress-allow", &allow_a, "--egress-allow", "dns", &img.oci, "sh", "-c",
+            &format!("if timeout 20 nslookup {WEB_NAME} >/dev/null 2>&1; then echo dns ok; else echo dns refused; fi"),
+        ],
+    )?;
+    expect(
+        o.stdout == "dns ok\n",
+        "--egress-allow dns lets the resolver answer",
+        &o,
+    )?;
+
+    // A running VM's policy changes for its new connections.
+    let started = env.supermachine(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "egress",
+            "--egress-allow",
+            &allow_a,
+            &img.oci,
+            "sleep",
+            "1000",
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    expect(
+        started.code == Some(0),
+        "run -d with an egress policy",
+        &started,
+    )?;
+    let get_b =
+        format!("if timeout 20 wget -qO- http://192.0.2.1:{pb}/; then :; else echo refused; fi");
+    let before = env.supermachine(
+        &["exec", "egress", "sh", "-c", &get_b],
+        Duration::from_secs(120),
+    )?;
+    let allow_b = format!("192.0.2.1:{pb}");
+    let update = env.supermachine(
+        &[
+            "update",
+            "--egress-allow",
+            &allow_a,
+            "--egress-allow",
+            &allow_b,
+            "egress",
+        ],
+        Duration::from_secs(60),
+    )?;
+    let after = env.supermachine(
+        &["exec", "egress", "sh", "-c", &get_b],
+        Duration::from_secs(120),
+    )?;
+    // The denial reaches inspect with the guest's next heartbeat.
+    std::thread::sleep(Duration::from_secs(3));
+    let inspect = env.supermachine(&["inspect", "egress"], Duration::from_secs(60))?;
+    let _ = env.supermachine(&["rm", "-f", "egress"], Duration::from_secs(120));
+    let denied = inspect
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"Denied\": "))
+        .and_then(|v| v.trim_end_matches(',').parse::<u64>().ok());
+    expect(
+        before.stdout == "refused\n"
+            && update.code == Some(0)
+            && after.stdout == "service B\n"
+            && denied.is_some_and(|d| d >= 1)
+            && inspect.stdout.contains(&allow_b),
+        &format!(
+            "update opens port {pb} on the running VM; inspect counts the denial (before: {:?}, \
+             update: {:?}, after: {:?}, denied: {denied:?})",
+            before.stdout, update.stderr, after.stdout
+        ),
+        &inspect,
+    )
+}
+
 /// `run -d` like docker's: a detached httpd answers on its published port,
 /// `ps` lists it with the port, `logs` and `logs -f` show its output, `stop`
 /// delivers SIGTERM to the process (whose handler prints a marker and exits
@@ -1866,26 +2048,18 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
     let img = images()?;
     let port = free_port()?;
     let sm = |args: &[&str]| env.supermachine(args, Duration::from_secs(120));
+    // `run -d [extra] --name NAME --network none IMAGE CMD...`
+    let detached = |extra: &[&str], name: &str, cmd: &[&str]| {
+        let mut args = vec!["run", "-d"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--name", name, NO_NET[0], NO_NET[1], &img.oci]);
+        args.extend_from_slice(cmd);
+        env.supermachine(&args, BOOT_TIMEOUT)
+    };
     let script = "trap 'echo got-term; exit 0' TERM; mkdir -p /w; echo page > /w/index.html; \
                   httpd -p 80 -h /w; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
     let t = Instant::now();
-    let started = env.supermachine(
-        &[
-            "run",
-            "-d",
-            "--name",
-            "web",
-            NO_NET[0],
-            NO_NET[1],
-            "-p",
-            &format!("{port}:80"),
-            &img.oci,
-            "sh",
-            "-c",
-            script,
-        ],
-        BOOT_TIMEOUT,
-    )?;
+    let started = detached(&["-p", &format!("{port}:80")], "web", &["sh", "-c", script])?;
     let id = started.stdout.trim().to_string();
     expect(
         started.code == Some(0) && id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()),
@@ -1901,7 +2075,7 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
         ps.stdout.contains(&id[..12])
             && ps.stdout.contains("web")
             && ps.stdout.contains("Up ")
-            && ps.stdout.contains(&format!("{port}:80")),
+            && ps.stdout.contains(&format!("127.0.0.1:{port}->80/tcp")),
         "ps lists the VM as up, with its port",
         &ps,
     )?;
@@ -2000,20 +2174,10 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
     )?;
 
     // SIGTERM ignored: SIGKILL after -t 2; the exit code says so.
-    let stubborn = env.supermachine(
-        &[
-            "run",
-            "-d",
-            "--name",
-            "stubborn",
-            NO_NET[0],
-            NO_NET[1],
-            &img.oci,
-            "sh",
-            "-c",
-            "trap '' TERM; while true; do sleep 1; done",
-        ],
-        BOOT_TIMEOUT,
+    let stubborn = detached(
+        &[],
+        "stubborn",
+        &["sh", "-c", "trap '' TERM; while true; do sleep 1; done"],
     )?;
     expect(
         stubborn.code == Some(0),
@@ -2033,22 +2197,10 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
     sm(&["rm", "stubborn"])?;
 
     // --restart on-failure:3 of a program that exits 1: four runs in all.
-    let flaky = env.supermachine(
-        &[
-            "run",
-            "-d",
-            "--restart",
-            "on-failure:3",
-            "--name",
-            "flaky",
-            NO_NET[0],
-            NO_NET[1],
-            &img.oci,
-            "sh",
-            "-c",
-            "echo ran; exit 1",
-        ],
-        BOOT_TIMEOUT,
+    let flaky = detached(
+        &["--restart", "on-failure:3"],
+        "flaky",
+        &["sh", "-c", "echo ran; exit 1"],
     )?;
     expect(
         flaky.code == Some(0),
@@ -2074,12 +2226,7 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
     sm(&["rm", "flaky"])?;
 
     // A supervisor killed with -9: exited in ps -a, removable, its name free.
-    let crash = env.supermachine(
-        &[
-            "run", "-d", "--name", "crash", NO_NET[0], NO_NET[1], &img.oci, "sleep", "1000",
-        ],
-        BOOT_TIMEOUT,
-    )?;
+    let crash = detached(&[], "crash", &["sleep", "1000"])?;
     expect(crash.code == Some(0), "run -d sleep", &crash)?;
     let inspect = sm(&["inspect", "crash"])?;
     let pid = inspect
@@ -2105,21 +2252,14 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
         std::thread::sleep(Duration::from_millis(200));
     };
     drop(dead);
-    let again = sm(&[
-        "run", "-d", "--name", "crash", NO_NET[0], NO_NET[1], &img.oci, "true",
-    ])?;
+    let again = detached(&[], "crash", &["true"])?;
     expect(
         again.code == Some(1) || again.code == Some(125),
         "the name of a VM not yet removed is taken",
         &again,
     )?;
     sm(&["rm", "crash"])?;
-    let again = env.supermachine(
-        &[
-            "run", "-d", "--name", "crash", NO_NET[0], NO_NET[1], &img.oci, "sleep", "1000",
-        ],
-        BOOT_TIMEOUT,
-    )?;
+    let again = detached(&[], "crash", &["sleep", "1000"])?;
     expect(
         again.code == Some(0),
         "after rm, the name starts a new VM",

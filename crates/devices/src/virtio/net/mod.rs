@@ -33,6 +33,7 @@ use super::{
 };
 
 pub mod backend;
+pub mod egress;
 
 pub use backend::{NetBackend, StreamBackend, MAX_FRAME_LEN};
 
@@ -81,7 +82,16 @@ pub struct Net {
     rx_buf: Vec<u8>,
     active: bool,
     stats: NetStats,
+    /// The egress policy and the flows it let through ([`egress`]).
+    egress: egress::Filter,
+    /// Frames the device itself answers the guest with (a denied connection's
+    /// RST or ICMP unreachable), delivered before the backend's.
+    answers: std::collections::VecDeque<Vec<u8>>,
 }
+
+/// Answers waiting for a receive buffer beyond this many are dropped (the
+/// guest retries, or times out, as on a lossy link).
+const MAX_ANSWERS: usize = 64;
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,7 +145,26 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME_LEN],
             active: false,
             stats: NetStats::default(),
+            egress: egress::Filter::default(),
+            answers: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Enforces `policy` on the frames the guest sends from now on: new
+    /// flows are judged by it, the ones an earlier policy let through carry
+    /// on.
+    pub fn set_egress(&mut self, policy: egress::Policy) {
+        self.egress.set_policy(policy);
+    }
+
+    /// The egress policy in force.
+    pub fn egress_policy(&self) -> &egress::Policy {
+        self.egress.policy()
+    }
+
+    /// The egress filter's counters.
+    pub fn egress_stats(&self) -> egress::EgressStats {
+        self.egress.stats()
     }
 
     /// The guest's MAC address.
@@ -245,8 +274,26 @@ impl Net {
                     // lets the device complete a transmit before it is on the wire).
                     queue.add_used(mem, head, 0).map_err(queue_err)?;
                     used += 1;
+                    let verdict = frame.map(|len| {
+                        self.egress
+                            .check(&self.tx_buf[NET_HDR_LEN..NET_HDR_LEN + len])
+                    });
+                    let frame = match verdict {
+                        Some(egress::Verdict::Pass) => frame,
+                        Some(egress::Verdict::Drop) => None,
+                        Some(egress::Verdict::Answer(a)) => {
+                            if self.answers.len() < MAX_ANSWERS {
+                                self.answers.push_back(a);
+                            }
+                            None
+                        }
+                        None => {
+                            self.stats.tx_dropped += 1;
+                            None
+                        }
+                    };
                     match frame {
-                        None => self.stats.tx_dropped += 1,
+                        None => {}
                         Some(len) if self.backend.is_some() => {
                             self.tx_pending = Some(len);
                             if !self.flush_tx_pending() {
@@ -265,6 +312,9 @@ impl Net {
         if used > 0 {
             ctx.signal_used(TX_QUEUE)?;
         }
+        if !self.answers.is_empty() {
+            self.process_rx(ctx)?;
+        }
         Ok(())
     }
 
@@ -280,9 +330,19 @@ impl Net {
                 return Ok(());
             };
             loop {
-                let len = match self.rx_pending.take() {
-                    Some(l) => l,
-                    None => {
+                let answer = if self.rx_pending.is_none() {
+                    self.answers.pop_front()
+                } else {
+                    None
+                };
+                let len = match (self.rx_pending.take(), answer) {
+                    (Some(l), _) => l,
+                    (None, Some(a)) => {
+                        let n = a.len().min(self.rx_buf.len());
+                        self.rx_buf[..n].copy_from_slice(&a[..n]);
+                        n
+                    }
+                    (None, None) => {
                         let Some(b) = self.backend.as_mut() else {
                             break;
                         };
@@ -423,6 +483,7 @@ impl VirtioDevice for Net {
         // Frames in flight are lost, as on a link reset; the backend stays.
         self.tx_pending = None;
         self.rx_pending = None;
+        self.answers.clear();
         self.active = false;
     }
 

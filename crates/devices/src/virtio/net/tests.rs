@@ -360,3 +360,53 @@ fn net_state_round_trips_and_restores_the_mac() {
     let restored = Net::from_state(&decoded, Box::new(backend));
     assert_eq!(restored.mac(), state.mac);
 }
+
+#[test]
+fn net_egress_denied_syn_never_reaches_the_backend_and_is_answered_in_the_guest() {
+    let (mut r, s) = scripted();
+    let policy = egress::Policy {
+        allow: vec!["192.0.2.1:80".parse().unwrap()],
+        deny: Vec::new(),
+    };
+    r.t.device_mut::<Net>().unwrap().set_egress(policy);
+    r.rx.add_chain(0, &[desc(DATA_BASE + 0x8000, 2048, F_WRITE, 0)]);
+    write_reg(&mut r.t, reg::QUEUE_NOTIFY, u32::from(RX_QUEUE));
+    // A TCP SYN from 10.0.2.15:40000 to port 80 (allowed) and to 81 (denied).
+    let syn = |dport: u16| {
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[6..12].copy_from_slice(&MAC);
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[10, 0, 2, 15]);
+        ip[16..20].copy_from_slice(&[192, 0, 2, 1]);
+        let t = &mut f[34..];
+        t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = 0x02;
+        f
+    };
+    queue_tx(&r, 0, DATA_BASE, &syn(80));
+    queue_tx(&r, 2, DATA_BASE + 0x1000, &syn(81));
+    write_reg(&mut r.t, reg::QUEUE_NOTIFY, u32::from(TX_QUEUE));
+    assert_eq!(
+        s.lock().unwrap().sent,
+        vec![syn(80)],
+        "only the allowed SYN left"
+    );
+    assert_eq!(r.tx.used_idx(), 2, "both chains went back");
+    // The RST arrived in the guest's receive buffer, from port 81 to 40000.
+    assert_eq!(r.rx.used_idx(), 1);
+    let rst = read_guest(&r, DATA_BASE + 0x8000 + NET_HDR_LEN as u64, 54);
+    assert_eq!(&rst[0..6], &MAC);
+    assert_eq!(&rst[34..36], &81u16.to_be_bytes());
+    assert_eq!(&rst[36..38], &40000u16.to_be_bytes());
+    assert_eq!(rst[34 + 13], 0x14, "RST|ACK");
+    let e = r.t.device::<Net>().unwrap().egress_stats();
+    assert_eq!((e.passed, e.denied), (1, 1));
+}
