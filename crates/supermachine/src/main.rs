@@ -96,11 +96,6 @@ enum Command {
         /// started; `ps`, `logs`, `stop`, `rm` manage it.
         #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty", "restore"])]
         detach: bool,
-        /// With -d: run the VM again when its process ends: no, on-failure[:N]
-        /// (after a non-zero exit, at most N times) or always (but after a
-        /// `stop`).
-        #[arg(long, value_parser = parse_restart, default_value = "no", requires = "detach")]
-        restart: supermachine::manage::RestartPolicy,
         /// Let the guest reach only what such rules allow (repeatable):
         /// CIDR[:PORT[-PORT]], [IPV6-CIDR]:PORT, or dns (the resolver the VM
         /// is given). Enforced by the VMM on every frame: a denied TCP
@@ -705,10 +700,6 @@ fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
     supermachine::DiskSpec::parse(s).map_err(|e| e.to_string())
 }
 
-fn parse_restart(s: &str) -> Result<supermachine::manage::RestartPolicy, String> {
-    supermachine::manage::RestartPolicy::parse(s)
-}
-
 fn parse_publish(s: &str) -> Result<supermachine::Publish, String> {
     supermachine::Publish::parse(s)
 }
@@ -835,7 +826,6 @@ fn main() -> ExitCode {
         Command::Run {
             rm: _,
             detach,
-            restart,
             egress_allow,
             egress_deny,
             process: ProcessArgs { env, workdir, user },
@@ -914,7 +904,6 @@ fn main() -> ExitCode {
                 interactive,
                 tty,
                 detached: detach,
-                restart,
                 egress_allow,
                 egress_deny,
             };
@@ -934,7 +923,7 @@ fn main() -> ExitCode {
                 let streams = log.clone();
                 supermachine::run::run_registered(
                     &opts,
-                    || {
+                    move || {
                         (
                             Box::new(streams.stdout()) as Box<dyn std::io::Write + Send>,
                             Box::new(streams.stderr()) as Box<dyn std::io::Write + Send>,

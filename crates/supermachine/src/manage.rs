@@ -58,55 +58,6 @@ pub fn parse_signal(s: &str) -> Result<i32, Error> {
     Ok(n)
 }
 
-/// `--restart`: what the supervisor does when the VM's process ends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum RestartPolicy {
-    /// Never (the default).
-    #[default]
-    No,
-    /// After a non-zero exit (or a failed start), at most this many times
-    /// (`on-failure[:N]`; without N, without limit).
-    OnFailure(Option<u32>),
-    /// After every end but a `stop`.
-    Always,
-}
-
-impl RestartPolicy {
-    /// `no`, `on-failure`, `on-failure:N` or `always`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.split_once(':') {
-            None if s == "no" => Ok(Self::No),
-            None if s == "always" => Ok(Self::Always),
-            None if s == "on-failure" => Ok(Self::OnFailure(None)),
-            Some(("on-failure", n)) => n.parse().map(|n| Self::OnFailure(Some(n))).map_err(|_| {
-                format!("--restart on-failure:{n}: the count is a number of restarts")
-            }),
-            _ => Err(format!("--restart {s:?}: use no, on-failure[:N] or always")),
-        }
-    }
-
-    /// Whether a VM that ended with `code` (none: it failed to start) and
-    /// was restarted `restarts` times already starts again.
-    pub fn restarts_after(self, code: Option<i32>, restarts: u32) -> bool {
-        match self {
-            Self::No => false,
-            Self::Always => true,
-            Self::OnFailure(max) => code != Some(0) && max.is_none_or(|m| restarts < m),
-        }
-    }
-}
-
-impl std::fmt::Display for RestartPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::No => f.write_str("no"),
-            Self::Always => f.write_str("always"),
-            Self::OnFailure(None) => f.write_str("on-failure"),
-            Self::OnFailure(Some(n)) => write!(f, "on-failure:{n}"),
-        }
-    }
-}
-
 // ---- the log ----
 
 /// The file a detached VM's process writes to: one line per record,
@@ -364,15 +315,16 @@ fn print_record(rec: &[u8], timestamps: bool, out: &mut dyn Write, err: &mut dyn
 
 // ---- stop, kill, wait ----
 
-/// Waits until `e`'s supervisor is gone (or `limit` passed): `true` if it is.
-fn gone_within(e: &Entry, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
+/// Waits until `e`'s supervisor is gone (or `limit` passed, if given):
+/// `true` if it is.
+fn gone_within(e: &Entry, limit: Option<Duration>) -> bool {
+    let deadline = limit.map(|l| Instant::now() + l);
     loop {
         match vms::find(&e.config.id) {
             Ok(now) if now.alive => {}
             _ => return true,
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return false;
         }
         std::thread::sleep(POLL);
@@ -393,15 +345,13 @@ pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
             name: e.display_name().into(),
         });
     }
-    // The supervisor restarts nothing a user stopped.
-    let _ = std::fs::write(e.dir.join(vms::STOPPING), b"");
     let sig = e.state.stop_signal.unwrap_or(libc::SIGTERM);
     // A process that has not started yet cannot be signalled: the VM is
     // stopped by its supervisor below.
-    if crate::exec::signal(e, sig).is_ok() && gone_within(e, timeout) {
+    if crate::exec::signal(e, sig).is_ok() && gone_within(e, Some(timeout)) {
         return Ok(());
     }
-    if crate::exec::signal(e, libc::SIGKILL).is_ok() && gone_within(e, KILL_GRACE) {
+    if crate::exec::signal(e, libc::SIGKILL).is_ok() && gone_within(e, Some(KILL_GRACE)) {
         return Ok(());
     }
     let pid = i32::try_from(e.state.pid).unwrap_or(0);
@@ -411,7 +361,7 @@ pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
             // whose lock says it still runs.
             unsafe { libc::kill(pid, sig) };
         }
-        if gone_within(e, KILL_GRACE) {
+        if gone_within(e, Some(KILL_GRACE)) {
             return Ok(());
         }
     }
@@ -424,7 +374,7 @@ pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
 /// `wait`: blocks until `e` ended; its exit code (docker's: 255 when the
 /// supervisor ended without recording one).
 pub fn wait(e: &Entry) -> Result<i32, Error> {
-    gone_within(e, Duration::MAX);
+    gone_within(e, None);
     let now = vms::find(&e.config.id)?;
     Ok(now.effective_state().exit_code.unwrap_or(255))
 }
@@ -561,29 +511,6 @@ pub fn supervise(reg: &vms::Registration, log: &LogSink) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn restart_policies_parse_and_decide_as_dockers() {
-        use RestartPolicy::*;
-        assert_eq!(RestartPolicy::parse("no").unwrap(), No);
-        assert_eq!(RestartPolicy::parse("always").unwrap(), Always);
-        assert_eq!(RestartPolicy::parse("on-failure").unwrap(), OnFailure(None));
-        let three = RestartPolicy::parse("on-failure:3").unwrap();
-        assert_eq!(three, OnFailure(Some(3)));
-        assert_eq!(three.to_string(), "on-failure:3");
-        assert!(RestartPolicy::parse("on-failure:x").is_err());
-        assert!(RestartPolicy::parse("sometimes").is_err());
-        // A program that exits 1: four runs in all.
-        let runs = 1
-            + (0..10)
-                .take_while(|&r| three.restarts_after(Some(1), r))
-                .count();
-        assert_eq!(runs, 4);
-        assert!(!three.restarts_after(Some(0), 0));
-        assert!(three.restarts_after(None, 0));
-        assert!(Always.restarts_after(Some(0), 100));
-        assert!(!No.restarts_after(Some(1), 0));
-    }
 
     #[test]
     fn signals_by_name_or_number() {

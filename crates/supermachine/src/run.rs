@@ -94,9 +94,6 @@ pub struct RunOptions {
     /// `rm` (a foreground run's goes with it). The caller is the supervisor
     /// and sends the output where `logs` finds it.
     pub detached: bool,
-    /// `--restart`: run again when the process ends (see
-    /// [`crate::manage::RestartPolicy`]); a `stop` ends it for good.
-    pub restart: crate::manage::RestartPolicy,
     /// `--egress-allow`: with any, the guest reaches only what these rules
     /// allow (`CIDR[:PORT[-PORT]]`, `[IPV6-CIDR]:PORT`, `dns`).
     pub egress_allow: Vec<String>,
@@ -442,12 +439,10 @@ pub fn run(
 
 /// [`run`], calling `registered` with the VM's registration as soon as it
 /// exists (before anything is pulled): `run -d`'s supervisor tells its
-/// parent the id there. The registration records each run's end, and
-/// `opts.restart` runs the VM again (with new output from `io`) unless a
-/// `stop` or a signal ended it. Returns the last run's exit code.
+/// parent the id there. The registration records the run's end.
 pub fn run_registered(
     opts: &RunOptions,
-    mut io: impl FnMut() -> (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    io: impl FnOnce() -> (Box<dyn Write + Send>, Box<dyn Write + Send>),
     timings: Arc<Timings>,
     registered: impl FnOnce(&crate::vms::Registration),
 ) -> Result<i32, Error> {
@@ -465,7 +460,7 @@ pub fn run_registered(
                 .into(),
         ));
     }
-    let mut bound = Some(crate::publish::Bound::bind(&opts.publish, tls.clone())?);
+    let bound = crate::publish::Bound::bind(&opts.publish, tls)?;
     let vm = Arc::new(crate::vms::Registration::create(crate::vms::VmConfig {
         name: opts.name.clone(),
         image: match &opts.restore {
@@ -475,7 +470,6 @@ pub fn run_registered(
         command: opts.args.clone(),
         ports: opts.publish.iter().map(crate::Publish::ps_form).collect(),
         detached: opts.detached,
-        restart: opts.restart.to_string(),
         ..crate::vms::VmConfig::default()
     })?);
     vm.update(|s| {
@@ -483,41 +477,13 @@ pub fn run_registered(
         s.egress_deny.clone_from(&opts.egress_deny);
     });
     registered(&vm);
-    let mut restarts = 0;
-    let mut backoff = RESTART_BACKOFF;
-    loop {
-        // The ports are bound again for a restart (the last run closed them).
-        let b = match bound.take() {
-            Some(b) => b,
-            None => crate::publish::Bound::bind(&opts.publish, tls.clone())?,
-        };
-        let r = run_in(opts, b, &vm, io(), timings.clone());
-        match &r {
-            Ok(code) => vm.exited(Some(*code), None),
-            Err(e) => vm.exited(None, Some(crate::error_chain(e))),
-        }
-        let code = r.as_ref().ok().copied();
-        let interrupted = matches!(r, Err(Error::Interrupted { .. }))
-            || opts
-                .interrupt
-                .as_ref()
-                .and_then(crate::Interrupt::signal)
-                .is_some();
-        if interrupted || vm.stop_requested() || !opts.restart.restarts_after(code, restarts) {
-            return r;
-        }
-        restarts += 1;
-        vm.update(|s| s.restarts = restarts);
-        // docker's back-off: doubling from 100 ms, so a program that fails at
-        // once does not spin.
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+    let r = run_in(opts, bound, &vm, io(), timings);
+    match &r {
+        Ok(code) => vm.exited(Some(*code), None),
+        Err(e) => vm.exited(None, Some(crate::error_chain(e))),
     }
+    r
 }
-
-/// The first wait before a restart, and the longest.
-const RESTART_BACKOFF: Duration = Duration::from_millis(100);
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 fn run_in(
     opts: &RunOptions,

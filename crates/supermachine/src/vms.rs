@@ -139,8 +139,6 @@ pub struct VmConfig {
     pub ports: Vec<String>,
     /// `run -d`: the entry stays until `rm`.
     pub detached: bool,
-    /// `--restart` (`no`, `on-failure[:N]`, `always`).
-    pub restart: String,
     /// When it was registered (ms since the epoch).
     pub created_ms: u64,
 }
@@ -172,8 +170,6 @@ pub struct VmState {
     pub exit_code: Option<i32>,
     /// Why it ended, when that was not the process's own exit.
     pub reason: Option<String>,
-    /// Restarts the `--restart` policy made.
-    pub restarts: u32,
     /// The image's StopSignal (`stop` sends it; SIGTERM when none).
     pub stop_signal: Option<i32>,
     /// The egress rules in force (`run`'s, or what `update` set since).
@@ -243,8 +239,6 @@ const LOCK: &str = "lock";
 const CTL_SOCK: &str = "ctl.sock";
 /// A detached VM's output and its rotated predecessor.
 pub const LOG: &str = "log";
-/// Left by `stop`: the supervisor restarts nothing a user stopped.
-pub const STOPPING: &str = "stopping";
 
 /// The registry lock, held while names are claimed and entries removed.
 struct RegistryLock {
@@ -521,11 +515,6 @@ impl Registration {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         (s.egress_allow.clone(), s.egress_deny.clone())
-    }
-
-    /// Whether `stop` asked for this VM's end (no restart then).
-    pub fn stop_requested(&self) -> bool {
-        self.dir.join(STOPPING).exists()
     }
 
     /// The process started.

@@ -1080,7 +1080,7 @@ fn fake_vm(runtime: &Path, id: &str, name: Option<&str>, state: &str) -> std::fs
     std::fs::write(
         dir.join("config.json"),
         format!(
-            r#"{{"id":"{id}","name":{name_json},"image":"busybox","command":["sleep","100"],"ports":[],"detached":true,"restart":"no","created_ms":1}}"#
+            r#"{{"id":"{id}","name":{name_json},"image":"busybox","command":["sleep","100"],"ports":[],"detached":true,"created_ms":1}}"#
         ),
     )
     .unwrap();
@@ -1106,7 +1106,7 @@ fn vm_verbs_on_unknown_dead_ambiguous_and_running_vms_are_one_line_errors() {
     assert_verb_error(&sm(&["stop", "web"]), "no VM named web");
     // A detached VM whose supervisor was killed while it ran: exited, with
     // the reason; exec and stop say it is not running; rm removes it.
-    let running = r#"{"status":"running","pid":1,"started_ms":1,"finished_ms":null,"exit_code":null,"reason":null,"restarts":0,"stop_signal":null}"#;
+    let running = r#"{"status":"running","pid":1,"started_ms":1,"finished_ms":null,"exit_code":null,"reason":null,"stop_signal":null}"#;
     let abc1 = "abc1".repeat(16);
     drop(fake_vm(&runtime, &abc1, Some("web"), running));
     assert_one_line_error(&sm(&["exec", "web", "true"]), "VM web is not running");
