@@ -96,6 +96,11 @@ enum Command {
         /// started; `ps`, `logs`, `stop`, `rm` manage it.
         #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty", "restore"])]
         detach: bool,
+        /// With -d: run the VM again when its process ends: no, on-failure[:N]
+        /// (after a non-zero exit, at most N times) or always (but after a
+        /// `stop`).
+        #[arg(long, value_parser = parse_restart, default_value = "no", requires = "detach")]
+        restart: supermachine::manage::RestartPolicy,
         /// Let the guest reach only what such rules allow (repeatable):
         /// CIDR[:PORT[-PORT]], [IPV6-CIDR]:PORT, or dns (the resolver the VM
         /// is given). Enforced by the VMM on every frame: a denied TCP
@@ -700,6 +705,10 @@ fn parse_disk(s: &str) -> Result<supermachine::DiskSpec, String> {
     supermachine::DiskSpec::parse(s).map_err(|e| e.to_string())
 }
 
+fn parse_restart(s: &str) -> Result<supermachine::manage::RestartPolicy, String> {
+    supermachine::manage::RestartPolicy::parse(s)
+}
+
 fn parse_publish(s: &str) -> Result<supermachine::Publish, String> {
     supermachine::Publish::parse(s)
 }
@@ -826,6 +835,7 @@ fn main() -> ExitCode {
         Command::Run {
             rm: _,
             detach,
+            restart,
             egress_allow,
             egress_deny,
             process: ProcessArgs { env, workdir, user },
@@ -904,41 +914,42 @@ fn main() -> ExitCode {
                 interactive,
                 tty,
                 detached: detach,
+                restart,
                 egress_allow,
                 egress_deny,
             };
             let timings = Arc::new(supermachine::Timings::start_at(start));
             let supervisor = std::env::var_os(supermachine::manage::SUPERVISOR_ENV).is_some();
-            if detach && !supervisor {
-                return match supermachine::manage::detach() {
-                    Ok(id) => {
-                        println!("{id}");
-                        ExitCode::SUCCESS
+            let r = match (detach, supervisor, supermachine::manage::vmm_of()) {
+                // One run of a detached VM, in the VMM its supervisor started.
+                (true, _, Some(reg)) => reg.and_then(|reg| {
+                    let log = supermachine::manage::LogSink::default();
+                    if let Err(e) = log.open(reg.dir()) {
+                        eprintln!("supermachine: warning: cannot open the VM's log: {e}");
                     }
-                    Err(e) => fail(&e),
-                };
-            }
-            let r = if detach {
-                let log = supermachine::manage::LogSink::default();
-                let streams = log.clone();
-                supermachine::run::run_registered(
-                    &opts,
-                    move || {
-                        (
-                            Box::new(streams.stdout()) as Box<dyn std::io::Write + Send>,
-                            Box::new(streams.stderr()) as Box<dyn std::io::Write + Send>,
-                        )
-                    },
-                    timings,
-                    |reg| supermachine::manage::supervise(reg, &log),
-                )
-            } else {
-                supermachine::run::run(
+                    supermachine::run::run_for_supervisor(
+                        &opts,
+                        reg,
+                        (Box::new(log.stdout()), Box::new(log.stderr())),
+                        timings,
+                    )
+                }),
+                (true, true, None) => supermachine::manage::supervise(&opts),
+                (true, false, _) => {
+                    return match supermachine::manage::detach() {
+                        Ok(id) => {
+                            println!("{id}");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(&e),
+                    };
+                }
+                (false, _, _) => supermachine::run::run(
                     &opts,
                     Box::new(std::io::stdout()),
                     Box::new(std::io::stderr()),
                     timings,
-                )
+                ),
             };
             match r {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -58,6 +58,55 @@ pub fn parse_signal(s: &str) -> Result<i32, Error> {
     Ok(n)
 }
 
+/// `--restart`: what the supervisor does when the VM's process ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Never (the default).
+    #[default]
+    No,
+    /// After a non-zero exit (or a failed start), at most this many times
+    /// (`on-failure[:N]`; without N, without limit).
+    OnFailure(Option<u32>),
+    /// After every end but a `stop`.
+    Always,
+}
+
+impl RestartPolicy {
+    /// `no`, `on-failure`, `on-failure:N` or `always`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "no" => Ok(Self::No),
+            None if s == "always" => Ok(Self::Always),
+            None if s == "on-failure" => Ok(Self::OnFailure(None)),
+            Some(("on-failure", n)) => n.parse().map(|n| Self::OnFailure(Some(n))).map_err(|_| {
+                format!("--restart on-failure:{n}: the count is a number of restarts")
+            }),
+            _ => Err(format!("--restart {s:?}: use no, on-failure[:N] or always")),
+        }
+    }
+
+    /// Whether a VM that ended with `code` (none: it failed to start) and
+    /// was restarted `restarts` times already starts again.
+    pub fn restarts_after(self, code: Option<i32>, restarts: u32) -> bool {
+        match self {
+            Self::No => false,
+            Self::Always => true,
+            Self::OnFailure(max) => code != Some(0) && max.is_none_or(|m| restarts < m),
+        }
+    }
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::No => f.write_str("no"),
+            Self::Always => f.write_str("always"),
+            Self::OnFailure(None) => f.write_str("on-failure"),
+            Self::OnFailure(Some(n)) => write!(f, "on-failure:{n}"),
+        }
+    }
+}
+
 // ---- the log ----
 
 /// The file a detached VM's process writes to: one line per record,
@@ -345,6 +394,8 @@ pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
             name: e.display_name().into(),
         });
     }
+    // The supervisor restarts nothing a user stopped.
+    let _ = std::fs::write(e.dir.join(vms::STOPPING), b"");
     let sig = e.state.stop_signal.unwrap_or(libc::SIGTERM);
     // A process that has not started yet cannot be signalled: the VM is
     // stopped by its supervisor below.
@@ -484,33 +535,174 @@ pub fn detach() -> Result<String, Error> {
     Ok(id)
 }
 
-/// In the supervisor, once the VM is registered: tells the parent its id
-/// (the first line on stdout), then sends this process's own stdout and
-/// stderr to `supervisor.log` in the VM's directory (the parent's pipes
-/// close).
-pub fn supervise(reg: &vms::Registration, log: &LogSink) {
-    if let Err(e) = log.open(reg.dir()) {
-        eprintln!("supermachine: error: cannot open the VM's log: {e}");
-    }
+/// The environment a supervisor gives the VMM process it starts for a run:
+/// the VM's id, and the descriptor number of the control socket's listener.
+pub const VMM_OF_ENV: &str = "SUPERMACHINE_VMM_OF";
+pub const CTL_FD_ENV: &str = "SUPERMACHINE_CTL_FD";
+
+/// `run -d`'s supervisor: registers the VM, tells the parent its id (the
+/// first line on stdout), moves its own stdout and stderr to
+/// `supervisor.log`, and runs the VM in a VMM process of its own (this
+/// program again, [`VMM_OF_ENV`] set, the control socket's listener
+/// inherited, killed if the supervisor dies) as often as `opts.restart`
+/// says. The supervisor holds the VM's lock and is never sandboxed; each VMM
+/// is. SIGTERM, SIGINT and SIGHUP go on to the VMM and end the restarts.
+/// Returns the last run's exit code.
+pub fn supervise(opts: &crate::RunOptions) -> Result<i32, Error> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    crate::run::check(opts)?;
+    let reg = crate::run::register(opts)?;
     let own = std::fs::File::options()
         .create(true)
         .append(true)
         .open(reg.dir().join("supervisor.log"));
     println!("{}", reg.id());
     let _ = std::io::stdout().flush();
-    if let Ok(f) = own {
+    if let Ok(f) = &own {
         for fd in [1, 2] {
             // SAFETY: dup2 onto this process's own stdout/stderr descriptors
             // of a file it just opened; no memory involved.
             unsafe { libc::dup2(f.as_raw_fd(), fd) };
         }
     }
+    let ended = Arc::new(AtomicBool::new(false));
+    let child_pid = Arc::new(AtomicI32::new(0));
+    {
+        let (ended, child_pid) = (ended.clone(), child_pid.clone());
+        let mut signals =
+            signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+                .map_err(|e| Error::Usage(format!("cannot watch signals: {e}")))?;
+        std::thread::spawn(move || {
+            for sig in signals.forever() {
+                ended.store(true, Ordering::SeqCst);
+                let pid = child_pid.load(Ordering::SeqCst);
+                if pid > 0 {
+                    // SAFETY: kill takes plain integers; the pid is this
+                    // process's own child.
+                    unsafe { libc::kill(pid, sig) };
+                }
+            }
+        });
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Usage(format!("cannot find supermachine itself: {e}")))?;
+    let fd = reg.listener_fd().as_raw_fd();
+    let mut restarts = 0;
+    let mut backoff = RESTART_BACKOFF;
+    loop {
+        let before = reg.reload().finished_ms;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(std::env::args_os().skip(1))
+            .env(VMM_OF_ENV, reg.id())
+            .env(CTL_FD_ENV, fd.to_string())
+            .stdin(std::process::Stdio::null());
+        // SAFETY: between fork and exec only async-signal-safe calls: the
+        // listener (this process's descriptor) is kept open across exec, and
+        // the VMM dies with its supervisor.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let status = match cmd.spawn() {
+            Ok(mut child) => {
+                child_pid.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
+                if ended.load(Ordering::SeqCst) {
+                    // SAFETY: as in the signal thread.
+                    unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
+                }
+                let st = child.wait();
+                child_pid.store(0, Ordering::SeqCst);
+                st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            }
+            Err(e) => format!("could not start: {e}"),
+        };
+        let now = reg.reload();
+        let recorded = now.status == Status::Exited && now.finished_ms != before;
+        if !recorded {
+            reg.exited(None, Some(format!("its VMM process ended ({status})")));
+        }
+        let code = reg.reload().exit_code;
+        if ended.load(Ordering::SeqCst)
+            || reg.stop_requested()
+            || !opts.restart.restarts_after(code, restarts)
+        {
+            // No exit code: supermachine's own failure (docker's 125).
+            return Ok(code.unwrap_or(125));
+        }
+        restarts += 1;
+        reg.update(|s| s.restarts = restarts);
+        // docker's back-off: doubling from 100 ms, so a program that fails
+        // at once does not spin.
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+    }
+}
+
+/// The first wait before a restart, and the longest.
+const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// In a VMM process a supervisor started: the VM's id and the control
+/// socket's listener it passed, if this is one.
+pub fn vmm_of() -> Option<Result<vms::Registration, Error>> {
+    use std::os::fd::FromRawFd;
+    let id = std::env::var(VMM_OF_ENV).ok()?;
+    let fd: i32 = match std::env::var(CTL_FD_ENV).ok().and_then(|v| v.parse().ok()) {
+        Some(fd) if fd > 2 => fd,
+        _ => {
+            return Some(Err(Error::Usage(format!(
+                "{CTL_FD_ENV} is not a descriptor"
+            ))))
+        }
+    };
+    // SAFETY: fstat into a zeroed stat buffer this function owns.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; a bad descriptor is an error, not undefined behaviour.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Some(Err(Error::Usage(format!(
+            "{CTL_FD_ENV}={fd} is not the control socket"
+        ))));
+    }
+    // SAFETY: the supervisor passed this listening socket (checked to be a
+    // socket above) for this process to own; nothing else here uses it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // Not for the VMM's own children (passt).
+    // SAFETY: fcntl on the descriptor this process now owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(vms::Registration::attach(&id, listener))
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restart_policies_parse_and_decide_as_dockers() {
+        use RestartPolicy::*;
+        assert_eq!(RestartPolicy::parse("no").unwrap(), No);
+        assert_eq!(RestartPolicy::parse("always").unwrap(), Always);
+        assert_eq!(RestartPolicy::parse("on-failure").unwrap(), OnFailure(None));
+        let three = RestartPolicy::parse("on-failure:3").unwrap();
+        assert_eq!(three, OnFailure(Some(3)));
+        assert_eq!(three.to_string(), "on-failure:3");
+        assert!(RestartPolicy::parse("on-failure:x").is_err());
+        assert!(RestartPolicy::parse("sometimes").is_err());
+        // A program that exits 1: four runs in all.
+        let runs = 1
+            + (0..10)
+                .take_while(|&r| three.restarts_after(Some(1), r))
+                .count();
+        assert_eq!(runs, 4);
+        assert!(!three.restarts_after(Some(0), 0));
+        assert!(three.restarts_after(None, 0));
+        assert!(Always.restarts_after(Some(0), 100));
+        assert!(!No.restarts_after(Some(1), 0));
+    }
 
     #[test]
     fn signals_by_name_or_number() {

@@ -94,6 +94,10 @@ pub struct RunOptions {
     /// `rm` (a foreground run's goes with it). The caller is the supervisor
     /// and sends the output where `logs` finds it.
     pub detached: bool,
+    /// `--restart` (with `detached`): the supervisor runs the VM again when
+    /// its process ends (see [`crate::manage::RestartPolicy`]); a `stop`
+    /// ends it for good.
+    pub restart: crate::manage::RestartPolicy,
     /// `--egress-allow`: with any, the guest reaches only what these rules
     /// allow (`CIDR[:PORT[-PORT]]`, `[IPV6-CIDR]:PORT`, `dns`).
     pub egress_allow: Vec<String>,
@@ -421,37 +425,32 @@ pub fn run(
     err: Box<dyn Write + Send>,
     timings: Arc<Timings>,
 ) -> Result<i32, Error> {
-    let mut io = Some((out, err));
-    run_registered(
-        opts,
-        || {
-            io.take().unwrap_or_else(|| {
-                (
-                    Box::new(std::io::stdout()) as Box<dyn Write + Send>,
-                    Box::new(std::io::stderr()) as Box<dyn Write + Send>,
-                )
-            })
-        },
-        timings,
-        |_| {},
-    )
-}
-
-/// [`run`], calling `registered` with the VM's registration as soon as it
-/// exists (before anything is pulled): `run -d`'s supervisor tells its
-/// parent the id there. The registration records the run's end.
-pub fn run_registered(
-    opts: &RunOptions,
-    io: impl FnOnce() -> (Box<dyn Write + Send>, Box<dyn Write + Send>),
-    timings: Arc<Timings>,
-    registered: impl FnOnce(&crate::vms::Registration),
-) -> Result<i32, Error> {
     // A port in use, or a name another VM holds, fails the run before
     // anything is pulled or booted.
-    let tls = match &opts.tls {
-        Some((cert, key)) => Some(crate::tls::TlsConfig::load(cert, key)?),
-        None => None,
-    };
+    check(opts)?;
+    let bound = bind(opts)?;
+    let vm = Arc::new(register(opts)?);
+    finish(&vm, run_in(opts, bound, &vm, (out, err), timings))
+}
+
+/// One run of a detached VM, in the VMM process its supervisor started
+/// ([`crate::manage::supervise`]) with the registration it holds: binds the
+/// published ports and runs the VM to its end, recording it.
+pub fn run_for_supervisor(
+    opts: &RunOptions,
+    vm: crate::vms::Registration,
+    (out, err): (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    timings: Arc<Timings>,
+) -> Result<i32, Error> {
+    let vm = Arc::new(vm);
+    let r = check(opts)
+        .and_then(|()| bind(opts))
+        .and_then(|bound| run_in(opts, bound, &vm, (out, err), timings));
+    finish(&vm, r)
+}
+
+/// What can be told wrong about `opts` before anything is pulled.
+pub fn check(opts: &RunOptions) -> Result<(), Error> {
     crate::egress::check(&opts.egress_allow, &opts.egress_deny)?;
     let has_rules = !(opts.egress_allow.is_empty() && opts.egress_deny.is_empty());
     if has_rules && opts.network.is_none() && opts.restore.is_none() {
@@ -460,8 +459,21 @@ pub fn run_registered(
                 .into(),
         ));
     }
-    let bound = crate::publish::Bound::bind(&opts.publish, tls)?;
-    let vm = Arc::new(crate::vms::Registration::create(crate::vms::VmConfig {
+    Ok(())
+}
+
+/// The published ports' host ends (and the TLS pair, checked).
+fn bind(opts: &RunOptions) -> Result<crate::publish::Bound, Error> {
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(crate::tls::TlsConfig::load(cert, key)?),
+        None => None,
+    };
+    crate::publish::Bound::bind(&opts.publish, tls)
+}
+
+/// Registers the VM `opts` describes, with its egress rules.
+pub fn register(opts: &RunOptions) -> Result<crate::vms::Registration, Error> {
+    let vm = crate::vms::Registration::create(crate::vms::VmConfig {
         name: opts.name.clone(),
         image: match &opts.restore {
             Some(p) => p.display().to_string(),
@@ -470,14 +482,18 @@ pub fn run_registered(
         command: opts.args.clone(),
         ports: opts.publish.iter().map(crate::Publish::ps_form).collect(),
         detached: opts.detached,
+        restart: opts.restart.to_string(),
         ..crate::vms::VmConfig::default()
-    })?);
+    })?;
     vm.update(|s| {
         s.egress_allow.clone_from(&opts.egress_allow);
         s.egress_deny.clone_from(&opts.egress_deny);
     });
-    registered(&vm);
-    let r = run_in(opts, bound, &vm, io(), timings);
+    Ok(vm)
+}
+
+/// Records the run's end in the registry.
+fn finish(vm: &crate::vms::Registration, r: Result<i32, Error>) -> Result<i32, Error> {
     match &r {
         Ok(code) => vm.exited(Some(*code), None),
         Err(e) => vm.exited(None, Some(crate::error_chain(e))),

@@ -139,6 +139,9 @@ pub struct VmConfig {
     pub ports: Vec<String>,
     /// `run -d`: the entry stays until `rm`.
     pub detached: bool,
+    /// `--restart` (`no`, `on-failure[:N]`, `always`).
+    #[serde(default)]
+    pub restart: String,
     /// When it was registered (ms since the epoch).
     pub created_ms: u64,
 }
@@ -166,12 +169,18 @@ pub struct VmState {
     pub started_ms: Option<u64>,
     /// When it last ended.
     pub finished_ms: Option<u64>,
+    /// Restarts the `--restart` policy made.
+    #[serde(default)]
+    pub restarts: u32,
     /// Its docker exit code, once it ended.
     pub exit_code: Option<i32>,
     /// Why it ended, when that was not the process's own exit.
     pub reason: Option<String>,
     /// The image's StopSignal (`stop` sends it; SIGTERM when none).
     pub stop_signal: Option<i32>,
+    /// A detached VM's current VMM process (its supervisor's child).
+    #[serde(default)]
+    pub vmm_pid: Option<u32>,
     /// The egress rules in force (`run`'s, or what `update` set since).
     #[serde(default)]
     pub egress_allow: Vec<String>,
@@ -239,6 +248,8 @@ const LOCK: &str = "lock";
 const CTL_SOCK: &str = "ctl.sock";
 /// A detached VM's output and its rotated predecessor.
 pub const LOG: &str = "log";
+/// Left by `stop`: the supervisor restarts nothing a user stopped.
+pub const STOPPING: &str = "stopping";
 
 /// The registry lock, held while names are claimed and entries removed.
 struct RegistryLock {
@@ -396,7 +407,9 @@ pub fn remove(e: &Entry) -> Result<(), Error> {
 }
 
 /// This process's VM in the registry: its directory and lock (held while
-/// this lives), its name and its bound control socket.
+/// this lives), its name and its bound control socket. A detached VM's
+/// supervisor owns it; the VMM process it starts for each run attaches to it
+/// ([`Registration::attach`]).
 #[derive(Debug)]
 pub struct Registration {
     config: VmConfig,
@@ -404,8 +417,9 @@ pub struct Registration {
     socket: PathBuf,
     listener: UnixListener,
     state: std::sync::Mutex<VmState>,
-    // Held (flock) for as long as this value lives.
-    _lock: std::fs::File,
+    /// Held (flock) for as long as this value lives; `None` in a VMM
+    /// attached to its supervisor's registration.
+    _lock: Option<std::fs::File>,
 }
 
 impl Registration {
@@ -456,13 +470,61 @@ impl Registration {
                 socket,
                 listener,
                 state: std::sync::Mutex::new(state),
-                _lock: lock,
+                _lock: Some(lock),
             })
         })();
         if made.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         made
+    }
+
+    /// The registration of VM `id`, whose supervisor (the parent of this
+    /// process) holds its lock and passed its control socket's listener as
+    /// `listener`: a VMM run for it. The state carries on from what the
+    /// supervisor recorded (egress rules, restarts).
+    pub fn attach(id: &str, listener: UnixListener) -> Result<Self, Error> {
+        let root = runtime_dir()?;
+        let dir = root.join("vms").join(id);
+        let bad = |why: &str| Error::RuntimeDir {
+            path: dir.clone(),
+            why: why.into(),
+        };
+        let config: VmConfig =
+            read_json(&dir.join(CONFIG)).ok_or_else(|| bad("no readable config.json"))?;
+        let mut state: VmState = read_json(&dir.join(STATE)).unwrap_or_default();
+        state.vmm_pid = Some(std::process::id());
+        Ok(Self {
+            config,
+            socket: dir.join(CTL_SOCK),
+            dir,
+            listener,
+            state: std::sync::Mutex::new(state),
+            _lock: None,
+        })
+    }
+
+    /// The control socket's listener, for a VMM process this one starts.
+    pub fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
+    /// The state as last recorded (by this process or, for a supervisor,
+    /// by the VMM it ran).
+    pub fn reload(&self) -> VmState {
+        let now: VmState = read_json(&self.dir.join(STATE)).unwrap_or_default();
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *s = now.clone();
+        now
+    }
+
+    /// Whether `stop` asked for this VM's end (no restart then).
+    pub fn stop_requested(&self) -> bool {
+        self.dir.join(STOPPING).exists()
     }
 
     pub fn id(&self) -> &str {
@@ -541,8 +603,12 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         // Nobody may connect to a VM that is gone. The rest stays for `ps -a`
-        // (a detached VM) or the next registry operation's clean-up.
-        let _ = std::fs::remove_file(&self.socket);
+        // (a detached VM) or the next registry operation's clean-up. A VMM
+        // attached to its supervisor's registration leaves the socket to it
+        // (the next run serves it).
+        if self._lock.is_some() {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 

@@ -2224,6 +2224,35 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
     }
     sm(&["rm", "stubborn"])?;
 
+    // --restart on-failure:3 of a program that exits 1: four runs in all.
+    let flaky = detached(
+        &["--restart", "on-failure:3"],
+        "flaky",
+        &["sh", "-c", "echo ran; exit 1"],
+    )?;
+    expect(
+        flaky.code == Some(0),
+        "run -d --restart on-failure:3",
+        &flaky,
+    )?;
+    let t = Instant::now();
+    let wait = env.supermachine(&["wait", "flaky"], BOOT_TIMEOUT)?;
+    let logs = sm(&["logs", "flaky"])?;
+    eprintln!(
+        "  detached: three restarts done {:.1}s after run -d returned",
+        t.elapsed().as_secs_f64()
+    );
+    expect(
+        wait.stdout == "1\n" && logs.stdout == "ran\nran\nran\nran\n",
+        "on-failure:3 runs a failing program four times; wait prints 1",
+        &Outcome {
+            code: wait.code,
+            stdout: format!("wait: {:?}, logs: {:?}", wait.stdout, logs.stdout),
+            stderr: wait.stderr.clone(),
+        },
+    )?;
+    sm(&["rm", "flaky"])?;
+
     // A supervisor killed with -9: exited in ps -a, removable, its name free.
     let crash = detached(&[], "crash", &["sleep", "1000"])?;
     expect(crash.code == Some(0), "run -d sleep", &crash)?;
