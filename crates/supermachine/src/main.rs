@@ -1018,10 +1018,15 @@ fn main() -> ExitCode {
             egress_allow,
             egress_deny,
             vms,
-        } => each_vm(&vms, |e| {
-            supermachine::exec::egress(e, &egress_allow, &egress_deny)
-                .map(|()| e.display_name().to_string())
-        }),
+        } => {
+            if let Err(e) = supermachine::egress::check(&egress_allow, &egress_deny) {
+                return fail_verb(&e);
+            }
+            each_vm(&vms, |e| {
+                supermachine::exec::egress(e, &egress_allow, &egress_deny)
+                    .map(|()| e.display_name().to_string())
+            })
+        }
         Command::Wait { vms } => each_vm(&vms, |e| {
             supermachine::manage::wait(e).map(|c| c.to_string())
         }),

@@ -1164,6 +1164,31 @@ fn vm_verbs_on_unknown_dead_ambiguous_and_running_vms_are_one_line_errors() {
             "invalid VM name",
         );
     }
+    // A malformed egress rule, before anything is pulled; update checks too.
+    assert_one_line_error(
+        &sm(&["run", "--egress-allow", "10.0.0.0/33", "img", "true"]),
+        "egress rule \"10.0.0.0/33\": the prefix length is out of range",
+    );
+    assert_verb_error(
+        &sm(&["update", "--egress-allow", "10.0.0.1:99999", "nosuch"]),
+        "not a port number",
+    );
+    assert_one_line_error(
+        &sm(&[
+            "run",
+            "--network",
+            "none",
+            "--egress-deny",
+            "10.0.0.0/8",
+            "img",
+            "true",
+        ]),
+        "need a network",
+    );
+    assert_one_line_error(
+        &sm(&["run", "--restart", "always", "img", "true"]),
+        "--detach",
+    );
     // A runtime directory others may enter is refused.
     std::fs::set_permissions(
         &runtime,
