@@ -1569,6 +1569,10 @@ const SCENARIOS: &[Scenario] = &[
         name: "run_egress_allow_list_is_enforced_by_the_vmm",
         run: run_egress_allow_list_is_enforced_by_the_vmm,
     },
+    Scenario {
+        name: "run_ten_detached_vms_at_once",
+        run: run_ten_detached_vms_at_once,
+    },
 ];
 
 /// The counter of the mid-process scenario: a file written first, one line a
@@ -1859,6 +1863,127 @@ fn http_get_open(addr: std::net::SocketAddr, path: &str) -> std::io::Result<Vec<
 fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// Processes of this program (`supermachine ...`) other than the test's own.
+fn supermachines_left(bin: &Path) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let exe = std::fs::read_link(p.path().join("exe")).ok()?;
+            (exe == bin).then(|| {
+                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            })
+        })
+        .collect()
+}
+
+/// Ten detached VMs started at once: each reaches running and answers on its
+/// own port with its own page, `ps` lists the ten, one `stop` and one `rm`
+/// take them all, and no supervisor, VMM or registry entry is left.
+fn run_ten_detached_vms_at_once(env: &Env) -> Result<(), String> {
+    let img = images()?;
+    let ports: Vec<u16> = (0..10).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    let started: Vec<_> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let (bin, oci, port) = (env.bin.clone(), img.oci.clone(), *port);
+            std::thread::spawn(move || {
+                Command::new(bin)
+                    .args([
+                        "run",
+                        "-d",
+                        "--name",
+                        &format!("fleet{i}"),
+                        NO_NET[0],
+                        NO_NET[1],
+                        "-p",
+                        &format!("{port}:80"),
+                        &oci,
+                        "sh",
+                        "-c",
+                        &format!(
+                            "mkdir -p /w; echo vm{i} > /w/index.html; exec httpd -f -p 80 -h /w"
+                        ),
+                    ])
+                    .stdin(Stdio::null())
+                    .output()
+            })
+        })
+        .collect();
+    for (i, h) in started.into_iter().enumerate() {
+        let o = h
+            .join()
+            .map_err(|_| "a run -d thread panicked".to_string())?
+            .map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(format!(
+                "run -d fleet{i}: {:?}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+    }
+    eprintln!(
+        "  fleet: ten run -d returned within {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let ps = env.supermachine(&["ps"], Duration::from_secs(60))?;
+    let up = ps
+        .stdout
+        .lines()
+        .filter(|l| l.contains("fleet") && l.contains("Up "))
+        .count();
+    expect(up == 10, "ps lists the ten VMs as up", &ps)?;
+    for (i, port) in ports.iter().enumerate() {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], *port).into();
+        let want = format!("vm{i}\n");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match http_get(addr, "/index.html") {
+                Ok(r) if http_body(&r) == Some(want.as_bytes()) => break,
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                other => return Err(format!("fleet{i} on port {port}: {other:?}")),
+            }
+        }
+    }
+    let names: Vec<String> = (0..10).map(|i| format!("fleet{i}")).collect();
+    let mut args = vec!["stop"];
+    args.extend(names.iter().map(String::as_str));
+    let t = Instant::now();
+    let stop = env.supermachine(&args, Duration::from_secs(300))?;
+    eprintln!(
+        "  fleet: one stop of all ten took {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    args[0] = "rm";
+    let rm = env.supermachine(&args, Duration::from_secs(60))?;
+    let all = env.supermachine(&["ps", "-a", "-q"], Duration::from_secs(60))?;
+    let left = supermachines_left(&env.bin);
+    let runtime_left = std::fs::read_dir("/tmp/supermachine-0/vms")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    expect(
+        stop.code == Some(0)
+            && rm.code == Some(0)
+            && all.stdout.trim().is_empty()
+            && left.is_empty()
+            && runtime_left == 0,
+        &format!(
+            "all ten stopped and removed; nothing left (processes: {left:?}, registry entries: {runtime_left})"
+        ),
+        &Outcome {
+            code: stop.code,
+            stdout: format!("stop: {}rm: {}", stop.stdout, rm.stdout),
+            stderr: format!("{}{}", stop.stderr, rm.stderr),
+        },
+    )
 }
 
 /// An HTTP/1.0 server on `bind` that answers every request with `body` and
