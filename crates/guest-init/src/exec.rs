@@ -17,7 +17,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -51,10 +51,17 @@ macro_rules! note {
     }};
 }
 
-/// Whether the container's main process runs: exec is refused before it
-/// starts (the root filesystem may not be set up) and after it ended (the VM
+/// Where the container's main process is: an exec waits (up to
+/// [`MAIN_START_WAIT`]) while it has not started (the root filesystem may not
+/// be set up; the host's `run -d` returns once it sent `Start`, so an `exec`
+/// right after it can arrive first), and is refused after it ended (the VM
 /// is going down).
-static MAIN_RUNNING: AtomicBool = AtomicBool::new(false);
+static MAIN: AtomicU8 = AtomicU8::new(MAIN_NOT_YET);
+const MAIN_NOT_YET: u8 = 0;
+const MAIN_RUNNING: u8 = 1;
+const MAIN_ENDED: u8 = 2;
+/// How long an exec waits for the main process to start.
+const MAIN_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The exec'd processes not reaped yet: pid and the write end of the pipe
 /// their connection's thread reads the wait status from.
@@ -62,7 +69,10 @@ static TABLE: Mutex<Vec<(libc::pid_t, OwnedFd)>> = Mutex::new(Vec::new());
 
 /// The main thread says the main process started (`true`) or ended.
 pub fn set_main_running(running: bool) {
-    MAIN_RUNNING.store(running, Ordering::SeqCst);
+    MAIN.store(
+        if running { MAIN_RUNNING } else { MAIN_ENDED },
+        Ordering::SeqCst,
+    );
 }
 
 /// Reaps one exited child of PID 1 (the main thread calls it on SIGCHLD):
@@ -207,7 +217,11 @@ fn serve(mut chan: Channel, opts: &Options) {
 /// status pipe comes back with it.
 fn spawn(req: &Request, opts: &Options) -> Result<(Process, OwnedFd), (u32, String)> {
     let failed = |m: String| (STATUS_CONTAINER_INIT_FAILED, m);
-    if !MAIN_RUNNING.load(Ordering::SeqCst) {
+    let deadline = std::time::Instant::now() + MAIN_START_WAIT;
+    while MAIN.load(Ordering::SeqCst) == MAIN_NOT_YET && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if MAIN.load(Ordering::SeqCst) != MAIN_RUNNING {
         return Err(failed(
             "the container's main process is not running (it has not started yet, or it \
              ended and the VM is stopping)"
