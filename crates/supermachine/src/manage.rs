@@ -48,6 +48,7 @@ pub fn parse_signal(s: &str) -> Result<i32, Error> {
         "STOP" => libc::SIGSTOP,
         "CONT" => libc::SIGCONT,
         "WINCH" => libc::SIGWINCH,
+        #[cfg(target_os = "linux")]
         "PWR" => libc::SIGPWR,
         _ => {
             return Err(Error::Usage(format!(
@@ -599,10 +600,13 @@ pub fn supervise(opts: &crate::RunOptions) -> Result<i32, Error> {
             .stdin(std::process::Stdio::null());
         // SAFETY: between fork and exec only async-signal-safe calls: the
         // listener (this process's descriptor) is kept open across exec, and
-        // the VMM dies with its supervisor.
+        // (on Linux) the VMM dies with its supervisor. macOS has no
+        // parent-death signal: there a VMM whose supervisor was killed with
+        // SIGKILL runs on until its VM ends.
         unsafe {
             cmd.pre_exec(move || {
                 libc::fcntl(fd, libc::F_SETFD, 0);
+                #[cfg(target_os = "linux")]
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
