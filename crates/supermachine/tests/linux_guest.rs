@@ -1887,7 +1887,18 @@ fn supermachines_left(bin: &Path) -> Vec<String> {
 /// take them all, and no supervisor, VMM or registry entry is left.
 fn run_ten_detached_vms_at_once(env: &Env) -> Result<(), String> {
     let img = images()?;
-    let ports: Vec<u16> = (0..10).map(|_| free_port()).collect::<Result<_, _>>()?;
+    // Ten distinct free ports: all held at once while they are picked (one
+    // free_port() after another may hand out the same port twice).
+    let held: Vec<std::net::TcpListener> = (0..10)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    drop(held);
     let t = Instant::now();
     let started: Vec<_> = ports
         .iter()
