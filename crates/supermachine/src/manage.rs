@@ -314,7 +314,7 @@ pub fn logs(
         .map_or(0, |m| m.len());
     let mut partial = Vec::new();
     loop {
-        let alive = vms::find(&e.config.id).is_ok_and(|now| now.alive);
+        let alive = e.supervised_now();
         if file.is_none() {
             file = std::fs::File::open(&path).ok();
             pos = 0;
@@ -370,9 +370,8 @@ fn print_record(rec: &[u8], timestamps: bool, out: &mut dyn Write, err: &mut dyn
 fn gone_within(e: &Entry, limit: Option<Duration>) -> bool {
     let deadline = limit.map(|l| Instant::now() + l);
     loop {
-        match vms::find(&e.config.id) {
-            Ok(now) if now.alive => {}
-            _ => return true,
+        if !e.supervised_now() {
+            return true;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return false;

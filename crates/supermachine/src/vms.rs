@@ -210,6 +210,13 @@ impl Entry {
         self.alive && self.state.status != Status::Exited
     }
 
+    /// Whether its supervisor holds its lock now (a fresh look at this one
+    /// VM, not the registry: for the commands that wait on it). A removed VM
+    /// has none.
+    pub fn supervised_now(&self) -> bool {
+        self.dir.join(CONFIG).exists() && held(&self.dir)
+    }
+
     /// The short id.
     pub fn short_id(&self) -> &str {
         self.config.id.get(..SHORT_ID).unwrap_or(&self.config.id)
@@ -689,13 +696,17 @@ mod tests {
         let bg = Registration::create(config(Some("bg"), true)).unwrap();
         let bg_id = bg.id().to_string();
         bg.exited(Some(3), None);
+        let e = find("bg").unwrap();
+        assert!(e.supervised_now());
         drop(bg);
+        assert!(!e.supervised_now());
         let e = find("bg").unwrap();
         assert!(!e.is_running());
         assert_eq!(e.effective_state().exit_code, Some(3));
         assert!(Registration::create(config(Some("bg"), false)).is_err());
         remove(&e).unwrap();
         assert!(!dir.join("vms").join(&bg_id).exists());
+        assert!(!e.supervised_now(), "a removed VM has no supervisor");
         drop(Registration::create(config(Some("bg"), false)).unwrap());
 
         // A running VM is not removed; once its run ended (the lock is free)
