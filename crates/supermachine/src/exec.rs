@@ -253,8 +253,6 @@ fn proxy(mut client: UnixStream, served: &Served) {
 /// What `supermachine exec` runs.
 #[derive(Clone, Debug, Default)]
 pub struct ExecOptions {
-    /// The running VM: its name or a unique prefix of its id.
-    pub name: String,
     /// The command and its arguments.
     pub argv: Vec<String>,
     /// `KEY=VALUE` added to (or replacing in) the main process's env.
@@ -269,13 +267,18 @@ pub struct ExecOptions {
     pub tty: bool,
 }
 
-/// Runs `opts.argv` in the VM named `opts.name`; its stdout and stderr go to
-/// this process's, and the result is docker's exit code for it.
-pub fn exec(opts: &ExecOptions) -> Result<i32, Error> {
+/// Runs `opts.argv` in the running VM `vm`; its stdout and stderr go to
+/// `out` and `err`, and the result is docker's exit code for it.
+pub fn exec(
+    vm: &crate::vms::Entry,
+    opts: &ExecOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, Error> {
     if opts.argv.is_empty() {
         return Err(Error::Usage("exec needs a command to run".into()));
     }
-    let sock = connect(&crate::vms::find(&opts.name)?)?;
+    let sock = connect(vm)?;
     let terminal = if opts.tty && opts.interactive {
         Some(crate::terminal::Raw::enter(true)?)
     } else {
@@ -304,19 +307,14 @@ pub fn exec(opts: &ExecOptions) -> Result<i32, Error> {
             send(&writer, EXEC_STREAM, &Message::Resize { rows, cols });
         });
     }
-    let r = conn.follow(
-        EXEC_STREAM,
-        &mut std::io::stdout(),
-        &mut std::io::stderr(),
-        &mut |_| {},
-    );
+    let r = conn.follow(EXEC_STREAM, out, err, &mut |_| {});
     drop(terminal);
     match r {
         Ok(status) => Ok(agent::exit_code(status)),
         Err(agent::AgentError::Guest(m)) => Err(Error::Exec(m)),
         Err(agent::AgentError::Closed) => Err(Error::Exec(format!(
-            "the VM named {} ended before the process did",
-            opts.name
+            "the VM {} ended before the process did",
+            vm.display_name()
         ))),
         Err(e) => Err(Error::Exec(crate::error_chain(&e))),
     }

@@ -11,6 +11,33 @@
 //! println!("guest exited with {}", outcome.exit_code());
 //! # Ok::<(), supermachine::Error>(())
 //! ```
+//!
+//! VMs in the background, as `run -d` and the VM verbs manage them
+//! ([`manage`]; the supervisor is the `supermachine` program, found on
+//! `PATH` or named by `$SUPERMACHINE_BIN`):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! let web = supermachine::manage::start(&supermachine::RunOptions {
+//!     image: "localhost:5000/web:1".into(),
+//!     name: Some("web".into()),
+//!     publish: vec![supermachine::Publish::parse("8080:80").map_err(supermachine::Error::Usage)?],
+//!     ..Default::default()
+//! })?;
+//! let hello = supermachine::exec::ExecOptions {
+//!     argv: vec!["echo".into(), "hello".into()],
+//!     ..Default::default()
+//! };
+//! let code = web.exec(&hello, &mut std::io::stdout(), &mut std::io::stderr())?;
+//! assert_eq!(code, 0);
+//! for vm in supermachine::vms::list()? {
+//!     println!("{} {:?}", vm.display_name(), vm.effective_state().status);
+//! }
+//! web.stop(Duration::from_secs(10))?;
+//! println!("exited with {}", web.wait()?);
+//! web.remove()?;
+//! # Ok::<(), supermachine::Error>(())
+//! ```
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -310,7 +337,7 @@ pub struct BootConfig {
 /// [`VmResources`]: the resources key the snapshots `run` keeps
 /// (`snapshots::key`), and when a VM is captured does not change what VM it
 /// is (docs/architecture.md, "capture triggers").
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Capture {
     /// What starts the capture.
     pub trigger: Trigger,
@@ -326,7 +353,7 @@ pub struct Capture {
 }
 
 /// What starts a [`Capture`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Trigger {
     /// This long after the guest starts (`boot`) or after its process was
     /// started (`run`).

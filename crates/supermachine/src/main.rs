@@ -322,6 +322,10 @@ enum Command {
         #[arg(required = true)]
         vms: Vec<String>,
     },
+    /// A detached VM's supervisor, or one of its VMMs: started by `run -d`,
+    /// which sends the run's options on stdin. Not for typing.
+    #[command(hide = true)]
+    Supervise,
     /// Pull an image into the store and build its root filesystem.
     Pull {
         /// Verify TLS certificates of registries not on loopback.
@@ -598,7 +602,7 @@ fn inspect_json(e: &supermachine::vms::Entry) -> serde_json::Value {
         "Command": e.config.command,
         "Created": time(Some(e.config.created_ms)),
         "Detached": e.config.detached,
-        "Ports": e.config.ports,
+        "Ports": e.ports(),
         "State": {
             "Status": s.status,
             "Running": e.is_running(),
@@ -664,7 +668,7 @@ fn ps(all: bool, quiet: bool, format: Option<&str>) -> ExitCode {
             format!("\"{cmd}\""),
             format!("{} ago", ago(e.config.created_ms)),
             status_text(e),
-            e.config.ports.join(", "),
+            e.ports().join(", "),
             e.config.name.as_deref().unwrap_or("")
         );
     }
@@ -902,7 +906,9 @@ fn main() -> ExitCode {
                 network,
                 vsock_uds,
                 agent_timeout: agent_timeout.map(std::time::Duration::from_secs),
-                interrupt: interrupt_on_signals(),
+                // `run -d` returns at once; its VM stops on `stop`, not on
+                // this terminal's Ctrl-C.
+                interrupt: if detach { None } else { interrupt_on_signals() },
                 sandbox,
                 no_snapshot,
                 capture,
@@ -918,39 +924,22 @@ fn main() -> ExitCode {
                 egress_allow,
                 egress_deny,
             };
-            let timings = Arc::new(supermachine::Timings::start_at(start));
-            let supervisor = std::env::var_os(supermachine::manage::SUPERVISOR_ENV).is_some();
-            let r = match (detach, supervisor, supermachine::manage::vmm_of()) {
-                // One run of a detached VM, in the VMM its supervisor started.
-                (true, _, Some(reg)) => reg.and_then(|reg| {
-                    let log = supermachine::manage::LogSink::default();
-                    if let Err(e) = log.open(reg.dir()) {
-                        eprintln!("supermachine: warning: cannot open the VM's log: {e}");
+            if detach {
+                return match supermachine::manage::start(&opts) {
+                    Ok(e) => {
+                        println!("{}", e.config.id);
+                        ExitCode::SUCCESS
                     }
-                    supermachine::run::run_for_supervisor(
-                        &opts,
-                        reg,
-                        (Box::new(log.stdout()), Box::new(log.stderr())),
-                        timings,
-                    )
-                }),
-                (true, true, None) => supermachine::manage::supervise(&opts),
-                (true, false, _) => {
-                    return match supermachine::manage::detach() {
-                        Ok(id) => {
-                            println!("{id}");
-                            ExitCode::SUCCESS
-                        }
-                        Err(e) => fail(&e),
-                    };
-                }
-                (false, _, _) => supermachine::run::run(
-                    &opts,
-                    Box::new(std::io::stdout()),
-                    Box::new(std::io::stderr()),
-                    timings,
-                ),
-            };
+                    Err(e) => fail(&e),
+                };
+            }
+            let timings = Arc::new(supermachine::Timings::start_at(start));
+            let r = supermachine::run::run(
+                &opts,
+                Box::new(std::io::stdout()),
+                Box::new(std::io::stderr()),
+                timings,
+            );
             match r {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => exit_for(&e),
@@ -1000,7 +989,7 @@ fn main() -> ExitCode {
                 }
                 supermachine::manage::stop(e, std::time::Duration::ZERO)?;
             }
-            supermachine::vms::remove(e).map(|()| e.display_name().to_string())
+            supermachine::manage::remove(e).map(|()| e.display_name().to_string())
         }),
         Command::Inspect { vms } => {
             let mut out = Vec::new();
@@ -1030,6 +1019,33 @@ fn main() -> ExitCode {
         Command::Wait { vms } => each_vm(&vms, |e| {
             supermachine::manage::wait(e).map(|c| c.to_string())
         }),
+        Command::Supervise => {
+            let timings = Arc::new(supermachine::Timings::start_at(start));
+            let r =
+                supermachine::manage::read_options(std::io::stdin().lock()).and_then(|mut opts| {
+                    match supermachine::manage::vmm_of() {
+                        // One run of a detached VM, in the VMM its supervisor started.
+                        Some(reg) => reg.and_then(|reg| {
+                            opts.interrupt = interrupt_on_signals();
+                            let log = supermachine::manage::LogSink::default();
+                            if let Err(e) = log.open(reg.dir()) {
+                                eprintln!("supermachine: warning: cannot open the VM's log: {e}");
+                            }
+                            supermachine::run::run_for_supervisor(
+                                &opts,
+                                reg,
+                                (Box::new(log.stdout()), Box::new(log.stderr())),
+                                timings,
+                            )
+                        }),
+                        None => supermachine::manage::supervise(&opts),
+                    }
+                });
+            match r {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => exit_for(&e),
+            }
+        }
         Command::Exec {
             interactive,
             tty,
@@ -1038,7 +1054,6 @@ fn main() -> ExitCode {
             command,
         } => {
             let opts = supermachine::exec::ExecOptions {
-                name,
                 argv: command,
                 env,
                 workdir,
@@ -1046,7 +1061,10 @@ fn main() -> ExitCode {
                 interactive,
                 tty,
             };
-            match supermachine::exec::exec(&opts) {
+            let r = supermachine::vms::find(&name).and_then(|vm| {
+                supermachine::exec::exec(&vm, &opts, &mut std::io::stdout(), &mut std::io::stderr())
+            });
+            match r {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => fail(&e),
             }

@@ -4,8 +4,14 @@
 //! A detached VM is an ordinary `run` in a process of its own (the
 //! supervisor: a new session, stdin from /dev/null) whose process output goes
 //! to its log ([`LogSink`]) and its own messages to `supervisor.log` beside
-//! it. [`detach`] starts it and returns once the VM's process has started
+//! it. [`start`] starts it and returns once the VM's process has started
 //! (the registry's state says so) or failed.
+//!
+//! The supervisor is the `supermachine` program (`supermachine supervise`,
+//! a command for this use only) and each of its VMMs is too; both get the
+//! [`RunOptions`](crate::RunOptions) as JSON on their stdin
+//! ([`read_options`]), so the CLI's `run -d` and a library's [`start`] are
+//! one path.
 
 use std::io::{BufRead, Read, Seek, Write};
 use std::os::fd::AsRawFd;
@@ -16,8 +22,14 @@ use std::time::{Duration, Instant};
 use crate::vms::{self, Entry, Status};
 use crate::Error;
 
-/// The supervisor's environment marker: `run -d` started this process.
-pub const SUPERVISOR_ENV: &str = "SUPERMACHINE_SUPERVISOR";
+/// Names the `supermachine` program a library's [`start`] runs as the
+/// supervisor (default: this program when it is supermachine, else
+/// `supermachine` on `PATH`).
+pub const PROGRAM_ENV: &str = "SUPERMACHINE_BIN";
+/// The command the supervisor and its VMMs run (`supermachine supervise`).
+pub const SUPERVISE_COMMAND: &str = "supervise";
+/// The largest options document a supervisor reads.
+const OPTIONS_MAX: u64 = 1 << 20;
 /// A log is rotated (to `log.1`, replacing the one before) past this size.
 pub const LOG_CAP: u64 = 8 << 20;
 /// A partial line is written out once this long.
@@ -26,6 +38,9 @@ const LINE_MAX: usize = 16 << 10;
 const POLL: Duration = Duration::from_millis(20);
 /// `stop`: how long SIGKILL may take, then the supervisor's own SIGTERM.
 const KILL_GRACE: Duration = Duration::from_secs(10);
+/// `rm`: how long an exited VM's guest may take to power off and its
+/// supervisor to end (the VMM's own power-off grace, and some).
+const POWER_OFF_WAIT: Duration = Duration::from_secs(30);
 
 /// A signal by docker's spelling: `SIGTERM`, `TERM` or `15`.
 pub fn parse_signal(s: &str) -> Result<i32, Error> {
@@ -60,7 +75,7 @@ pub fn parse_signal(s: &str) -> Result<i32, Error> {
 }
 
 /// `--restart`: what the supervisor does when the VM's process ends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RestartPolicy {
     /// Never (the default).
     #[default]
@@ -368,9 +383,14 @@ fn print_record(rec: &[u8], timestamps: bool, out: &mut dyn Write, err: &mut dyn
 /// Waits until `e`'s supervisor is gone (or `limit` passed, if given):
 /// `true` if it is.
 fn gone_within(e: &Entry, limit: Option<Duration>) -> bool {
+    wait_for(limit, || !e.supervised_now())
+}
+
+/// Polls `done` until it holds (true) or `limit` passed (false).
+fn wait_for(limit: Option<Duration>, mut done: impl FnMut() -> bool) -> bool {
     let deadline = limit.map(|l| Instant::now() + l);
     loop {
-        if !e.supervised_now() {
+        if done() {
             return true;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -387,22 +407,28 @@ pub fn kill(e: &Entry, signo: i32) -> Result<(), Error> {
 
 /// `stop`: the image's stop signal (SIGTERM unless it names another) to the
 /// main process; SIGKILL once `timeout` passed; and if the VM still has not
-/// ended, its supervisor is told to stop it (SIGTERM, then SIGKILL).
+/// ended, its supervisor is told to stop it (SIGTERM, then SIGKILL). Returns
+/// once the process ended, as docker's does: the guest powers off and the
+/// supervisor ends after that ([`remove`] waits for them).
 pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
+    // As it is now, not as it was when `e` was read.
+    let e = &vms::find(&e.config.id)?;
     if !e.is_running() {
         return Err(Error::VmNotRunning {
             name: e.display_name().into(),
         });
     }
+    let since = vms::now_ms();
     // The supervisor restarts nothing a user stopped.
     let _ = std::fs::write(e.dir.join(vms::STOPPING), b"");
+    let ended = |limit| wait_for(Some(limit), || e.ended_since(since));
     let sig = e.state.stop_signal.unwrap_or(libc::SIGTERM);
     // A process that has not started yet cannot be signalled: the VM is
     // stopped by its supervisor below.
-    if crate::exec::signal(e, sig).is_ok() && gone_within(e, Some(timeout)) {
+    if crate::exec::signal(e, sig).is_ok() && ended(timeout) {
         return Ok(());
     }
-    if crate::exec::signal(e, libc::SIGKILL).is_ok() && gone_within(e, Some(KILL_GRACE)) {
+    if crate::exec::signal(e, libc::SIGKILL).is_ok() && ended(KILL_GRACE) {
         return Ok(());
     }
     let pid = i32::try_from(e.state.pid).unwrap_or(0);
@@ -420,6 +446,35 @@ pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
         "VM {} did not stop (its supervisor is pid {pid})",
         e.display_name()
     )))
+}
+
+/// `rm`: removes an exited VM once its supervisor let go of it (a stopped
+/// guest may still be powering off: the VMM gives it [`POWER_OFF_WAIT`],
+/// after which the supervisor is killed).
+pub fn remove(e: &Entry) -> Result<(), Error> {
+    let e = &vms::find(&e.config.id)?;
+    if e.is_running() {
+        return Err(Error::VmRunning {
+            name: e.display_name().into(),
+        });
+    }
+    // A VM its restart policy brings back is running again: refused below.
+    let restarted = || e.supervised_now() && !e.ended_since(0);
+    if !wait_for(Some(POWER_OFF_WAIT), || !e.supervised_now() || restarted()) {
+        let pid = i32::try_from(e.state.pid).unwrap_or(0);
+        if pid > 0 {
+            // SAFETY: kill takes plain integers; the pid is the supervisor's,
+            // whose lock says it still runs (its VMM dies with it).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        gone_within(e, Some(KILL_GRACE));
+    }
+    if restarted() {
+        return Err(Error::VmRunning {
+            name: e.display_name().into(),
+        });
+    }
+    vms::remove(e)
 }
 
 /// `wait`: blocks until `e` ended; its exit code (docker's: 255 when the
@@ -457,25 +512,104 @@ impl Entry {
         logs(self, opts, out, err)
     }
 
-    /// `rm` (an exited VM).
+    /// `exec`: `opts.argv` in this running VM, its output into `out` and
+    /// `err`; its exit code.
+    pub fn exec(
+        &self,
+        opts: &crate::exec::ExecOptions,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<i32, Error> {
+        crate::exec::exec(self, opts, out, err)
+    }
+
+    /// `rm` (an exited VM; see [`remove`]).
     pub fn remove(&self) -> Result<(), Error> {
-        vms::remove(self)
+        remove(self)
     }
 }
 
 // ---- run -d ----
 
-/// Starts `run` again as a detached supervisor (this program, the same
-/// arguments, [`SUPERVISOR_ENV`] set), and returns the VM's id once its
-/// process has started; the supervisor's error if it failed before.
-pub fn detach() -> Result<String, Error> {
+/// The `supermachine` program that supervises detached VMs: `$SUPERMACHINE_BIN`,
+/// this program if it is supermachine, a `supermachine` beside it, or the one
+/// on `PATH`.
+fn program() -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os(PROGRAM_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().ok();
+    if let Some(me) = &me {
+        if me.file_stem().is_some_and(|n| n == "supermachine") {
+            return Ok(me.clone());
+        }
+        if let Some(beside) = me.parent().map(|d| d.join("supermachine")) {
+            if beside.is_file() {
+                return Ok(beside);
+            }
+        }
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("supermachine"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "cannot find the supermachine program that runs detached VMs: \
+                 put it on PATH or name it in ${PROGRAM_ENV}"
+            ))
+        })
+}
+
+/// Writes `opts` as the JSON document a supervisor or VMM reads on stdin.
+fn send_options(child: &mut std::process::Child, opts: &crate::RunOptions) -> Result<(), Error> {
+    let doc = serde_json::to_vec(opts)
+        .map_err(|e| Error::Usage(format!("cannot encode the run's options: {e}")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Error::Usage("the supervisor has no stdin to read its options".into()))?;
+    stdin
+        .write_all(&doc)
+        .map_err(|e| Error::Usage(format!("cannot pass the run's options on: {e}")))
+}
+
+/// Reads the options [`start`] (or a supervisor) sent on `input` (stdin).
+pub fn read_options(input: impl Read) -> Result<crate::RunOptions, Error> {
+    let mut doc = Vec::new();
+    input
+        .take(OPTIONS_MAX + 1)
+        .read_to_end(&mut doc)
+        .map_err(|e| Error::Usage(format!("cannot read the run's options: {e}")))?;
+    if doc.len() as u64 > OPTIONS_MAX {
+        return Err(Error::Usage(format!(
+            "the run's options are over {OPTIONS_MAX} bytes"
+        )));
+    }
+    serde_json::from_slice(&doc).map_err(|e| {
+        Error::Usage(format!(
+            "`supermachine {SUPERVISE_COMMAND}` is run by `run -d`, with the run's options \
+             on stdin; these are not them: {e}"
+        ))
+    })
+}
+
+/// `run -d`, and the library's way to start a detached VM: a supervisor
+/// process of its own (a new session: a terminal's hangup or Ctrl-C never
+/// reaches it) runs the VM as [`supervise`] says, and this returns the VM
+/// once its process has started; the error that stopped it before.
+/// `opts.detached` is implied; `opts.interrupt` does not reach the VM (use
+/// [`Entry::stop`]).
+pub fn start(opts: &crate::RunOptions) -> Result<Entry, Error> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::Usage(format!("cannot find supermachine itself: {e}")))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(std::env::args_os().skip(1))
-        .env(SUPERVISOR_ENV, "1")
-        .stdin(std::process::Stdio::null())
+    let opts = crate::RunOptions {
+        detached: true,
+        ..opts.clone()
+    };
+    let mut cmd = std::process::Command::new(program()?);
+    cmd.arg(SUPERVISE_COMMAND)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     // SAFETY: setsid is async-signal-safe and touches no memory of the
@@ -490,6 +624,7 @@ pub fn detach() -> Result<String, Error> {
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::Usage(format!("cannot start the VM's supervisor: {e}")))?;
+    let sent = send_options(&mut child, &opts);
     let mut errs = child.stderr.take();
     let err_text = std::thread::spawn(move || {
         let mut s = String::new();
@@ -506,6 +641,7 @@ pub fn detach() -> Result<String, Error> {
     if id.is_empty() {
         // It failed before the VM was registered: its error is the answer.
         let _ = child.wait();
+        sent?;
         let text = err_text.join().unwrap_or_default();
         let msg = text
             .lines()
@@ -520,7 +656,10 @@ pub fn detach() -> Result<String, Error> {
         let e = vms::find(&id)?;
         let s = e.effective_state();
         if s.started_ms.is_some() {
-            break;
+            // It runs on, in its own session; a thread reaps it when it ends
+            // (a library's process may outlive it).
+            std::thread::spawn(move || child.wait());
+            return Ok(e);
         }
         if s.status == Status::Exited {
             return Err(Error::Detach(s.reason.unwrap_or_else(|| {
@@ -532,7 +671,6 @@ pub fn detach() -> Result<String, Error> {
         }
         std::thread::sleep(POLL);
     }
-    Ok(id)
 }
 
 /// The environment a supervisor gives the VMM process it starts for a run:
@@ -593,10 +731,10 @@ pub fn supervise(opts: &crate::RunOptions) -> Result<i32, Error> {
     loop {
         let before = reg.reload().finished_ms;
         let mut cmd = std::process::Command::new(&exe);
-        cmd.args(std::env::args_os().skip(1))
+        cmd.arg(SUPERVISE_COMMAND)
             .env(VMM_OF_ENV, reg.id())
             .env(CTL_FD_ENV, fd.to_string())
-            .stdin(std::process::Stdio::null());
+            .stdin(std::process::Stdio::piped());
         // SAFETY: between fork and exec only async-signal-safe calls: the
         // listener (this process's descriptor) is kept open across exec, and
         // (on Linux) the VMM dies with its supervisor. macOS has no
@@ -612,6 +750,10 @@ pub fn supervise(opts: &crate::RunOptions) -> Result<i32, Error> {
         }
         let status = match cmd.spawn() {
             Ok(mut child) => {
+                if let Err(e) = send_options(&mut child, opts) {
+                    eprintln!("supermachine: {e}");
+                }
+                drop(child.stdin.take());
                 child_pid.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
                 if ended.load(Ordering::SeqCst) {
                     // SAFETY: as in the signal thread.
@@ -705,6 +847,41 @@ mod tests {
         assert!(three.restarts_after(None, 0));
         assert!(Always.restarts_after(Some(0), 100));
         assert!(!No.restarts_after(Some(1), 0));
+    }
+
+    #[test]
+    fn run_options_reach_the_supervisor_whole_and_nothing_else_is_taken() {
+        let opts = crate::RunOptions {
+            image: "localhost:5000/web:1".into(),
+            args: vec!["sh".into(), "-c".into(), "echo 'a b'".into()],
+            env: vec!["SECRET=x y".into()],
+            memory: Some(256 << 20),
+            publish: vec![crate::Publish::parse("127.0.0.1:0:80").unwrap()],
+            restart: RestartPolicy::OnFailure(Some(3)),
+            egress_allow: vec!["dns".into()],
+            capture: Some(crate::Capture {
+                trigger: crate::Trigger::Heartbeat(2),
+                quiesce: Duration::from_millis(5),
+                path: "/tmp/s.snap".into(),
+                leave_running: true,
+            }),
+            sandbox: Some(crate::SandboxMode::Enforce),
+            interrupt: Some(crate::Interrupt::new()),
+            ..Default::default()
+        };
+        let doc = serde_json::to_vec(&opts).unwrap();
+        let back = read_options(doc.as_slice()).unwrap();
+        // Everything but the caller's interrupt.
+        let want = crate::RunOptions {
+            interrupt: None,
+            ..opts
+        };
+        assert_eq!(format!("{back:?}"), format!("{want:?}"));
+        let err = read_options(&b"not json"[..]).unwrap_err().to_string();
+        assert!(err.contains("is run by `run -d`"), "{err}");
+        let huge = vec![b' '; (OPTIONS_MAX + 2) as usize];
+        let err = read_options(huge.as_slice()).unwrap_err().to_string();
+        assert!(err.contains("over"), "{err}");
     }
 
     #[test]

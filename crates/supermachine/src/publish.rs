@@ -24,7 +24,7 @@ use agent_protocol::{encode_frame, FrameDecoder, Message, CONTROL_STREAM, FORWAR
 use crate::Error;
 
 /// Where a published port listens on the host.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HostEnd {
     /// A TCP address (`-p [IP:]PORT:GUEST`; the IP defaults to 127.0.0.1).
     Tcp(SocketAddr),
@@ -38,7 +38,7 @@ pub enum HostEnd {
 }
 
 /// One `-p`: a host end and the guest's TCP port.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Publish {
     /// The host end.
     pub host: HostEnd,
@@ -261,6 +261,30 @@ impl Bound {
                 }
             }
         }
+    }
+
+    /// Each port as `ps` shows it, with the host address actually bound (a
+    /// free port's number, not 0).
+    pub fn ps_forms(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|(l, guest_port, _, tls)| {
+                let host = match l {
+                    Listener::Tcp(t) => match t.local_addr() {
+                        Ok(a) => HostEnd::Tcp(a),
+                        Err(_) => HostEnd::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    },
+                    Listener::Unix(_, p) => HostEnd::Unix(p.clone()),
+                    Listener::Handoff(_, p) => HostEnd::Handoff(p.clone()),
+                };
+                Publish {
+                    host,
+                    guest_port: *guest_port,
+                    tls: *tls,
+                }
+                .ps_form()
+            })
+            .collect()
     }
 
     /// The TCP addresses actually bound (a host port 0 is a free one), in
@@ -820,6 +844,13 @@ mod tests {
             .iter()
             .all(|(a, _)| a.ip().is_loopback() && a.port() != 0));
         assert_eq!(addrs.iter().map(|(_, g)| *g).collect::<Vec<_>>(), [80, 81]);
+        // ps shows the ports as bound, not as asked for.
+        let shown = b.ps_forms();
+        let want: Vec<String> = addrs
+            .iter()
+            .map(|(a, g)| format!("127.0.0.1:{}->{g}/tcp", a.port()))
+            .collect();
+        assert_eq!(shown, want);
     }
 
     #[test]

@@ -25,7 +25,10 @@ use image::store::Store;
 use crate::{agent, Error, Timings};
 
 /// What to run. Empty/`None` fields take the image's own config.
-#[derive(Clone, Debug, Default)]
+///
+/// A detached VM's supervisor and VMM processes get these as JSON
+/// ([`crate::manage::start`]); everything but `interrupt` is carried.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunOptions {
     /// Image reference (`alpine`, `localhost:5000/busybox:1`, `oci:DIR[:TAG]`,
     /// `docker-archive:FILE`).
@@ -60,7 +63,9 @@ pub struct RunOptions {
     /// (the host reaches the agent through the device itself).
     pub vsock_uds: Option<PathBuf>,
     /// Stops the run when triggered (the CLI triggers it on SIGINT/SIGTERM); the
-    /// run then returns [`Error::Interrupted`].
+    /// run then returns [`Error::Interrupted`]. Not carried to another
+    /// process: a detached VM's VMM stops on its own signals.
+    #[serde(skip)]
     pub interrupt: Option<crate::Interrupt>,
     /// How long the guest may take to answer on its agent channel; `None` = 600 s.
     pub agent_timeout: Option<Duration>,
@@ -492,6 +497,14 @@ pub fn register(opts: &RunOptions) -> Result<crate::vms::Registration, Error> {
     Ok(vm)
 }
 
+/// Tells the user the free ports the run was given, and records every
+/// bound port for `ps` and `inspect`.
+fn announce(bound: &crate::publish::Bound, vm: &crate::vms::Registration) {
+    bound.announce();
+    let ports = bound.ps_forms();
+    vm.update(|s| s.ports = ports);
+}
+
 /// Records the run's end in the registry.
 fn finish(vm: &crate::vms::Registration, r: Result<i32, Error>) -> Result<i32, Error> {
     match &r {
@@ -516,7 +529,7 @@ fn run_in(
         ));
     }
     if let Some(path) = &opts.restore {
-        bound.announce();
+        announce(&bound, vm);
         let reach = Reach {
             published: Arc::new(bound),
             vm: vm.clone(),
@@ -541,7 +554,7 @@ fn run_in(
         }
         bound.bind_more(&extra)?;
     }
-    bound.announce();
+    announce(&bound, vm);
     // The terminal goes raw, and its size changes are followed, before the
     // sandbox (which allows neither to start) and before the guest runs.
     let main = crate::exec::MainSlot::default();
@@ -964,6 +977,10 @@ fn launch(
                     .run_process(begin, &mut *out, &mut *err, &mut news)
                     .map_err(|e| crate::error_chain(&e));
                 drop(news_tx);
+                // `stop` and `ps` see the end now, not after the power-off.
+                if let Ok(status) = &r {
+                    registration.exited(Some(agent::exit_code(*status)), None);
+                }
                 if r.is_err() {
                     // A broken conversation (a garbage frame, a closed stream)
                     // leaves nothing to wait for.

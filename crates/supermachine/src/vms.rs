@@ -181,6 +181,10 @@ pub struct VmState {
     /// A detached VM's current VMM process (its supervisor's child).
     #[serde(default)]
     pub vmm_pid: Option<u32>,
+    /// The published ports as bound (`-P`'s and port 0's free ports
+    /// included), once the VMM bound them.
+    #[serde(default)]
+    pub ports: Vec<String>,
     /// The egress rules in force (`run`'s, or what `update` set since).
     #[serde(default)]
     pub egress_allow: Vec<String>,
@@ -215,6 +219,28 @@ impl Entry {
     /// has none.
     pub fn supervised_now(&self) -> bool {
         self.dir.join(CONFIG).exists() && held(&self.dir)
+    }
+
+    /// Whether its process ended at or after `since_ms` (ms since the
+    /// epoch), or its supervisor is gone: a fresh look at this one VM's
+    /// state. The VMM records the end as soon as the guest reports it, before
+    /// the guest has powered off.
+    pub fn ended_since(&self, since_ms: u64) -> bool {
+        if !self.supervised_now() {
+            return true;
+        }
+        read_json::<VmState>(&self.dir.join(STATE)).is_some_and(|s| {
+            s.status == Status::Exited && s.finished_ms.is_some_and(|f| f >= since_ms)
+        })
+    }
+
+    /// Its published ports: as bound once they are, else as given.
+    pub fn ports(&self) -> &[String] {
+        if self.state.ports.is_empty() {
+            &self.config.ports
+        } else {
+            &self.state.ports
+        }
     }
 
     /// The short id.

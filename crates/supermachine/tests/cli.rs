@@ -1197,3 +1197,49 @@ fn vm_verbs_on_unknown_dead_ambiguous_and_running_vms_are_one_line_errors() {
     .unwrap();
     assert_one_line_error(&sm(&["exec", "web", "true"]), "others may reach it");
 }
+
+#[test]
+fn run_detached_whose_image_cannot_be_pulled_fails_with_the_pull_error() {
+    // Short: the control socket's path must fit in sun_path.
+    let d = tmpdir("dp");
+    let sm = |args: &[&str]| {
+        Command::new(bin())
+            .env("SUPERMACHINE_RUNTIME_DIR", d.join("r"))
+            .env("XDG_CACHE_HOME", d.join("cache"))
+            .args(args)
+            .bounded()
+    };
+    // No registry listens on port 9: the supervisor's VMM fails to pull, and
+    // `run -d` says why (the supervisor and its VMM got the options on stdin).
+    let o = sm(&[
+        "run",
+        "-d",
+        "--name",
+        "nopull",
+        "127.0.0.1:9/none:1",
+        "true",
+    ]);
+    assert_one_line_error(&o, "127.0.0.1:9");
+    let ps = sm(&["ps", "-a"]);
+    let text = String::from_utf8_lossy(&ps.stdout);
+    assert!(text.contains("nopull") && text.contains("Exited"), "{text}");
+    let rm = sm(&["rm", "nopull"]);
+    assert_eq!(rm.status.code(), Some(0), "{rm:?}");
+    assert!(!String::from_utf8_lossy(&sm(&["ps", "-a"]).stdout).contains("nopull"));
+    // `supervise` is for `run -d`: anything else on its stdin is refused.
+    let mut typed = Command::new(bin())
+        .env("SUPERMACHINE_RUNTIME_DIR", d.join("r"))
+        .arg("supervise")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = typed.stdin.take().unwrap();
+        stdin.write_all(b"{\"image\": 3}").unwrap();
+    }
+    let o = typed.wait_with_output().unwrap();
+    assert_one_line_error(&o, "is run by `run -d`");
+}

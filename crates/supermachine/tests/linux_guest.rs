@@ -2709,6 +2709,10 @@ fn run_published_ports_reach_the_guest_server(env: &Env) -> Result<(), String> {
             }
         };
         let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let ps = env.supermachine(&["ps"], Duration::from_secs(60))?;
+        if !ps.stdout.contains(&format!("127.0.0.1:{port}->80/tcp")) {
+            return Err(format!("ps shows the -P port as bound: {}", ps.stdout));
+        }
         loop {
             match http_get_open(addr, "/index.html") {
                 Ok(r) if http_body(&r) == Some(b"exposed\n") => return Ok(()),

@@ -46,7 +46,7 @@ pub const SUPPORTED: bool = cfg!(all(target_os = "linux", target_arch = "x86_64"
 pub const EXIT_SANDBOX_VIOLATION: i32 = 128 + 31;
 
 /// What a sandboxed thread does with a system call outside its filter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SandboxMode {
     /// Stops the VMM: the `SIGSYS` handler names the call and exits with
     /// [`EXIT_SANDBOX_VIOLATION`]. The default.
