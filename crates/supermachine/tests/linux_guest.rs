@@ -2150,7 +2150,102 @@ fn run_egress_allow_list_is_enforced_by_the_vmm(env: &Env) -> Result<(), String>
              update: {update:?}, after: {after:?}, denied: {denied:?})"
         ),
         &inspect,
-    )
+    )?;
+    egress_over_ipv6(env, &img.oci)
+}
+
+/// The same over IPv6: L1 gets a routable IPv6 address for the time of the
+/// check (so passt offers IPv6 to the guest, which configures it from the
+/// router advertisement), with two services on another address of L1's; the
+/// allowed one answers, the other port is refused within a second and never
+/// contacted.
+fn egress_over_ipv6(env: &Env, oci: &str) -> Result<(), String> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let ip = |args: &[&str]| {
+        Command::new("busybox")
+            .arg("ip")
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())
+    };
+    let setup = [
+        &["-6", "addr", "add", "2001:db8::1/64", "dev", "dummy0"][..],
+        &["-6", "addr", "add", "2001:db8::77/128", "dev", "dummy0"],
+        &[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8::fe",
+            "dev",
+            "dummy0",
+        ],
+    ];
+    for args in setup {
+        let o = ip(args)?;
+        if !o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("exists") {
+            return Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+    }
+    let result = (|| {
+        // Until duplicate address detection lets the addresses be bound.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (p6a, a_hits, p6b, b_hits) = loop {
+            let a = start_http("[2001:db8::77]:0", "service A6\n", Vec::new());
+            let b = start_http("[2001:db8::77]:0", "service B6\n", Vec::new());
+            match (a, b) {
+                (Ok((pa, ah)), Ok((pb, bh))) => break (pa, ah, pb, bh),
+                (a, b) if Instant::now() > deadline => {
+                    return Err(format!("IPv6 services in L1: {:?} {:?}", a.err(), b.err()))
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        let script = format!(
+            "i=0; until ip -6 addr show dev eth0 scope global | grep -q inet6; do \
+               i=$((i+1)); if [ $i -gt 60 ]; then echo no ipv6; exit 1; fi; sleep 1; done; \
+             wget -qO- 'http://[2001:db8::77]:{p6a}/hello' || echo a6 refused; \
+             t0=$(cut -d' ' -f1 /proc/uptime | tr -d .); \
+             if timeout 20 wget -qO- 'http://[2001:db8::77]:{p6b}/hello'; then :; else echo b6 refused; fi; \
+             t1=$(cut -d' ' -f1 /proc/uptime | tr -d .); echo b6 took $((t1 - t0))"
+        );
+        let allow = format!("[2001:db8::77]:{p6a}");
+        let o = run_out(env, &["--egress-allow", &allow, oci, "sh", "-c", &script])?;
+        let took = o
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("b6 took "))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        eprintln!("  egress: the IPv6 refusal took {took:?} hundredths of a second in the guest");
+        expect(
+            o.code == Some(0)
+                && o.stdout.starts_with("service A6\nb6 refused\n")
+                && took.is_some_and(|t| t <= 100)
+                && a_hits.load(SeqCst) == 1
+                && b_hits.load(SeqCst) == 0,
+            &format!(
+                "over IPv6 only the allowed port is reached, the other refused within 1 s and \
+                 never contacted (accepted: A {}, B {})",
+                a_hits.load(SeqCst),
+                b_hits.load(SeqCst)
+            ),
+            &o,
+        )
+    })();
+    // Later scenarios see the L1 network they always had.
+    for args in setup.iter().rev() {
+        let mut undo: Vec<&str> = args.to_vec();
+        if let Some(verb) = undo.get_mut(2) {
+            *verb = "del";
+        }
+        let _ = ip(&undo);
+    }
+    result
 }
 
 /// `run -d` like docker's: a detached httpd answers on its published port,
