@@ -825,6 +825,7 @@ fn launch(
         Box::new(tail.clone())
     };
     let hv = crate::open_hypervisor(&res.kernel)?;
+    let clock = timings.clone();
     let (vmm, restored, ready_capture) = match start {
         Start::Restore(snap) => match runner::vmm::Vmm::restore(&hv, snap, console, timings) {
             Ok(vmm) => (vmm, true, None),
@@ -962,6 +963,7 @@ fn launch(
                         }
                     }
                     if let agent::Event::Started = e {
+                        clock.phase("process_started");
                         registration.running();
                         if let (Some(w), true) = (&writer, interactive) {
                             if let Err(e) =

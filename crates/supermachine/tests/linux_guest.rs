@@ -2258,18 +2258,24 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
     let img = images()?;
     let port = free_port()?;
     let sm = |args: &[&str]| env.supermachine(args, Duration::from_secs(120));
-    // `run -d [extra] --name NAME --network none IMAGE CMD...`
-    let detached = |extra: &[&str], name: &str, cmd: &[&str]| {
+    // `run -d [extra] --name NAME --network none IMAGE CMD...`, with `envs`.
+    let detached_env = |extra: &[&str], name: &str, cmd: &[&str], envs: &[(&str, &str)]| {
         let mut args = vec!["run", "-d"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--name", name, NO_NET[0], NO_NET[1], &img.oci]);
         args.extend_from_slice(cmd);
-        env.supermachine(&args, BOOT_TIMEOUT)
+        env.spawn_env(&args, envs)?.finish(BOOT_TIMEOUT)
     };
+    let detached = |extra: &[&str], name: &str, cmd: &[&str]| detached_env(extra, name, cmd, &[]);
     let script = "trap 'echo got-term; exit 0' TERM; mkdir -p /w; echo page > /w/index.html; \
                   httpd -p 80 -h /w; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
     let t = Instant::now();
-    let started = detached(&["-p", &format!("{port}:80")], "web", &["sh", "-c", script])?;
+    let started = detached_env(
+        &["-p", &format!("{port}:80")],
+        "web",
+        &["sh", "-c", script],
+        &[("SUPERMACHINE_TIMINGS", "1")],
+    )?;
     let id = started.stdout.trim().to_string();
     expect(
         started.code == Some(0) && id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()),
@@ -2280,6 +2286,20 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
         "  detached: run -d returned in {:.1}s",
         t.elapsed().as_secs_f64()
     );
+    // Where that time went, on the VMM process's clock (its supervisor.log).
+    let inspect = sm(&["inspect", "web"])?;
+    let dir = inspect
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"Dir\": \""))
+        .map(|d| d.trim_end_matches([',', '"']).to_string())
+        .unwrap_or_default();
+    let own = std::fs::read_to_string(Path::new(&dir).join("supervisor.log")).unwrap_or_default();
+    let phases: Vec<&str> = own
+        .lines()
+        .filter_map(|l| l.strip_prefix("[timing] "))
+        .collect();
+    eprintln!("  detached: the VMM's phases: {}", phases.join(" "));
     let ps = sm(&["ps"])?;
     expect(
         ps.stdout.contains(&id[..12])
