@@ -21,6 +21,9 @@ pub struct GicApi {
     pub create: unsafe extern "C" fn(GicConfig) -> hv_return_t,
     pub set_spi: unsafe extern "C" fn(u32, bool) -> hv_return_t,
     pub get_distributor_size: unsafe extern "C" fn(*mut usize) -> hv_return_t,
+    pub get_redistributor_region_size: unsafe extern "C" fn(*mut usize) -> hv_return_t,
+    pub get_redistributor_size: unsafe extern "C" fn(*mut usize) -> hv_return_t,
+    pub get_redistributor_base: unsafe extern "C" fn(hv_vcpu_t, *mut hv_ipa_t) -> hv_return_t,
     pub get_spi_interrupt_range: unsafe extern "C" fn(*mut u32, *mut u32) -> hv_return_t,
     pub get_icc_reg: unsafe extern "C" fn(hv_vcpu_t, u16, *mut u64) -> hv_return_t,
     pub set_icc_reg: unsafe extern "C" fn(hv_vcpu_t, u16, u64) -> hv_return_t,
@@ -85,6 +88,17 @@ impl GicApi {
             get_distributor_size: resolve!(
                 c"hv_gic_get_distributor_size" as unsafe extern "C" fn(*mut usize) -> hv_return_t
             ),
+            get_redistributor_region_size: resolve!(
+                c"hv_gic_get_redistributor_region_size"
+                    as unsafe extern "C" fn(*mut usize) -> hv_return_t
+            ),
+            get_redistributor_size: resolve!(
+                c"hv_gic_get_redistributor_size" as unsafe extern "C" fn(*mut usize) -> hv_return_t
+            ),
+            get_redistributor_base: resolve!(
+                c"hv_gic_get_redistributor_base"
+                    as unsafe extern "C" fn(hv_vcpu_t, *mut hv_ipa_t) -> hv_return_t
+            ),
             get_spi_interrupt_range: resolve!(
                 c"hv_gic_get_spi_interrupt_range"
                     as unsafe extern "C" fn(*mut u32, *mut u32) -> hv_return_t
@@ -118,5 +132,48 @@ impl GicApi {
         API.get_or_init(Self::resolve)
             .as_ref()
             .map_err(Clone::clone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The macOS major version (`kern.osproductversion`, e.g. "15.1").
+    fn macos_major() -> u32 {
+        let mut buf = [0u8; 32];
+        let mut len = buf.len();
+        // SAFETY: the name is NUL-terminated, `buf` and `len` are valid and `len`
+        // says how much of `buf` may be written.
+        let rc = unsafe {
+            libc::sysctlbyname(
+                c"kern.osproductversion".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "sysctl kern.osproductversion");
+        let text = String::from_utf8_lossy(&buf[..len]);
+        text.trim_end_matches('\0')
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap()
+    }
+
+    /// Every `hv_gic_*` symbol the backend looks up resolves on macOS 15 and
+    /// later; before, the lookup fails with the message a user sees. Needs no
+    /// hypervisor (the macOS workflow runs it on hosted runners); the other `hv_*`
+    /// functions are linked, so they resolved when this binary loaded.
+    #[test]
+    fn gic_symbols_resolve_on_macos_15_or_fail_cleanly() {
+        match (macos_major(), GicApi::get()) {
+            (15.., Ok(_)) => {}
+            (15.., Err(e)) => panic!("macOS 15 or later lacks a GIC symbol: {e}"),
+            (_, Ok(_)) => panic!("the GIC API resolved before macOS 15"),
+            (_, Err(e)) => assert!(e.to_string().contains("needs macOS 15"), "{e}"),
+        }
     }
 }

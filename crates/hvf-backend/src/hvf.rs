@@ -27,36 +27,47 @@ use crate::bindings::*;
 use crate::esr::{self, MmioAccess, Syndrome, WaitKind, ZERO_REGISTER};
 use crate::gic::GicApi;
 use crate::hv_error::{check, HvError};
+use crate::layout::{GicLayout, GicSizes, DEFAULT_GIC_LAYOUT};
 use crate::psci::{self, CpuPower, PsciAction};
-use crate::state::{self, CoreReg, RegisterAccess, SysRegTrap, WfiWait};
+use crate::state::{self, CoreReg, RegisterAccess, WfiWait};
 use crate::sysreg::{self, named, HvfRegKind, HvfSysReg};
-
-/// Where the GICv3 frames sit in guest-physical space; the runner's device tree must
-/// use the same addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GicLayout {
-    /// GICD base (64 KiB aligned).
-    pub distributor_base: u64,
-    /// Base of the redistributor region (2 x 64 KiB per vCPU, contiguous).
-    pub redistributor_base: u64,
-}
-
-/// The layout used unless [`HvfHypervisor::with_gic_layout`] says otherwise (the
-/// addresses of QEMU's `virt` board, below the usual RAM base of 0x4000_0000).
-pub const DEFAULT_GIC_LAYOUT: GicLayout = GicLayout {
-    distributor_base: 0x0800_0000,
-    redistributor_base: 0x080a_0000,
-};
+use crate::trap::{self, SysRegTrap};
+use crate::vtimer::Vtimer;
+use crate::wfi::{self, Wakeup};
 
 /// PSTATE for a vCPU entering the kernel: EL1h with D, A, I and F masked.
 const PSTATE_EL1H_DAIF: u64 = 0x3c5;
 /// SCTLR_EL1 with the MMU and caches off and the RES1 bits set (what Linux's
 /// `INIT_SCTLR_EL1_MMU_OFF` expects), for vCPUs started by PSCI CPU_ON.
 const SCTLR_EL1_MMU_OFF: u64 = 0x30d0_0800;
-/// Longest WFI sleep without re-entering the guest. SGIs between vCPUs are delivered
-/// inside the framework's GIC, which cannot wake a thread parked here, so a parked
-/// vCPU re-checks at least this often. To be tuned on a Mac.
-const WFI_MAX_PARK: Duration = Duration::from_millis(1);
+/// With the in-framework GIC and more than one vCPU, the longest WFI wait before
+/// the vCPU re-enters the guest: an SGI (IPI) one vCPU sends another is delivered
+/// inside the framework's GIC, and whether that wakes a vCPU waiting here, in the
+/// VMM, is not documented and not yet seen on a Mac (docs/hvf.md). Without the
+/// GIC, or with one vCPU, nothing is missed and the wait has no bound but the
+/// timer's deadline.
+const SGI_RECHECK: Duration = Duration::from_millis(1);
+
+/// The host counter for the WFI wait.
+struct MachClock((u32, u32));
+
+impl wfi::Clock for MachClock {
+    fn now(&self) -> u64 {
+        mach_now()
+    }
+    fn duration(&self, ticks: u64) -> Duration {
+        state::ticks_to_duration(ticks, self.0 .0, self.0 .1)
+    }
+}
+
+/// Host counter ticks in `d` (the inverse of `state::ticks_to_duration`).
+fn duration_to_ticks(d: Duration, (numer, denom): (u32, u32)) -> u64 {
+    if numer == 0 {
+        return u64::MAX;
+    }
+    let ticks = d.as_nanos() * u128::from(denom) / u128::from(numer);
+    u64::try_from(ticks).unwrap_or(u64::MAX)
+}
 
 static VM_EXISTS: AtomicBool = AtomicBool::new(false);
 
@@ -160,7 +171,10 @@ impl Hypervisor for HvfHypervisor {
                     restored_offset: None,
                 }),
                 wake: Condvar::new(),
+                events: Wakeup::default(),
+                vcpus: config.vcpus,
                 gic: Mutex::new(None),
+                gic_sizes: Mutex::new(None),
                 // The guest's virtual counter starts at zero when the VM is created.
                 vtimer_offset: mach_now(),
             }),
@@ -197,9 +211,15 @@ impl psci::Topology for Power {
 #[derive(Debug)]
 struct Shared {
     power: Mutex<Power>,
-    /// Wakes vCPUs parked in WFI or powered off.
+    /// Wakes vCPUs powered off (PSCI).
     wake: Condvar,
+    /// Wakes vCPUs waiting after WFI.
+    events: Wakeup,
+    /// The VM's vCPUs.
+    vcpus: u32,
     gic: Mutex<Option<&'static GicApi>>,
+    /// The framework's GIC sizes, once the GIC exists.
+    gic_sizes: Mutex<Option<GicSizes>>,
     vtimer_offset: u64,
 }
 
@@ -214,8 +234,15 @@ impl Shared {
     }
 
     fn wake_all(&self) {
-        let _guard = self.lock();
-        self.wake.notify_all();
+        {
+            let _guard = self.lock();
+            self.wake.notify_all();
+        }
+        self.events.notify();
+    }
+
+    fn gic_sizes(&self) -> Option<GicSizes> {
+        *self.gic_sizes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -334,20 +361,26 @@ impl Vm for HvfVm {
         if gic.is_some() {
             return Ok(());
         }
-        let mut dist_size = 0usize;
-        // SAFETY: `dist_size` is a valid, writable usize.
-        let rc = unsafe { (api.get_distributor_size)(&mut dist_size) };
-        check("hv_gic_get_distributor_size", rc).map_err(|e| VmError::CreateIrqchip(e.into()))?;
-        let dist_end = self
-            .layout
-            .distributor_base
-            .saturating_add(dist_size as u64);
-        if dist_end > self.layout.redistributor_base {
-            return Err(VmError::CreateIrqchip(io::Error::other(format!(
-                "GIC distributor {:#x}..{dist_end:#x} overlaps the redistributors at {:#x}",
-                self.layout.distributor_base, self.layout.redistributor_base
-            ))));
-        }
+        let size = |name: &'static str, get: unsafe extern "C" fn(*mut usize) -> hv_return_t| {
+            let mut v = 0usize;
+            // SAFETY: `v` is a valid, writable usize; `get` is a resolved framework
+            // function that writes one.
+            let rc = unsafe { get(&mut v) };
+            check(name, rc)
+                .map(|()| v as u64)
+                .map_err(|e| VmError::CreateIrqchip(e.into()))
+        };
+        let sizes = GicSizes {
+            distributor: size("hv_gic_get_distributor_size", api.get_distributor_size)?,
+            redistributor_region: size(
+                "hv_gic_get_redistributor_region_size",
+                api.get_redistributor_region_size,
+            )?,
+            redistributor: size("hv_gic_get_redistributor_size", api.get_redistributor_size)?,
+        };
+        self.layout
+            .check(&sizes, self.shared.vcpus)
+            .map_err(|e| VmError::CreateIrqchip(io::Error::other(e)))?;
         // SAFETY: the GIC functions were resolved from the framework; config objects are
         // created, configured, consumed by hv_gic_create and released exactly once.
         let result = unsafe {
@@ -373,6 +406,11 @@ impl Vm for HvfVm {
         };
         result.map_err(|e| VmError::CreateIrqchip(e.into()))?;
         *gic = Some(api);
+        *self
+            .shared
+            .gic_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(sizes);
         Ok(())
     }
 
@@ -451,6 +489,7 @@ impl Vm for HvfVm {
             pending_read: None,
             pc_advance: 0,
             timebase: timebase(),
+            vtimer: Vtimer::default(),
             _bound_to_thread: PhantomData,
         };
         // The GIC routes by affinity, so MPIDR_EL1 must be set before the vCPU runs;
@@ -460,6 +499,25 @@ impl Vm for HvfVm {
         // SAFETY: `hv` is this thread's live vCPU.
         let rc = unsafe { hv_vcpu_set_vtimer_offset(hv, self.shared.vtimer_offset) };
         check("hv_vcpu_set_vtimer_offset", rc).map_err(|e| create_err(e.into()))?;
+        // ID_AA64PFR0_EL1.GIC tells the guest whether the GICv3 CPU interface is
+        // there; the framework's value may not say so.
+        let pfr0_id = trap::ID_AA64PFR0_EL1.0;
+        let pfr0 = vcpu.get_sys(pfr0_id).map_err(|e| create_err(e.into()))?;
+        let want = trap::pfr0_for_guest(pfr0, vcpu.gic.is_some());
+        if want != pfr0 {
+            if let Err(e) = vcpu.set_sys(pfr0_id, want) {
+                tracing::warn!("vCPU {id}: cannot set ID_AA64PFR0_EL1 to {want:#x}: {e}");
+            }
+        }
+        if let (Some(api), Some(sizes)) = (vcpu.gic, self.shared.gic_sizes()) {
+            let mut base = 0u64;
+            // SAFETY: `hv` is this thread's live vCPU and `base` is writable.
+            let rc = unsafe { (api.get_redistributor_base)(hv, &mut base) };
+            check("hv_gic_get_redistributor_base", rc).map_err(|e| create_err(e.into()))?;
+            self.layout
+                .check_redistributor(&sizes, id, base)
+                .map_err(|e| create_err(io::Error::other(e)))?;
+        }
         Ok(vcpu)
     }
 
@@ -472,10 +530,7 @@ impl Vm for HvfVm {
             },
             Some(api) => state::gic_blob(save_gic(api)?),
         };
-        Ok(VmState::Aarch64(Box::new(a64::VmState {
-            gic,
-            vtimer_offset: self.shared.vtimer_offset,
-        })))
+        Ok(VmState::Aarch64(Box::new(a64::VmState { gic })))
     }
 
     fn restore_state(&self, vm_state: &VmState) -> Result<(), VmError> {
@@ -593,6 +648,8 @@ pub struct HvfVcpu {
     /// Bytes to add to PC before the guest next runs.
     pc_advance: u64,
     timebase: (u32, u32),
+    /// The virtual timer's interrupt, without the in-framework GIC.
+    vtimer: Vtimer,
     /// Keeps the type !Send and !Sync: the framework binds a vCPU to its thread.
     _bound_to_thread: PhantomData<*const ()>,
 }
@@ -733,32 +790,58 @@ impl HvfVcpu {
         }
     }
 
-    /// Sleeps after WFI until the virtual timer is due, an interrupt line is raised, or
-    /// a kick (true); bounded by WFI_MAX_PARK.
+    /// Waits after WFI until the virtual timer is due, an interrupt line is raised,
+    /// a CPU_ON or a kick (true), on the VM's wake-up point: no polling, but for
+    /// [`SGI_RECHECK`] with the framework's GIC and more than one vCPU.
     fn wait_for_interrupt(&mut self) -> Result<bool, VcpuError> {
+        // Read before anything that would end the wait: an event from here on is
+        // not lost.
+        let seen = self.shared.events.epoch();
+        if self.kicked.swap(false, Ordering::AcqRel) {
+            return Ok(true);
+        }
         let get = |id: u16| self.get_sys(id).map_err(|e| self.run_err(e));
         let ctl = get(named::CNTV_CTL_EL0.0)?;
         let cval = get(named::CNTV_CVAL_EL0.0)?;
         let offset = self.vtimer_offset().map_err(|e| self.run_err(e))?;
         let now = mach_now();
-        let timeout = match state::wfi_wait(ctl, cval, offset, now) {
+        let mut deadline = match state::wfi_wait(ctl, cval, offset, now) {
             WfiWait::Now => return Ok(false),
-            WfiWait::Until(t) => {
-                state::ticks_to_duration(t.saturating_sub(now), self.timebase.0, self.timebase.1)
-                    .min(WFI_MAX_PARK)
-            }
-            WfiWait::NoTimer => WFI_MAX_PARK,
+            WfiWait::Until(t) => Some(t),
+            WfiWait::NoTimer => None,
         };
-        let power = self.shared.lock();
-        if self.kicked.swap(false, Ordering::AcqRel) {
-            return Ok(true);
+        if self.gic.is_some() && self.shared.vcpus > 1 {
+            let recheck = now.saturating_add(duration_to_ticks(SGI_RECHECK, self.timebase));
+            deadline = Some(deadline.map_or(recheck, |d| d.min(recheck)));
         }
-        let _unused = self
-            .shared
-            .wake
-            .wait_timeout(power, timeout)
-            .unwrap_or_else(|p| p.into_inner());
+        self.shared
+            .events
+            .wait(seen, deadline, &MachClock(self.timebase));
         Ok(self.kicked.swap(false, Ordering::AcqRel))
+    }
+
+    /// An Undefined Instruction exception for the instruction at the PC (a trapped
+    /// register access the VMM does not emulate), as the architecture takes it to
+    /// EL1; the guest continues at its vector.
+    fn inject_undefined(&mut self, what: &str) -> Result<(), VcpuError> {
+        // The faulting instruction is the exception's return address: no advance.
+        self.pc_advance = 0;
+        let err = |e| self.run_err(e);
+        let pc = self.get_core(CoreReg::Pc).map_err(err)?;
+        let pstate = self.get_core(CoreReg::Cpsr).map_err(err)?;
+        let vbar = self.get_sys(VBAR_EL1.0).map_err(err)?;
+        let sctlr = self.get_sys(SCTLR_EL1.0).map_err(err)?;
+        let inj = trap::undefined(pc, pstate, vbar, sctlr);
+        tracing::warn!(
+            "vCPU {}: {what} at guest PC {pc:#x} is not emulated: undefined instruction injected",
+            self.id
+        );
+        self.set_sys(named::ELR_EL1.0, inj.elr_el1).map_err(err)?;
+        self.set_sys(named::SPSR_EL1.0, inj.spsr_el1).map_err(err)?;
+        self.set_sys(ESR_EL1.0, inj.esr_el1).map_err(err)?;
+        self.set_core(CoreReg::Cpsr, inj.pstate).map_err(err)?;
+        self.set_core(CoreReg::Pc, inj.pc).map_err(err)?;
+        Ok(())
     }
 
     /// Answers an HVC: PSCI, or NOT_SUPPORTED for any other SMCCC function.
@@ -845,25 +928,60 @@ impl HvfVcpu {
             }
             // WFE is a hint; re-entering is a valid implementation of it.
             Syndrome::Wait(WaitKind::Wfe | WaitKind::Wfet) => Ok(None),
-            Syndrome::SysReg(access) => match state::sysreg_trap_policy(access.reg) {
+            Syndrome::SysReg(access) => match trap::sysreg_trap_policy(access.reg) {
                 SysRegTrap::RazWi => {
                     if access.read {
                         self.set_x(access.rt, 0).map_err(|e| self.run_err(e))?;
                     }
                     Ok(None)
                 }
-                SysRegTrap::Unhandled => Ok(Some(VcpuExit::Unhandled {
-                    reason: format!(
-                        "guest {} system register {} (not emulated)",
-                        if access.read { "read" } else { "wrote" },
+                SysRegTrap::FrameworkValue => {
+                    if access.read {
+                        let err = |e| self.run_err(e);
+                        let mut v = self.get_sys(access.reg.0).map_err(err)?;
+                        if access.reg == trap::ID_AA64PFR0_EL1 {
+                            v = trap::pfr0_for_guest(v, self.gic.is_some());
+                        }
+                        self.set_x(access.rt, v).map_err(err)?;
+                    }
+                    Ok(None)
+                }
+                SysRegTrap::Undefined => {
+                    self.inject_undefined(&format!(
+                        "{} of system register {}",
+                        if access.read { "a read" } else { "a write" },
                         sysreg::name(access.reg)
-                    ),
-                })),
+                    ))?;
+                    Ok(None)
+                }
             },
             Syndrome::Brk { imm } => Ok(Some(VcpuExit::Unhandled {
                 reason: format!("guest executed BRK #{imm:#x} with no debugger attached"),
             })),
         }
+    }
+
+    /// Without the in-framework GIC, before each entry: the IRQ line at the
+    /// virtual timer's level while it is masked, and the timer unmasked once the
+    /// guest cleared the condition (`vtimer.rs`). The framework clears a pending
+    /// interrupt after every run, so it is set every time.
+    fn sync_vtimer(&mut self) -> Result<(), VcpuError> {
+        let ctl = if self.vtimer.is_masked() {
+            self.get_sys(named::CNTV_CTL_EL0.0)
+                .map_err(|e| self.run_err(e))?
+        } else {
+            0
+        };
+        let act = self.vtimer.before_run(|| ctl);
+        // SAFETY: owning thread.
+        let rc = unsafe { hv_vcpu_set_pending_interrupt(self.hv, HV_INTERRUPT_TYPE_IRQ, act.irq) };
+        check("hv_vcpu_set_pending_interrupt", rc).map_err(|e| self.run_err(e))?;
+        if act.unmask {
+            // SAFETY: owning thread.
+            let rc = unsafe { hv_vcpu_set_vtimer_mask(self.hv, false) };
+            check("hv_vcpu_set_vtimer_mask", rc).map_err(|e| self.run_err(e))?;
+        }
+        Ok(())
     }
 
     fn power_state(&self) -> CpuPower {
@@ -873,6 +991,9 @@ impl HvfVcpu {
 
 /// SCTLR_EL1's encoding.
 const SCTLR_EL1: a64::SysReg = a64::SysReg::new(3, 0, 1, 0, 0);
+/// VBAR_EL1's and ESR_EL1's encodings.
+const VBAR_EL1: a64::SysReg = a64::SysReg::new(3, 0, 12, 0, 0);
+const ESR_EL1: a64::SysReg = a64::SysReg::new(3, 0, 5, 2, 0);
 
 /// `RegisterAccess` over a live vCPU, for state capture and restore.
 struct Regs<'a>(&'a HvfVcpu);
@@ -971,6 +1092,9 @@ impl Vcpu for HvfVcpu {
                 return Ok(VcpuExit::Interrupted);
             }
             self.apply_pc_advance()?;
+            if self.gic.is_none() {
+                self.sync_vtimer()?;
+            }
             // SAFETY: owning thread; guest memory mapped with hv_vm_map stays valid per
             // Vm::map_memory's contract.
             let rc = unsafe { hv_vcpu_run(self.hv) };
@@ -984,20 +1108,19 @@ impl Vcpu for HvfVcpu {
                     return Ok(VcpuExit::Interrupted);
                 }
                 HV_EXIT_REASON_VTIMER_ACTIVATED => {
-                    // The framework masked the vtimer. With the in-framework GIC the
-                    // timer PPI is the GIC's (HV_GIC_INT_EL1_VIRTUAL_TIMER); without
-                    // it, raise the vCPU's IRQ line for this entry. Unmask so the next
-                    // expiry exits again. Unverified on hardware: see docs/hvf.md.
+                    // The framework masked the vtimer. Without the in-framework GIC
+                    // the VMM holds the IRQ line while the timer asks for it and
+                    // unmasks once the guest dealt with it (`sync_vtimer`, before
+                    // each entry). With the GIC the timer PPI is the GIC's
+                    // (HV_GIC_INT_EL1_VIRTUAL_TIMER) and the timer is unmasked at
+                    // once; unverified on hardware: see docs/hvf.md.
                     if self.gic.is_none() {
+                        self.vtimer.activated();
+                    } else {
                         // SAFETY: owning thread.
-                        let rc = unsafe {
-                            hv_vcpu_set_pending_interrupt(self.hv, HV_INTERRUPT_TYPE_IRQ, true)
-                        };
-                        check("hv_vcpu_set_pending_interrupt", rc).map_err(|e| self.run_err(e))?;
+                        let rc = unsafe { hv_vcpu_set_vtimer_mask(self.hv, false) };
+                        check("hv_vcpu_set_vtimer_mask", rc).map_err(|e| self.run_err(e))?;
                     }
-                    // SAFETY: owning thread.
-                    let rc = unsafe { hv_vcpu_set_vtimer_mask(self.hv, false) };
-                    check("hv_vcpu_set_vtimer_mask", rc).map_err(|e| self.run_err(e))?;
                 }
                 HV_EXIT_REASON_EXCEPTION => {
                     if let Some(exit) = self.handle_exception()? {
@@ -1113,6 +1236,8 @@ impl Vcpu for HvfVcpu {
         }
         self.pending_read = None;
         self.pc_advance = 0;
+        // The framework's mask is off for a restored vCPU.
+        self.vtimer = Vtimer::default();
         Ok(())
     }
 }

@@ -57,6 +57,11 @@ pub enum StateError<E: std::error::Error + 'static> {
     /// The state holds GIC CPU-interface registers but this VM has no GIC.
     #[error("vCPU state contains GIC register {0} but the VM has no in-framework GIC")]
     NoGic(String),
+    /// The guest uses a CPU feature whose state this backend does not save.
+    #[error(
+        "the guest uses {0}, whose state this backend does not save: it cannot be snapshotted"
+    )]
+    UnsavedFeature(String),
 }
 
 /// The core registers of `hv_reg_t` (order from `hv_vcpu_types.h`: X0..X30 = 0..30,
@@ -161,6 +166,29 @@ pub struct CaptureContext {
     pub power: PowerState,
 }
 
+const ID_AA64DFR0_EL1: SysReg = SysReg::new(3, 0, 0, 5, 0);
+const ID_AA64PFR1_EL1: SysReg = SysReg::new(3, 0, 0, 4, 1);
+const CPACR_EL1: SysReg = SysReg::new(3, 0, 1, 0, 2);
+
+/// CPU features whose state is not saved, refused when the guest turned them on:
+/// SME (Apple M4; the framework exposes it from macOS 15.2), whose streaming SVE
+/// registers, ZA array and SVCR have no place in [`VcpuState`]. The guest has SME
+/// when ID_AA64PFR1_EL1.SME [27:24] is non-zero and uses it once CPACR_EL1.SMEN
+/// [25:24] lets EL1 or EL0 execute its instructions (Arm ARM, CPACR_EL1). SVE is
+/// not offered by Apple silicon.
+fn refuse_unsaved_features<R: RegisterAccess + ?Sized>(
+    regs: &R,
+) -> Result<(), StateError<R::Error>> {
+    let sme = (read_sys(regs, ID_AA64PFR1_EL1)? >> 24) & 0xf;
+    let smen = (read_sys(regs, CPACR_EL1)? >> 24) & 0b11;
+    if sme != 0 && smen != 0 {
+        return Err(StateError::UnsavedFeature(format!(
+            "SME (ID_AA64PFR1_EL1.SME = {sme}, CPACR_EL1.SMEN = {smen:#04b})"
+        )));
+    }
+    Ok(())
+}
+
 /// Captures the full vCPU state.
 pub fn capture<R: RegisterAccess + ?Sized>(
     regs: &R,
@@ -178,8 +206,10 @@ pub fn capture<R: RegisterAccess + ?Sized>(
             source,
         })?);
     }
+    refuse_unsaved_features(regs)?;
+    let dfr0 = read_sys(regs, ID_AA64DFR0_EL1)?;
     let mut sys_regs = BTreeMap::new();
-    for hv in sysreg::saved_regs(ctx.with_gic) {
+    for hv in sysreg::saved_regs(ctx.with_gic).chain(sysreg::debug_regs(dfr0)) {
         let value = regs.sys(hv).map_err(|source| StateError::Access {
             op: "read",
             reg: hv.name.into(),
@@ -295,9 +325,7 @@ pub enum WfiWait {
     NoTimer,
 }
 
-/// CNTV_CTL_EL0 bits (Arm ARM D24.x CNTV_CTL_EL0): ENABLE [0], IMASK [1].
-const CNTV_CTL_ENABLE: u64 = 1 << 0;
-const CNTV_CTL_IMASK: u64 = 1 << 1;
+use crate::vtimer::{CNTV_CTL_ENABLE, CNTV_CTL_IMASK};
 
 /// The WFI deadline from the virtual timer. The framework defines
 /// `CNTVCT_EL0 = mach_absolute_time() - vtimer_offset` (`hv_vcpu.h`), so the timer
@@ -380,28 +408,6 @@ pub fn gic_bytes(blob: &BackendBlob) -> Result<&[u8], BlobError> {
     Ok(&blob.bytes)
 }
 
-/// What the VMM does with a trapped MSR/MRS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SysRegTrap {
-    /// Read as zero / writes ignored, then skip the instruction.
-    RazWi,
-    /// Not emulated: stop the vCPU with an error naming the register.
-    Unhandled,
-}
-
-/// Policy for registers the framework traps to the VMM. The debug space (op0 = 2:
-/// OSLAR_EL1, OSDLR_EL1, OSLSR_EL1, DBG*) is read-as-zero/write-ignored, which is
-/// what a CPU without an external debugger looks like to Linux; everything else is an
-/// error so a missing emulation is visible instead of silently wrong.
-pub fn sysreg_trap_policy(reg: SysReg) -> SysRegTrap {
-    let (op0, ..) = reg.fields();
-    if op0 == 2 {
-        SysRegTrap::RazWi
-    } else {
-        SysRegTrap::Unhandled
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,7 +441,19 @@ mod tests {
             for q in 0..32u8 {
                 f.simd.insert(q, (u128::from(q) << 64) | 0xabcd);
             }
-            for hv in sysreg::HVF_SYS_REGS {
+            for hv in sysreg::HVF_SYS_REGS.iter().chain(sysreg::DEBUG_REGS.iter()) {
+                f.sys.insert(hv.id, u64::from(hv.id) << 8);
+            }
+            f
+        }
+    }
+
+    impl FakeVcpu {
+        /// A new vCPU: only the read-only registers have values (as the
+        /// framework's ID registers do).
+        fn ids_only() -> Self {
+            let mut f = Self::default();
+            for hv in sysreg::HVF_SYS_REGS.iter().filter(|r| !r.saved) {
                 f.sys.insert(hv.id, u64::from(hv.id) << 8);
             }
             f
@@ -494,10 +512,44 @@ mod tests {
         assert_eq!(state.sys_regs[&named::CNTVCT_EL0], 777);
         assert!(state.sys_regs.contains_key(&SysReg(0xc664))); // ICC_CTLR_EL1
 
-        let mut dst = FakeVcpu::default();
+        let mut dst = FakeVcpu::ids_only();
         let counter = apply(&mut dst, &state, true).unwrap();
         assert_eq!(counter, Some(777));
         assert_eq!(capture(&dst, ctx()).unwrap(), state);
+    }
+
+    #[test]
+    fn the_implemented_debug_registers_are_saved_and_restored() {
+        let mut src = FakeVcpu::seeded();
+        // Two breakpoints (BRPs = 1) and one watchpoint (WRPs = 0).
+        src.sys.insert(0xc028, 1 << 12);
+        src.sys.insert(0x800c, 0xdead_0000); // DBGBVR1_EL1
+        src.sys.insert(0x8007, 0x1e7); // DBGWCR0_EL1
+        let state = capture(&src, ctx()).unwrap();
+        assert_eq!(state.sys_regs[&SysReg(0x800c)], 0xdead_0000);
+        assert_eq!(state.sys_regs[&SysReg(0x8007)], 0x1e7);
+        // DBGBVR2_EL1 and DBGWVR1_EL1 are not implemented: not read, not saved.
+        assert!(!state.sys_regs.contains_key(&SysReg(0x8014)));
+        assert!(!state.sys_regs.contains_key(&SysReg(0x800e)));
+        let mut dst = FakeVcpu::default();
+        apply(&mut dst, &state, true).unwrap();
+        assert_eq!(dst.sys[&0x800c], 0xdead_0000);
+        assert_eq!(dst.sys[&0x8007], 0x1e7);
+    }
+
+    #[test]
+    fn a_guest_that_turned_sme_on_is_not_captured() {
+        let mut src = FakeVcpu::seeded();
+        src.sys.insert(0xc021, 1 << 24); // ID_AA64PFR1_EL1.SME = 1
+        src.sys.insert(0xc082, 0); // CPACR_EL1.SMEN = 0: not used yet
+        capture(&src, ctx()).unwrap();
+        src.sys.insert(0xc082, 0b11 << 24); // SMEN: EL0 and EL1 may use it
+        let err = capture(&src, ctx()).unwrap_err();
+        assert!(matches!(err, StateError::UnsavedFeature(_)));
+        assert!(err.to_string().contains("SME"), "{err}");
+        // No SME on the CPU: SMEN bits mean nothing.
+        src.sys.insert(0xc021, 0);
+        capture(&src, ctx()).unwrap();
     }
 
     #[test]
@@ -619,17 +671,5 @@ mod tests {
         };
         assert_eq!(gic_bytes(&newer), Err(BlobError::WrongVersion { found: 2 }));
         assert_eq!(gic_bytes(&gic_blob(Vec::new())), Err(BlobError::BadSize(0)));
-    }
-
-    #[test]
-    fn sysreg_trap_policy_debug_space_is_raz_wi_others_unhandled() {
-        assert_eq!(
-            sysreg_trap_policy(SysReg::new(2, 0, 1, 0, 4)),
-            SysRegTrap::RazWi
-        ); // OSLAR_EL1
-        assert_eq!(
-            sysreg_trap_policy(SysReg::new(3, 0, 1, 0, 0)),
-            SysRegTrap::Unhandled
-        );
     }
 }

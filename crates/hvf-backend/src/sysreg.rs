@@ -56,8 +56,7 @@ const fn icc(id: u16, name: &'static str, saved: bool) -> HvfSysReg {
 
 /// The EL0/EL1 registers of `hv_sys_reg_t` available since macOS 11 (values from
 /// `hv_vcpu_types.h`), plus the GIC ICC registers of `hv_gic_icc_reg_t` (macOS 15).
-/// The debug breakpoint/watchpoint registers are state too, but supermachine does not
-/// expose a guest debugger, so only the two that Linux programs at boot are kept.
+/// The debug breakpoint and watchpoint registers are in [`DEBUG_REGS`].
 pub const HVF_SYS_REGS: &[HvfSysReg] = &[
     vcpu(0x8010, "MDCCINT_EL1", true),
     vcpu(0x8012, "MDSCR_EL1", true),
@@ -119,6 +118,72 @@ pub const HVF_SYS_REGS: &[HvfSysReg] = &[
     icc(0xc667, "ICC_IGRPEN1_EL1", true),
 ];
 
+/// `[P0S, P1S, ..., P15S]`: the sixteen names of one debug register kind.
+macro_rules! sixteen {
+    ($p:literal) => {
+        [
+            concat!($p, "0_EL1"),
+            concat!($p, "1_EL1"),
+            concat!($p, "2_EL1"),
+            concat!($p, "3_EL1"),
+            concat!($p, "4_EL1"),
+            concat!($p, "5_EL1"),
+            concat!($p, "6_EL1"),
+            concat!($p, "7_EL1"),
+            concat!($p, "8_EL1"),
+            concat!($p, "9_EL1"),
+            concat!($p, "10_EL1"),
+            concat!($p, "11_EL1"),
+            concat!($p, "12_EL1"),
+            concat!($p, "13_EL1"),
+            concat!($p, "14_EL1"),
+            concat!($p, "15_EL1"),
+        ]
+    };
+}
+
+const DEBUG_NAMES: [[&str; 16]; 4] = [
+    sixteen!("DBGBVR"),
+    sixteen!("DBGBCR"),
+    sixteen!("DBGWVR"),
+    sixteen!("DBGWCR"),
+];
+
+/// The breakpoint and watchpoint registers of `hv_sys_reg_t`, n = 0..15:
+/// DBGBVR<n>_EL1 (2, 0, 0, n, 4), DBGBCR<n>_EL1 (.., 5), DBGWVR<n>_EL1 (.., 6),
+/// DBGWCR<n>_EL1 (.., 7), in that order per n (`HV_SYS_REG_DBGBVR0_EL1 = 0x8004`).
+/// A CPU has only those [`debug_regs`] says.
+pub const DEBUG_REGS: [HvfSysReg; 64] = {
+    let mut regs = [vcpu(0, "", true); 64];
+    let mut n = 0;
+    while n < 16 {
+        let mut k = 0;
+        while k < 4 {
+            regs[n * 4 + k] = vcpu(
+                0x8000 | ((n as u16) << 3) | (4 + k as u16),
+                DEBUG_NAMES[k][n],
+                true,
+            );
+            k += 1;
+        }
+        n += 1;
+    }
+    regs
+};
+
+/// The debug registers this CPU implements, from its ID_AA64DFR0_EL1 (Arm ARM,
+/// ID_AA64DFR0_EL1: BRPs [15:12] and WRPs [23:20] are the number of breakpoints
+/// and watchpoints minus one): the framework refuses the others.
+pub fn debug_regs(dfr0: u64) -> impl Iterator<Item = &'static HvfSysReg> {
+    let breakpoints = ((dfr0 >> 12) & 0xf) as u16 + 1;
+    let watchpoints = ((dfr0 >> 20) & 0xf) as u16 + 1;
+    DEBUG_REGS.iter().filter(move |r| {
+        let n = (r.id >> 3) & 0xf;
+        let watch = r.id & 0x7 >= 6;
+        n < if watch { watchpoints } else { breakpoints }
+    })
+}
+
 /// Registers with their own field in `VcpuState` (and so not in `sys_regs`).
 pub mod named {
     use hypervisor::aarch64::SysReg;
@@ -143,7 +208,10 @@ pub mod named {
 
 /// Looks up the framework register for an architectural encoding.
 pub fn to_hvf(reg: SysReg) -> Option<&'static HvfSysReg> {
-    HVF_SYS_REGS.iter().find(|r| r.id == reg.0)
+    HVF_SYS_REGS
+        .iter()
+        .chain(DEBUG_REGS.iter())
+        .find(|r| r.id == reg.0)
 }
 
 /// The architectural encoding of a framework register id (the identity on the value).
@@ -228,6 +296,42 @@ mod tests {
         let with_gic: Vec<_> = saved_regs(true).map(|r| r.name).collect();
         assert!(with_gic.contains(&"ICC_CTLR_EL1"));
         assert!(!with_gic.contains(&"ICC_RPR_EL1"));
+    }
+
+    #[test]
+    fn debug_registers_have_apples_ids_and_only_the_implemented_ones_are_saved() {
+        // hv_vcpu_types.h: DBGBVR0_EL1 0x8004, DBGBCR0_EL1 0x8005, DBGWVR0_EL1
+        // 0x8006, DBGWCR0_EL1 0x8007, DBGBVR1_EL1 0x800c, DBGWCR15_EL1 0x807f.
+        for (id, name) in [
+            (0x8004, "DBGBVR0_EL1"),
+            (0x8005, "DBGBCR0_EL1"),
+            (0x8006, "DBGWVR0_EL1"),
+            (0x8007, "DBGWCR0_EL1"),
+            (0x800c, "DBGBVR1_EL1"),
+            (0x807f, "DBGWCR15_EL1"),
+        ] {
+            let r = to_hvf(SysReg(id)).unwrap();
+            assert_eq!(r.name, name);
+            assert!(r.saved);
+        }
+        // DBGBVR3_EL1 is (2, 0, 0, 3, 4).
+        assert_eq!(
+            to_hvf(SysReg::new(2, 0, 0, 3, 4)).unwrap().name,
+            "DBGBVR3_EL1"
+        );
+        // An M1: 6 breakpoints (BRPs = 5), 4 watchpoints (WRPs = 3).
+        let m1 = (5 << 12) | (3 << 20) | 0x6;
+        let saved: Vec<_> = debug_regs(m1).map(|r| r.name).collect();
+        assert_eq!(saved.len(), 6 * 2 + 4 * 2);
+        assert!(saved.contains(&"DBGBCR5_EL1") && !saved.contains(&"DBGBCR6_EL1"));
+        assert!(saved.contains(&"DBGWVR3_EL1") && !saved.contains(&"DBGWVR4_EL1"));
+        assert_eq!(debug_regs(u64::MAX).count(), 64);
+        let all: Vec<_> = HVF_SYS_REGS.iter().chain(DEBUG_REGS.iter()).collect();
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a.id, b.id, "{} and {}", a.name, b.name);
+            }
+        }
     }
 
     #[test]

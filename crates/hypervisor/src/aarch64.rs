@@ -106,8 +106,8 @@ pub struct BackendBlob {
 /// The whole VM-wide AArch64 state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
-    /// Interrupt controller (GIC) state.
+    /// Interrupt controller (GIC) state. The virtual counter is per vCPU
+    /// (`VcpuState::sys_regs` under CNTVCT_EL0): a restore picks the timer offset
+    /// that continues it.
     pub gic: BackendBlob,
-    /// Virtual timer offset (CNTVOFF_EL2) applied to every vCPU.
-    pub vtimer_offset: u64,
 }

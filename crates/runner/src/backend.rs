@@ -26,6 +26,7 @@ mod imp {
             hvf_backend::HvfHypervisor::new()?.with_gic_layout(hvf_backend::GicLayout {
                 distributor_base: layout::GIC_DIST_BASE,
                 redistributor_base: layout::GIC_REDIST_BASE,
+                limit: layout::UART_BASE,
             }),
         )
     }
