@@ -99,6 +99,8 @@ pub(crate) fn for_run(img: &PreparedImage, res: &VmResources) -> Result<Option<P
         path: dir.clone(),
         source,
     })?;
+    // Before the sandbox, which would not let this look at other processes.
+    remove_stale_temps(&dir);
     let exe = std::env::current_exe().unwrap_or_default();
     Ok(Some(
         dir.join(format!("{}.snap", key(&img.digest, res, &exe))),
@@ -182,9 +184,48 @@ pub fn remove_image(digest: &str) -> Result<(), Error> {
     }
 }
 
-/// Removes every snapshot; returns what was removed.
+/// Removes the temporary files `snapshot::write` writes a snapshot through
+/// (`.NAME.PID.tmp`) whose writer is gone: a capture killed mid-write leaves
+/// one as large as the RAM it had written. Best effort; a file of a live
+/// process (or of one whose pid was reused) stays.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('.'))
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 sends nothing; it only asks whether the
+        // process exists (ESRCH when it does not).
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes every snapshot (and the leftovers of killed captures); returns what
+/// was removed.
 pub fn prune() -> Result<Vec<SnapshotEntry>, Error> {
-    let all = list()?;
+    let root = crate::cache()?.snapshots();
+    if let Ok(dirs) = std::fs::read_dir(&root) {
+        for d in dirs.flatten() {
+            remove_stale_temps(&d.path());
+            // Gone once empty.
+            let _ = std::fs::remove_dir(d.path());
+        }
+    }
+    let all = list_in(&root)?;
     let mut removed = Vec::new();
     for e in all {
         let dir = e.path.parent().map(Path::to_path_buf);
@@ -292,5 +333,23 @@ mod tests {
         assert!(l[0].allocated >= 8192);
         assert!(list_in(&root.join("none")).unwrap().is_empty());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_killed_captures_temporary_file_is_swept_and_a_live_ones_stays() {
+        let dir = std::env::temp_dir().join(format!("sm-snaptmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // No process has a pid past the kernel's limit (4194304 at most).
+        let dead = dir.join(".0123.snap.9999999.tmp");
+        let live = dir.join(format!(".0123.snap.{}.tmp", std::process::id()));
+        let other = dir.join(".notes.tmp");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        remove_stale_temps(&dir);
+        assert!(!dead.exists(), "a dead writer's file is removed");
+        assert!(live.exists(), "a running capture's file stays");
+        assert!(other.exists(), "files that are not ours stay");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
