@@ -32,6 +32,8 @@ const MMIO: u64 = 0x0900_0000;
 const VECTORS: usize = 0x800;
 /// Offset of the "IRQ, current EL with SP_ELx" vector (Arm ARM D1.10.2).
 const IRQ_VECTOR: usize = VECTORS + 0x280;
+/// Offset of the "Synchronous, current EL with SP_ELx" vector.
+const SYNC_VECTOR: usize = VECTORS + 0x200;
 /// EL1h with D, A, I, F masked.
 const PSTATE_EL1H_MASKED: u64 = 0x3c5;
 
@@ -250,7 +252,8 @@ fn hvc_psci_version_answers_1_0_in_x0() {
 /// wakeups in x7. Its IRQ handler reports the deadline, the counter, the wakeup count
 /// and CNTV_CTL_EL0, then powers off. Asserted: the IRQ arrived (the handler ran), not
 /// before the deadline, with the timer condition met (ISTATUS), and WFI slept instead
-/// of spinning (few wakeups: the backend parks at most 1 ms per WFI).
+/// of spinning (few wakeups: without the GIC the backend waits for the timer's
+/// deadline, so one or two).
 #[test]
 fn wfi_with_vtimer_armed_wakes_on_timer_interrupt() {
     let main = [
@@ -335,4 +338,49 @@ fn kick_before_run_makes_next_run_return_at_once() {
     let mut m = machine(&[(0, &[B_SELF])]);
     m.vcpu.kicker().kick();
     assert_eq!(m.vcpu.run().unwrap(), VcpuExit::Interrupted);
+}
+
+/// A trapped ID register read (ID_AA64ISAR2_EL1, which Linux 6.1 reads at boot)
+/// completes, and a system register the backend does not emulate
+/// (S3_0_C15_C2_0, implementation defined) raises an Undefined Instruction
+/// exception in the guest instead of ending the VM: the guest's synchronous
+/// vector reports ESR_EL1 (EC 0, IL: 0x0200_0000), ELR_EL1 (the MRS) and
+/// SPSR_EL1 (its PSTATE), then powers off. If the framework does not trap that
+/// encoding, the CPU raises the same exception itself.
+#[test]
+fn an_unknown_system_register_is_an_undefined_instruction_in_the_guest() {
+    let main = [
+        MOV_X1_MMIO, // 0x00
+        0xd2a8_0002, // 0x04 movz x2, #0x4000, lsl #16
+        0x9120_0042, // 0x08 add  x2, x2, #0x800
+        0xd518_c002, // 0x0c msr  vbar_el1, x2
+        0xd503_3fdf, // 0x10 isb
+        0xd538_0643, // 0x14 mrs  x3, id_aa64isar2_el1
+        0xf900_0023, // 0x18 str  x3, [x1]
+        0xd538_f200, // 0x1c mrs  x0, s3_0_c15_c2_0
+        B_SELF,      // 0x20 (never reached)
+    ];
+    let sync = [
+        0xd538_5205, // mrs x5, esr_el1
+        0xd538_4026, // mrs x6, elr_el1
+        0xd538_4007, // mrs x7, spsr_el1
+        0xf900_0425, // str x5, [x1, #8]
+        0xf900_0826, // str x6, [x1, #16]
+        0xf900_0c27, // str x7, [x1, #24]
+        MOV_W0_SYSTEM_OFF[0],
+        MOV_W0_SYSTEM_OFF[1],
+        HVC_0,
+        B_SELF,
+    ];
+    let mut m = machine(&[(0, &main), (SYNC_VECTOR, &sync)]);
+    // Whatever the framework reports for ISAR2 (zero when it traps): the guest
+    // goes on.
+    let _isar2 = expect_write(&mut m.vcpu, MMIO);
+    let esr = expect_write(&mut m.vcpu, MMIO + 8);
+    let elr = expect_write(&mut m.vcpu, MMIO + 16);
+    let spsr = expect_write(&mut m.vcpu, MMIO + 24);
+    assert_eq!(next_exit(&mut m.vcpu), VcpuExit::Shutdown);
+    assert_eq!(esr, 0x0200_0000, "ESR_EL1: EC 0 (unknown), IL");
+    assert_eq!(elr, RAM + 0x1c, "ELR_EL1: the MRS");
+    assert_eq!(spsr & 0x3cf, PSTATE_EL1H_MASKED, "SPSR_EL1: EL1h, DAIF");
 }
