@@ -211,6 +211,18 @@ pub const fn iss(esr: u64) -> u32 {
     (esr & 0x01ff_ffff) as u32
 }
 
+/// The register holding a WFIT/WFET timeout (ISS.RV, bit 2, says it is valid;
+/// ISS.RN, bits [9:5], names it: Arm ARM, "ISS encoding for an exception from a
+/// WF* instruction").
+pub const fn wfxt_register(esr: u64) -> Option<u8> {
+    let iss = iss(esr);
+    if iss & (1 << 2) != 0 {
+        Some(((iss >> 5) & 0x1f) as u8)
+    } else {
+        None
+    }
+}
+
 /// Decodes a syndrome. `ipa` is the faulting guest-physical address the framework
 /// reports with the exit (`exception.physical_address`); only data and instruction
 /// aborts use it.
@@ -444,6 +456,16 @@ mod tests {
         let s = decode(esr(ec::SMC64, 0xffff), 0).unwrap();
         assert_eq!(s, Syndrome::Smc { imm: 0xffff });
         assert_eq!(s.pc_advance(), 4);
+    }
+
+    #[test]
+    fn a_wfit_names_its_timeout_register() {
+        // WFIT x3: TI = 0b10, RV (bit 2), RN = 3 (bits 9:5).
+        assert_eq!(
+            wfxt_register(esr(ec::WFX, (3 << 5) | (1 << 2) | 2)),
+            Some(3)
+        );
+        assert_eq!(wfxt_register(esr(ec::WFX, 0)), None);
     }
 
     #[test]

@@ -490,6 +490,7 @@ impl Vm for HvfVm {
             pc_advance: 0,
             timebase: timebase(),
             vtimer: Vtimer::default(),
+            entry_epoch: 0,
             _bound_to_thread: PhantomData,
         };
         // The GIC routes by affinity, so MPIDR_EL1 must be set before the vCPU runs;
@@ -501,12 +502,26 @@ impl Vm for HvfVm {
         check("hv_vcpu_set_vtimer_offset", rc).map_err(|e| create_err(e.into()))?;
         // ID_AA64PFR0_EL1.GIC tells the guest whether the GICv3 CPU interface is
         // there; the framework's value may not say so.
-        let pfr0_id = trap::ID_AA64PFR0_EL1.0;
-        let pfr0 = vcpu.get_sys(pfr0_id).map_err(|e| create_err(e.into()))?;
-        let want = trap::pfr0_for_guest(pfr0, vcpu.gic.is_some());
-        if want != pfr0 {
-            if let Err(e) = vcpu.set_sys(pfr0_id, want) {
-                tracing::warn!("vCPU {id}: cannot set ID_AA64PFR0_EL1 to {want:#x}: {e}");
+        // ID_AA64PFR1_EL1.SME is hidden: SME state is not saved (state.rs refuses
+        // a snapshot of a guest that has it on, should the framework keep it).
+        for (reg, name, adjust) in [
+            (
+                trap::ID_AA64PFR0_EL1,
+                "ID_AA64PFR0_EL1",
+                &(|v| trap::pfr0_for_guest(v, vcpu.gic.is_some())) as &dyn Fn(u64) -> u64,
+            ),
+            (
+                trap::ID_AA64PFR1_EL1,
+                "ID_AA64PFR1_EL1",
+                &trap::pfr1_for_guest,
+            ),
+        ] {
+            let now = vcpu.get_sys(reg.0).map_err(|e| create_err(e.into()))?;
+            let want = adjust(now);
+            if want != now {
+                if let Err(e) = vcpu.set_sys(reg.0, want) {
+                    tracing::warn!("vCPU {id}: cannot set {name} to {want:#x}: {e}");
+                }
             }
         }
         if let (Some(api), Some(sizes)) = (vcpu.gic, self.shared.gic_sizes()) {
@@ -650,6 +665,9 @@ pub struct HvfVcpu {
     timebase: (u32, u32),
     /// The virtual timer's interrupt, without the in-framework GIC.
     vtimer: Vtimer,
+    /// The VM's wake-up epoch just before the last entry: an interrupt raised
+    /// while the guest ran up to its WFI must end the wait that follows.
+    entry_epoch: u64,
     /// Keeps the type !Send and !Sync: the framework binds a vCPU to its thread.
     _bound_to_thread: PhantomData<*const ()>,
 }
@@ -793,10 +811,10 @@ impl HvfVcpu {
     /// Waits after WFI until the virtual timer is due, an interrupt line is raised,
     /// a CPU_ON or a kick (true), on the VM's wake-up point: no polling, but for
     /// [`SGI_RECHECK`] with the framework's GIC and more than one vCPU.
-    fn wait_for_interrupt(&mut self) -> Result<bool, VcpuError> {
-        // Read before anything that would end the wait: an event from here on is
-        // not lost.
-        let seen = self.shared.events.epoch();
+    fn wait_for_interrupt(&mut self, timeout: Option<u64>) -> Result<bool, VcpuError> {
+        // Read before the last entry: an event since, while the guest ran to its
+        // WFI, is not lost.
+        let seen = self.entry_epoch;
         if self.kicked.swap(false, Ordering::AcqRel) {
             return Ok(true);
         }
@@ -810,6 +828,11 @@ impl HvfVcpu {
             WfiWait::Until(t) => Some(t),
             WfiWait::NoTimer => None,
         };
+        // WFIT: its own timeout, a virtual counter value.
+        if let Some(t) = timeout {
+            let t = t.wrapping_add(offset);
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        }
         if self.gic.is_some() && self.shared.vcpus > 1 {
             let recheck = now.saturating_add(duration_to_ticks(SGI_RECHECK, self.timebase));
             deadline = Some(deadline.map_or(recheck, |d| d.min(recheck)));
@@ -922,9 +945,17 @@ impl HvfVcpu {
                     .map_err(|e| self.run_err(e))?;
                 Ok(None)
             }
-            Syndrome::Wait(WaitKind::Wfi | WaitKind::Wfit) => {
+            Syndrome::Wait(kind @ (WaitKind::Wfi | WaitKind::Wfit)) => {
+                let timeout = match (kind, esr::wfxt_register(info.exception.syndrome)) {
+                    (WaitKind::Wfit, Some(rn)) => {
+                        Some(self.get_x(rn).map_err(|e| self.run_err(e))?)
+                    }
+                    _ => None,
+                };
                 self.apply_pc_advance()?;
-                Ok(self.wait_for_interrupt()?.then_some(VcpuExit::Interrupted))
+                Ok(self
+                    .wait_for_interrupt(timeout)?
+                    .then_some(VcpuExit::Interrupted))
             }
             // WFE is a hint; re-entering is a valid implementation of it.
             Syndrome::Wait(WaitKind::Wfe | WaitKind::Wfet) => Ok(None),
@@ -1095,6 +1126,7 @@ impl Vcpu for HvfVcpu {
             if self.gic.is_none() {
                 self.sync_vtimer()?;
             }
+            self.entry_epoch = self.shared.events.epoch();
             // SAFETY: owning thread; guest memory mapped with hv_vm_map stays valid per
             // Vm::map_memory's contract.
             let rc = unsafe { hv_vcpu_run(self.hv) };
@@ -1236,8 +1268,12 @@ impl Vcpu for HvfVcpu {
         }
         self.pending_read = None;
         self.pc_advance = 0;
-        // The framework's mask is off for a restored vCPU.
+        // A restored vCPU starts with its timer unmasked (a vCPU reused for
+        // another restore may have been left masked).
         self.vtimer = Vtimer::default();
+        // SAFETY: owning thread.
+        let rc = unsafe { hv_vcpu_set_vtimer_mask(self.hv, false) };
+        check("hv_vcpu_set_vtimer_mask", rc).map_err(self.reg_err("unmask the timer"))?;
         Ok(())
     }
 }

@@ -45,7 +45,9 @@ pub struct GicSizes {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum LayoutError {
     /// The distributor runs into the redistributors.
-    #[error("the GIC distributor {base:#x}..{end:#x} overlaps the redistributors at {redist:#x}")]
+    #[error(
+        "the GIC distributor {base:#x}..{end:#x} overlaps the redistributor region at {redist:#x}"
+    )]
     DistributorOverlaps {
         /// Its base.
         base: u64,
@@ -56,7 +58,7 @@ pub enum LayoutError {
     },
     /// The redistributor region reaches the next device.
     #[error(
-        "the GIC redistributor region {base:#x}..{end:#x} ({size} bytes, as Hypervisor.framework \
+        "the GIC frame {base:#x}..{end:#x} ({size} bytes, as Hypervisor.framework \
          sizes it) reaches the next device at {limit:#x}: move the devices after it"
     )]
     RegionReachesNextDevice {
@@ -97,16 +99,25 @@ impl GicLayout {
     /// Checks the layout against the framework's sizes for a VM of `vcpus`.
     pub fn check(&self, sizes: &GicSizes, vcpus: u32) -> Result<(), LayoutError> {
         let dist_end = self.distributor_base.saturating_add(sizes.distributor);
-        if dist_end > self.redistributor_base && self.distributor_base < self.redistributor_base {
+        let end = self
+            .redistributor_base
+            .saturating_add(sizes.redistributor_region);
+        // Two ranges overlap when each starts before the other ends.
+        if self.distributor_base < end && self.redistributor_base < dist_end {
             return Err(LayoutError::DistributorOverlaps {
                 base: self.distributor_base,
                 end: dist_end,
                 redist: self.redistributor_base,
             });
         }
-        let end = self
-            .redistributor_base
-            .saturating_add(sizes.redistributor_region);
+        if dist_end > self.limit {
+            return Err(LayoutError::RegionReachesNextDevice {
+                base: self.distributor_base,
+                end: dist_end,
+                size: sizes.distributor,
+                limit: self.limit,
+            });
+        }
         if end > self.limit {
             return Err(LayoutError::RegionReachesNextDevice {
                 base: self.redistributor_base,
@@ -212,6 +223,27 @@ mod tests {
         assert!(matches!(
             cramped.check(&SIZES, 1),
             Err(LayoutError::DistributorOverlaps { .. })
+        ));
+        // A distributor above the redistributors, inside their region, or past the
+        // next device.
+        let inside = GicLayout {
+            distributor_base: 0x080c_0000,
+            ..DEFAULT_GIC_LAYOUT
+        };
+        assert!(matches!(
+            inside.check(&SIZES, 1),
+            Err(LayoutError::DistributorOverlaps { .. })
+        ));
+        let past = GicLayout {
+            distributor_base: 0x08ff_8000,
+            ..DEFAULT_GIC_LAYOUT
+        };
+        assert!(matches!(
+            past.check(&SIZES, 1),
+            Err(LayoutError::RegionReachesNextDevice {
+                base: 0x08ff_8000,
+                ..
+            })
         ));
         assert_eq!(
             DEFAULT_GIC_LAYOUT.check(&SIZES, 65),

@@ -68,6 +68,20 @@ pub fn pfr0_for_guest(pfr0: u64, gicv3: bool) -> u64 {
     }
 }
 
+/// ID_AA64PFR1_EL1.SME, bits [27:24] (Arm ARM, ID_AA64PFR1_EL1).
+const PFR1_SME_MASK: u64 = 0xf << 24;
+
+/// ID_AA64PFR1_EL1 as the guest must see it: without SME, whose state (streaming
+/// SVE registers, ZA, SVCR) this backend does not save. Linux turns SME on at boot
+/// whenever the field says it is there, so hiding it is what keeps such a guest
+/// snapshottable.
+pub fn pfr1_for_guest(pfr1: u64) -> u64 {
+    pfr1 & !PFR1_SME_MASK
+}
+
+/// ID_AA64PFR1_EL1's encoding.
+pub const ID_AA64PFR1_EL1: SysReg = SysReg::new(3, 0, 0, 4, 1);
+
 /// The registers an exception entry writes, and the new PC and PSTATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Injection {
@@ -222,6 +236,14 @@ mod tests {
         assert_eq!(pfr0_for_guest(m1, true), m1 | 0x0100_0000);
         assert_eq!(pfr0_for_guest(m1 | 0x0f00_0000, false), m1);
         assert_eq!(pfr0_for_guest(m1 | 0x0300_0000, true), m1 | 0x0100_0000);
+    }
+
+    #[test]
+    fn sme_is_hidden_from_the_guest() {
+        // An M4's ID_AA64PFR1_EL1 with SME = 2 (SME2), other fields kept.
+        let m4 = 0x0000_0000_0200_0021u64;
+        assert_eq!(pfr1_for_guest(m4), 0x21);
+        assert_eq!(pfr1_for_guest(0x21), 0x21);
     }
 
     #[test]

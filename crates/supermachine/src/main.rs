@@ -981,13 +981,13 @@ fn main() -> ExitCode {
             Err(e) => fail_verb(&e),
         },
         Command::Rm { force, vms } => each_vm(&vms, |e| {
-            if e.is_running() {
-                if !force {
-                    return Err(supermachine::Error::VmRunning {
-                        name: e.display_name().into(),
-                    });
+            // -f: a running VM (or one its restart policy would run again) is
+            // stopped first; without, `remove` refuses it.
+            if force && e.supervised_now() {
+                match supermachine::manage::stop(e, std::time::Duration::ZERO) {
+                    Ok(()) | Err(supermachine::Error::VmNotRunning { .. }) => {}
+                    Err(err) => return Err(err),
                 }
-                supermachine::manage::stop(e, std::time::Duration::ZERO)?;
             }
             supermachine::manage::remove(e).map(|()| e.display_name().to_string())
         }),

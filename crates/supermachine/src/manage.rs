@@ -409,34 +409,51 @@ pub fn kill(e: &Entry, signo: i32) -> Result<(), Error> {
 /// main process; SIGKILL once `timeout` passed; and if the VM still has not
 /// ended, its supervisor is told to stop it (SIGTERM, then SIGKILL). Returns
 /// once the process ended, as docker's does: the guest powers off and the
-/// supervisor ends after that ([`remove`] waits for them).
+/// supervisor ends after that ([`remove`] waits for them). A VM between two
+/// runs of its restart policy (or still powering off) is ended through its
+/// supervisor.
 pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
+    // Before the look at the VM: an end recorded from here on counts.
+    let since = vms::now_ms();
     // As it is now, not as it was when `e` was read.
     let e = &vms::find(&e.config.id)?;
-    if !e.is_running() {
+    if !e.supervised_now() {
         return Err(Error::VmNotRunning {
             name: e.display_name().into(),
         });
     }
-    let since = vms::now_ms();
     // The supervisor restarts nothing a user stopped.
     let _ = std::fs::write(e.dir.join(vms::STOPPING), b"");
-    let ended = |limit| wait_for(Some(limit), || e.ended_since(since));
-    let sig = e.state.stop_signal.unwrap_or(libc::SIGTERM);
-    // A process that has not started yet cannot be signalled: the VM is
-    // stopped by its supervisor below.
-    if crate::exec::signal(e, sig).is_ok() && ended(timeout) {
-        return Ok(());
+    if e.is_running() {
+        let ended = |limit| wait_for(Some(limit), || e.ended_since(since));
+        let sig = e.state.stop_signal.unwrap_or(libc::SIGTERM);
+        // A process that has not started yet cannot be signalled: the VM is
+        // stopped by its supervisor below.
+        if crate::exec::signal(e, sig).is_ok() && ended(timeout) {
+            return Ok(());
+        }
+        if crate::exec::signal(e, libc::SIGKILL).is_ok() && ended(KILL_GRACE) {
+            return Ok(());
+        }
     }
-    if crate::exec::signal(e, libc::SIGKILL).is_ok() && ended(KILL_GRACE) {
-        return Ok(());
-    }
+    end_supervisor(e, &[libc::SIGTERM, libc::SIGKILL])
+}
+
+/// Sends each of `signals` to `e`'s supervisor (and, with SIGKILL, to its
+/// VMM: macOS has no parent-death signal) until it is gone.
+fn end_supervisor(e: &Entry, signals: &[i32]) -> Result<(), Error> {
     let pid = i32::try_from(e.state.pid).unwrap_or(0);
-    for sig in [libc::SIGTERM, libc::SIGKILL] {
+    for &sig in signals {
         if pid > 0 {
             // SAFETY: kill takes plain integers; the pid is the supervisor's,
             // whose lock says it still runs.
             unsafe { libc::kill(pid, sig) };
+        }
+        if let (libc::SIGKILL, Some(vmm)) = (sig, e.state.vmm_pid) {
+            if let Ok(vmm) = i32::try_from(vmm) {
+                // SAFETY: as above; the VMM is the supervisor's child.
+                unsafe { libc::kill(vmm, libc::SIGKILL) };
+            }
         }
         if gone_within(e, Some(KILL_GRACE)) {
             return Ok(());
@@ -450,29 +467,19 @@ pub fn stop(e: &Entry, timeout: Duration) -> Result<(), Error> {
 
 /// `rm`: removes an exited VM once its supervisor let go of it (a stopped
 /// guest may still be powering off: the VMM gives it [`POWER_OFF_WAIT`],
-/// after which the supervisor is killed).
+/// after which the supervisor is killed). A VM that runs, or that its restart
+/// policy will run again, is refused.
 pub fn remove(e: &Entry) -> Result<(), Error> {
     let e = &vms::find(&e.config.id)?;
-    if e.is_running() {
+    let restarts = !matches!(e.config.restart.as_str(), "" | "no");
+    let stopped = e.dir.join(vms::STOPPING).exists();
+    if e.is_running() || (e.supervised_now() && restarts && !stopped) {
         return Err(Error::VmRunning {
             name: e.display_name().into(),
         });
     }
-    // A VM its restart policy brings back is running again: refused below.
-    let restarted = || e.supervised_now() && !e.ended_since(0);
-    if !wait_for(Some(POWER_OFF_WAIT), || !e.supervised_now() || restarted()) {
-        let pid = i32::try_from(e.state.pid).unwrap_or(0);
-        if pid > 0 {
-            // SAFETY: kill takes plain integers; the pid is the supervisor's,
-            // whose lock says it still runs (its VMM dies with it).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        gone_within(e, Some(KILL_GRACE));
-    }
-    if restarted() {
-        return Err(Error::VmRunning {
-            name: e.display_name().into(),
-        });
+    if !gone_within(e, Some(POWER_OFF_WAIT)) {
+        end_supervisor(e, &[libc::SIGKILL])?;
     }
     vms::remove(e)
 }
@@ -639,34 +646,43 @@ pub fn start(opts: &crate::RunOptions) -> Result<Entry, Error> {
     }
     let id = id.trim().to_string();
     if id.is_empty() {
-        // It failed before the VM was registered: its error is the answer.
+        // It failed before the VM was registered: its error is the answer (a
+        // write to a program that is not supermachine fails too: its words
+        // say more than "broken pipe").
         let _ = child.wait();
-        sent?;
         let text = err_text.join().unwrap_or_default();
-        let msg = text
+        let said = text
             .lines()
             .rev()
             .find(|l| !l.trim().is_empty())
-            .unwrap_or("the supervisor ended without a word")
-            .trim_start_matches("supermachine: error: ")
-            .to_string();
-        return Err(Error::Detach(msg));
+            .map(|l| l.trim_start_matches("supermachine: error: ").to_string());
+        return Err(match (said, sent) {
+            (Some(msg), _) => Error::Detach(msg),
+            (None, Err(e)) => e,
+            (None, Ok(())) => Error::Detach("the supervisor ended without a word".into()),
+        });
     }
+    // It runs on, in its own session; a thread reaps it when it ends (a
+    // library's process may outlive it), whatever this returns.
+    let reaper = std::thread::spawn(move || child.wait());
     loop {
         let e = vms::find(&id)?;
         let s = e.effective_state();
         if s.started_ms.is_some() {
-            // It runs on, in its own session; a thread reaps it when it ends
-            // (a library's process may outlive it).
-            std::thread::spawn(move || child.wait());
             return Ok(e);
         }
         if s.status == Status::Exited {
+            // Its restart policy would try again and again: a VM that could
+            // not start its process is not started.
+            if e.supervised_now() {
+                let _ = std::fs::write(e.dir.join(vms::STOPPING), b"");
+                let _ = end_supervisor(&e, &[libc::SIGTERM, libc::SIGKILL]);
+            }
             return Err(Error::Detach(s.reason.unwrap_or_else(|| {
                 "the VM ended before its process started".into()
             })));
         }
-        if let Ok(Some(_)) = child.try_wait() {
+        if reaper.is_finished() && !e.supervised_now() {
             continue;
         }
         std::thread::sleep(POLL);

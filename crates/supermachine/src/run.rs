@@ -509,7 +509,7 @@ fn announce(bound: &crate::publish::Bound, vm: &crate::vms::Registration) {
 fn finish(vm: &crate::vms::Registration, r: Result<i32, Error>) -> Result<i32, Error> {
     match &r {
         Ok(code) => vm.exited(Some(*code), None),
-        Err(e) => vm.exited(None, Some(crate::error_chain(e))),
+        Err(e) => vm.failed(crate::error_chain(e)),
     }
     r
 }
@@ -981,7 +981,7 @@ fn launch(
                 drop(news_tx);
                 // `stop` and `ps` see the end now, not after the power-off.
                 if let Ok(status) = &r {
-                    registration.exited(Some(agent::exit_code(*status)), None);
+                    registration.reported(agent::exit_code(*status));
                 }
                 if r.is_err() {
                     // A broken conversation (a garbage frame, a closed stream)

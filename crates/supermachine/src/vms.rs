@@ -450,6 +450,9 @@ pub struct Registration {
     socket: PathBuf,
     listener: UnixListener,
     state: std::sync::Mutex<VmState>,
+    /// The exit code the guest agent reported for this run's process, once it
+    /// did (a later failure of the VMM keeps it: [`Registration::failed`]).
+    reported: std::sync::Mutex<Option<i32>>,
     /// Held (flock) for as long as this value lives; `None` in a VMM
     /// attached to its supervisor's registration.
     _lock: Option<std::fs::File>,
@@ -503,6 +506,7 @@ impl Registration {
                 socket,
                 listener,
                 state: std::sync::Mutex::new(state),
+                reported: std::sync::Mutex::new(None),
                 _lock: Some(lock),
             })
         })();
@@ -533,6 +537,7 @@ impl Registration {
             dir,
             listener,
             state: std::sync::Mutex::new(state),
+            reported: std::sync::Mutex::new(None),
             _lock: None,
         })
     }
@@ -620,6 +625,27 @@ impl Registration {
             s.exit_code = None;
             s.reason = None;
         });
+    }
+
+    /// The guest agent reported the process's exit code: recorded now, before
+    /// the guest has powered off, so `stop` and `ps` see the end at once.
+    pub fn reported(&self, code: i32) {
+        *self
+            .reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(code);
+        self.exited(Some(code), None);
+    }
+
+    /// The run failed (`reason`); an exit code the agent reported before stays
+    /// (a VMM that fails while the guest powers off ended a process that had
+    /// exited on its own).
+    pub fn failed(&self, reason: String) {
+        let code = *self
+            .reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.exited(code, Some(reason));
     }
 
     /// The VM ended with docker exit code `code` (or none, with `reason`).
