@@ -212,7 +212,7 @@ pub const fn iss(esr: u64) -> u32 {
 }
 
 /// The register holding a WFIT/WFET timeout (ISS.RV, bit 2, says it is valid;
-/// ISS.RN, bits [9:5], names it: Arm ARM, "ISS encoding for an exception from a
+/// ISS.RN, bits (bits 9:5), names it: Arm ARM, "ISS encoding for an exception from a
 /// WF* instruction").
 pub const fn wfxt_register(esr: u64) -> Option<u8> {
     let iss = iss(esr);
@@ -252,8 +252,8 @@ pub fn decode(esr: u64, ipa: u64) -> Result<Syndrome, EsrError> {
 }
 
 /// ISS for EC 0x18 (Arm ARM D24.2.x, "ISS encoding for an exception from MSR, MRS, or
-/// System instruction execution in AArch64 state"): Op0 [21:20], Op2 [19:17],
-/// Op1 [16:14], CRn [13:10], Rt [9:5], CRm [4:1], Direction [0] (1 = read).
+/// System instruction execution in AArch64 state"): Op0 (bits 21:20), Op2 (bits 19:17),
+/// Op1 (bits 16:14), CRn (bits 13:10), Rt (bits 9:5), CRm (bits 4:1), Direction (bit 0) (1 = read).
 fn decode_sysreg(iss: u32) -> SysRegAccess {
     let field = |shift: u32, width: u32| ((iss >> shift) & ((1 << width) - 1)) as u8;
     SysRegAccess {
@@ -270,8 +270,8 @@ fn decode_sysreg(iss: u32) -> SysRegAccess {
 }
 
 /// ISS for a data abort (Arm ARM D24.2.x, "ISS encoding for an exception from a Data
-/// Abort"): ISV [24], SAS [23:22], SSE [21], SRT [20:16], SF [15], CM [8], S1PTW [7],
-/// WnR [6].
+/// Abort"): ISV (bit 24), SAS (bits 23:22), SSE (bit 21), SRT (bits 20:16), SF (bit 15), CM (bit 8), S1PTW (bit 7),
+/// WnR (bit 6).
 fn decode_data_abort(esr: u64, iss: u32, addr: u64) -> Result<MmioAccess, EsrError> {
     if iss & (1 << 7) != 0 {
         return Err(EsrError::PageTableWalk { addr, esr });

@@ -173,8 +173,8 @@ const CPACR_EL1: SysReg = SysReg::new(3, 0, 1, 0, 2);
 /// CPU features whose state is not saved, refused when the guest turned them on:
 /// SME (Apple M4; the framework exposes it from macOS 15.2), whose streaming SVE
 /// registers, ZA array and SVCR have no place in [`VcpuState`]. The guest has SME
-/// when ID_AA64PFR1_EL1.SME [27:24] is non-zero and uses it once CPACR_EL1.SMEN
-/// [25:24] lets EL1 or EL0 execute its instructions (Arm ARM, CPACR_EL1). SVE is
+/// when ID_AA64PFR1_EL1.SME (bits 27:24) is non-zero and uses it once CPACR_EL1.SMEN
+/// (bits 25:24) lets EL1 or EL0 execute its instructions (Arm ARM, CPACR_EL1). SVE is
 /// not offered by Apple silicon.
 fn refuse_unsaved_features<R: RegisterAccess + ?Sized>(
     regs: &R,

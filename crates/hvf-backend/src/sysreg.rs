@@ -150,8 +150,8 @@ const DEBUG_NAMES: [[&str; 16]; 4] = [
 ];
 
 /// The breakpoint and watchpoint registers of `hv_sys_reg_t`, n = 0..15:
-/// DBGBVR<n>_EL1 (2, 0, 0, n, 4), DBGBCR<n>_EL1 (.., 5), DBGWVR<n>_EL1 (.., 6),
-/// DBGWCR<n>_EL1 (.., 7), in that order per n (`HV_SYS_REG_DBGBVR0_EL1 = 0x8004`).
+/// `DBGBVR<n>_EL1` (2, 0, 0, n, 4), `DBGBCR<n>_EL1` (.., 5), `DBGWVR<n>_EL1` (.., 6),
+/// `DBGWCR<n>_EL1` (.., 7), in that order per n (`HV_SYS_REG_DBGBVR0_EL1 = 0x8004`).
 /// A CPU has only those [`debug_regs`] says.
 pub const DEBUG_REGS: [HvfSysReg; 64] = {
     let mut regs = [vcpu(0, "", true); 64];
@@ -172,7 +172,7 @@ pub const DEBUG_REGS: [HvfSysReg; 64] = {
 };
 
 /// The debug registers this CPU implements, from its ID_AA64DFR0_EL1 (Arm ARM,
-/// ID_AA64DFR0_EL1: BRPs [15:12] and WRPs [23:20] are the number of breakpoints
+/// ID_AA64DFR0_EL1: BRPs (bits 15:12) and WRPs (bits 23:20) are the number of breakpoints
 /// and watchpoints minus one): the framework refuses the others.
 pub fn debug_regs(dfr0: u64) -> impl Iterator<Item = &'static HvfSysReg> {
     let breakpoints = ((dfr0 >> 12) & 0xf) as u16 + 1;

@@ -50,7 +50,7 @@ pub fn sysreg_trap_policy(reg: SysReg) -> SysRegTrap {
 /// ID_AA64PFR0_EL1's encoding.
 pub const ID_AA64PFR0_EL1: SysReg = SysReg::new(3, 0, 0, 4, 0);
 
-/// ID_AA64PFR0_EL1.GIC, bits [27:24] (Arm ARM, ID_AA64PFR0_EL1): 0b0001 means
+/// ID_AA64PFR0_EL1.GIC, bits (bits 27:24) (Arm ARM, ID_AA64PFR0_EL1): 0b0001 means
 /// the GICv3/v4 CPU interface system registers are implemented.
 const PFR0_GIC_SHIFT: u32 = 24;
 const PFR0_GIC_MASK: u64 = 0xf << PFR0_GIC_SHIFT;
@@ -68,7 +68,7 @@ pub fn pfr0_for_guest(pfr0: u64, gicv3: bool) -> u64 {
     }
 }
 
-/// ID_AA64PFR1_EL1.SME, bits [27:24] (Arm ARM, ID_AA64PFR1_EL1).
+/// ID_AA64PFR1_EL1.SME, bits (bits 27:24) (Arm ARM, ID_AA64PFR1_EL1).
 const PFR1_SME_MASK: u64 = 0xf << 24;
 
 /// ID_AA64PFR1_EL1 as the guest must see it: without SME, whose state (streaming
@@ -106,9 +106,9 @@ const ESR_IL: u64 = 1 << 25;
 
 /// PSTATE (SPSR) fields used below (Arm ARM, "SPSR_EL1" and "PSTATE").
 const PSTATE_M_MASK: u64 = 0b1_1111;
-/// M[4]: the exception came from AArch32.
+/// M(bit 4): the exception came from AArch32.
 const PSTATE_M_AARCH32: u64 = 1 << 4;
-/// M[3:0] = 0b0101: EL1 using SP_EL1 (EL1h).
+/// M(bits 3:0) = 0b0101: EL1 using SP_EL1 (EL1h).
 const PSTATE_EL1H: u64 = 0b0101;
 /// D, A, I, F (bits 9..6).
 const PSTATE_DAIF: u64 = 0b1111 << 6;

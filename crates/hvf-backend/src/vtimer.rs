@@ -12,7 +12,7 @@
 //! after every `hv_vcpu_run`, so the level is set before each entry. QEMU's
 //! `hvf_sync_vtimer` and libkrun's vCPU loop do the same.
 
-/// CNTV_CTL_EL0 (Arm ARM, CNTV_CTL_EL0): ENABLE [0], IMASK [1], ISTATUS [2].
+/// CNTV_CTL_EL0 (Arm ARM, CNTV_CTL_EL0): ENABLE (bit 0), IMASK (bit 1), ISTATUS (bit 2).
 pub const CNTV_CTL_ENABLE: u64 = 1 << 0;
 pub const CNTV_CTL_IMASK: u64 = 1 << 1;
 pub const CNTV_CTL_ISTATUS: u64 = 1 << 2;

@@ -466,7 +466,7 @@ fn end_supervisor(e: &Entry, signals: &[i32]) -> Result<(), Error> {
 }
 
 /// `rm`: removes an exited VM once its supervisor let go of it (a stopped
-/// guest may still be powering off: the VMM gives it [`POWER_OFF_WAIT`],
+/// guest may still be powering off: this waits 30 s for that,
 /// after which the supervisor is killed). A VM that runs, or that its restart
 /// policy will run again, is refused.
 pub fn remove(e: &Entry) -> Result<(), Error> {
