@@ -86,9 +86,14 @@ impl I8042 {
 
     /// Rebuilds a controller from a saved state.
     pub fn from_state(state: &I8042State) -> Self {
-        Self {
-            state: state.clone(),
-        }
+        let mut c = Self::new();
+        c.restore(state);
+        c
+    }
+
+    /// Puts the controller in the saved `state` (a VM restored in place).
+    pub fn restore(&mut self, state: &I8042State) {
+        self.state = state.clone();
     }
 
     /// The state, for a snapshot.

@@ -67,9 +67,14 @@ impl PowerDevice {
 
     /// Rebuilds a power block from a saved state.
     pub fn from_state(state: &PowerState) -> Self {
-        Self {
-            exit_status: state.exit_status,
-        }
+        let mut p = Self::new();
+        p.restore(state);
+        p
+    }
+
+    /// Puts the block in the saved `state` (a VM restored in place).
+    pub fn restore(&mut self, state: &PowerState) {
+        self.exit_status = state.exit_status;
     }
 
     /// The state, for a snapshot.

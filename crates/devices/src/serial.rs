@@ -160,6 +160,16 @@ impl<W: Write + Send> std::fmt::Debug for Serial<W> {
     }
 }
 
+/// A saved state vm-superio refused.
+fn state_error(e: vm_superio::serial::Error<InterruptError>, state: &SerialState) -> SerialError {
+    match e {
+        vm_superio::serial::Error::FullFifo => SerialError::StateFifoTooLarge {
+            len: state.in_buffer.len(),
+        },
+        other => other.into(),
+    }
+}
+
 impl<W: Write + Send> Serial<W> {
     /// A UART in its power-on state writing guest output to `out`.
     pub fn new(interrupt: Arc<dyn Interrupt>, out: W) -> Self {
@@ -181,17 +191,28 @@ impl<W: Write + Send> Serial<W> {
         let raw = vm_superio::serial::SerialState::from(state);
         let lost = Arc::new(LostBytes::default());
         let uart = vm_superio::Serial::from_state(&raw, IrqTrigger(interrupt), lost.clone(), out)
-            .map_err(|e| match e {
-            vm_superio::serial::Error::FullFifo => SerialError::StateFifoTooLarge {
-                len: state.in_buffer.len(),
-            },
-            other => other.into(),
-        })?;
+            .map_err(|e| state_error(e, state))?;
         Ok(Self {
             uart,
             lost,
             interrupt_failure_logged: false,
         })
+    }
+
+    /// Puts the UART in the saved `state`, keeping its interrupt line and its
+    /// writer (a VM restored in place): what [`Serial::from_state`] builds, around
+    /// this one's line and output. `W::default()` stands in for the writer while
+    /// the UART is rebuilt. Re-raises the interrupt as `from_state` does.
+    pub fn restore(&mut self, state: &SerialState) -> Result<(), SerialError>
+    where
+        W: Default,
+    {
+        let raw = vm_superio::serial::SerialState::from(state);
+        let trigger = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        let out = std::mem::take(self.uart.writer_mut());
+        self.uart = vm_superio::Serial::from_state(&raw, trigger, self.lost.clone(), out)
+            .map_err(|e| state_error(e, state))?;
+        Ok(())
     }
 
     /// The registers and pending input, for a snapshot.
@@ -402,6 +423,27 @@ mod tests {
         assert_eq!(irq.edges(), 1, "pending RDA interrupt re-raised on restore");
         assert_eq!(read(&mut restored, 7), 0x5a);
         assert_eq!(read(&mut restored, THR), b'p');
+    }
+
+    #[test]
+    fn serial_restored_in_place_keeps_its_line_and_its_writer() {
+        let (mut s, irq) = serial();
+        s.write(7, &[0x5a]); // scratch
+        s.write(IER, &[IER_RDA]);
+        s.enqueue_input(b"x").unwrap();
+        let saved = s.state();
+        s.write(7, &[0x11]);
+        assert_eq!(read(&mut s, THR), b'x');
+        s.write(THR, b"b");
+        let edges = irq.edges();
+        s.restore(&saved).unwrap();
+        assert_eq!(s.state(), saved);
+        assert_eq!(irq.edges(), edges + 1, "pending RDA interrupt re-raised on its line");
+        assert_eq!(read(&mut s, 7), 0x5a);
+        assert_eq!(read(&mut s, THR), b'x');
+        s.write(THR, b"!");
+        // One writer throughout: what was written before and after.
+        assert_eq!(s.uart.writer().as_slice(), b"b!");
     }
 
     #[test]

@@ -668,19 +668,31 @@ impl MmioTransport {
         interrupt: Arc<dyn Interrupt>,
     ) -> Result<Self, MmioError> {
         let mut t = Self::new(device, mem, interrupt, state.irq_mode)?;
-        let actual = t.device.device_type();
+        t.restore(state)?;
+        Ok(t)
+    }
+
+    /// Puts this transport, and the device behind it, in the saved `state`: the
+    /// device is reset first (as a driver's write of 0 to `Status` does), then
+    /// the registers and queues are the saved ones and an active device is
+    /// activated again. What [`MmioTransport::from_state`] does to a new
+    /// transport, for one that lives on (a VM restored in place).
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), MmioError> {
+        let actual = self.device.device_type();
         if state.device_type != actual {
             return Err(MmioError::StateDeviceMismatch {
                 saved: state.device_type,
                 actual,
             });
         }
-        if state.queues.len() != t.queues.len() {
+        if state.queues.len() != self.queues.len() {
             return Err(MmioError::StateQueueCount {
                 saved: state.queues.len(),
-                actual: t.queues.len(),
+                actual: self.queues.len(),
             });
         }
+        self.reset();
+        let t = self;
         let event_idx = state.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for (index, (saved, (queue, regs))) in state
             .queues
@@ -734,7 +746,7 @@ impl MmioTransport {
         t.interrupt
             .restore(state.interrupt_status)
             .map_err(MmioError::StateInterrupt)?;
-        Ok(t)
+        Ok(())
     }
 }
 
@@ -1184,6 +1196,34 @@ mod tests {
         assert_eq!(irq.edges(), 1, "pending VRING interrupt re-raised");
         write_reg(&mut restored, reg::QUEUE_NOTIFY, 0);
         assert_eq!(scratch(&restored).notifications, vec![0]);
+    }
+
+    #[test]
+    fn mmio_restored_in_place_is_the_saved_transport_again() {
+        let (mut t, irq, driver) = transport();
+        driver.setup(&mut t, VIRTIO_F_VERSION_1, 16).unwrap();
+        write_reg(&mut t, reg::QUEUE_NOTIFY, 0);
+        let saved = t.state();
+        // The guest goes on: a second notify, then it resets the device.
+        write_reg(&mut t, reg::QUEUE_NOTIFY, 0);
+        write_reg(&mut t, reg::STATUS, 0);
+        assert_ne!(t.state(), saved);
+        let edges = irq.edges();
+        t.restore(&saved).unwrap();
+        assert_eq!(t.state(), saved);
+        assert_eq!(scratch(&t).activations, 2, "activated again");
+        assert_eq!(irq.edges(), edges + 1, "pending VRING interrupt re-raised");
+        write_reg(&mut t, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(scratch(&t).notifications.last(), Some(&0));
+        // A state of another device is refused.
+        let other = MmioTransportState {
+            device_type: saved.device_type + 1,
+            ..saved
+        };
+        assert!(matches!(
+            t.restore(&other),
+            Err(MmioError::StateDeviceMismatch { .. })
+        ));
     }
 
     #[test]
