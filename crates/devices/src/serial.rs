@@ -438,7 +438,11 @@ mod tests {
         let edges = irq.edges();
         s.restore(&saved).unwrap();
         assert_eq!(s.state(), saved);
-        assert_eq!(irq.edges(), edges + 1, "pending RDA interrupt re-raised on its line");
+        assert_eq!(
+            irq.edges(),
+            edges + 1,
+            "pending RDA interrupt re-raised on its line"
+        );
         assert_eq!(read(&mut s, 7), 0x5a);
         assert_eq!(read(&mut s, THR), b'x');
         s.write(THR, b"!");

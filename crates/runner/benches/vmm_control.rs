@@ -8,6 +8,14 @@
 //!   held (the call returns);
 //! - resume: `Vmm::resume()` called -> every vCPU on its way back into the guest.
 //!
+//! Then, for the same guest captured to a snapshot file (on the temporary
+//! directory), over N/5 restores each (default 200):
+//! - restore in place (the pool worker's): `Vmm::restore_in_place` of a paused
+//!   VM that ran on after the capture -> the VM paused in the captured state;
+//! - beside it, the restore into a new `Vmm` in the same process
+//!   (`Vmm::restore`: a new VM, vCPUs and threads, RAM mapped from the file), and
+//!   the ratio of the medians.
+//!
 //! Run: `cargo bench -p runner --bench vmm_control`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -80,6 +88,51 @@ fn main() {
         vmm.wait().unwrap();
         println!("{vcpus} vCPU  pause:  {}", summary(pause));
         println!("{vcpus} vCPU  resume: {}", summary(resume));
+    }
+
+    let restores = (runs / 5).max(1);
+    println!("restore of a captured heartbeat guest, {restores} restores each");
+    for vcpus in [1u32, 2] {
+        let mut res = runner::resources::VmResources::new(kernel.clone());
+        res.memory = 16 << 20;
+        res.vcpus = vcpus;
+        let timings = || Arc::new(runner::timings::Timings::start());
+        let vmm = runner::vmm::Vmm::build(&hv, &res, Box::new(std::io::sink()), timings()).unwrap();
+        vmm.start().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        vmm.pause().unwrap();
+        let file = dir.join(format!("heartbeat-{vcpus}.snap"));
+        vmm.snapshot(&file).unwrap();
+        let snap = runner::vmm::Snapshot::open(&file).unwrap();
+        let mut in_place = Vec::with_capacity(restores);
+        for _ in 0..restores {
+            vmm.resume().unwrap();
+            std::thread::sleep(Duration::from_micros(500));
+            vmm.pause().unwrap();
+            let t0 = Instant::now();
+            vmm.restore_in_place(&snap).unwrap();
+            in_place.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        vmm.stop();
+        vmm.wait().unwrap();
+        let mut fresh = Vec::with_capacity(restores);
+        for _ in 0..restores {
+            let t0 = Instant::now();
+            let v = runner::vmm::Vmm::restore(&hv, &snap, Box::new(std::io::sink()), timings())
+                .unwrap();
+            fresh.push(t0.elapsed().as_secs_f64() * 1e6);
+            v.stop();
+            v.wait().unwrap();
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let ratio = median(&in_place) / median(&fresh);
+        println!("{vcpus} vCPU  in place:  {}", summary(in_place));
+        println!("{vcpus} vCPU  new Vmm:   {}", summary(fresh));
+        println!("{vcpus} vCPU  ratio in place/new Vmm (medians): {ratio:.3}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

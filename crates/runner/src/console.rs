@@ -26,6 +26,14 @@ impl std::fmt::Debug for ConsoleOut {
     }
 }
 
+/// A console that discards what it is given: the stand-in while a restored
+/// UART is rebuilt around the real one (`Serial::restore`).
+impl Default for ConsoleOut {
+    fn default() -> Self {
+        Self::new(Box::new(std::io::sink()), Arc::new(Timings::off()))
+    }
+}
+
 impl ConsoleOut {
     /// Forwards to `out`, recording into `timings`.
     pub fn new(out: Box<dyn Write + Send>, timings: Arc<Timings>) -> Self {

@@ -18,6 +18,16 @@ impl Timings {
         Self::start_at(Instant::now())
     }
 
+    /// A clock that never prints (for a stand-in that records nothing).
+    pub fn off() -> Self {
+        Self {
+            start: Instant::now(),
+            enabled: false,
+            first_output_us: AtomicU64::new(0),
+            init_ready_us: AtomicU64::new(0),
+        }
+    }
+
     /// Starts the clock at `start` (e.g. the process's start).
     pub fn start_at(start: Instant) -> Self {
         let enabled = std::env::var_os("SUPERMACHINE_TIMINGS").is_some_and(|v| v != "0");

@@ -560,6 +560,120 @@ impl<V: Vm + 'static> Vmm<V> {
         Ok(vmm)
     }
 
+    /// Restores this paused VM, in place, to `snap`, a snapshot of a VM built
+    /// from the same resources: guest RAM is mapped copy-on-write from the file
+    /// over the old RAM (the old pages, the guest's writes among them, are
+    /// dropped, not reused), and the VM, every device and every vCPU take their
+    /// saved state. No VM, vCPU, thread, device, interrupt line or console is
+    /// made anew, so a restore costs what the state costs: what a pool worker
+    /// does for each request. The VM stays paused ([`Vmm::resume`] continues
+    /// it where the snapshot was taken), with a new VMGenID generation. The
+    /// vsock and network devices (host connections, backends) are not restored
+    /// in place yet: a VM with one is refused, as is a snapshot of another VM.
+    pub fn restore_in_place(&self, snap: &Snapshot) -> Result<(), RunError> {
+        if snap.resources() != &self.resources {
+            return Err(RunError::StateMismatch {
+                what: "the snapshot is of a VM built from other resources".into(),
+            });
+        }
+        if self.resources.vsock.is_some() || self.resources.network.is_some() {
+            return Err(RunError::StateMismatch {
+                what: "a VM with a vsock or network device cannot be restored in place yet".into(),
+            });
+        }
+        let state = &snap.state().vmm;
+        if state.vcpus.len() != self.vcpus as usize
+            || state.devices.virtio.len() != self.virtio.len()
+        {
+            return Err(RunError::StateMismatch {
+                what: format!(
+                    "{} vCPUs and {} virtio devices saved, {} and {} here",
+                    state.vcpus.len(),
+                    state.devices.virtio.len(),
+                    self.vcpus,
+                    self.virtio.len()
+                ),
+            });
+        }
+        let mut ctl = self.lock_control();
+        if ctl.phase != Phase::Paused {
+            return Err(ControlError::NotPaused {
+                what: "restore it in place",
+            }
+            .into());
+        }
+        self.timings().phase("in_place_start");
+        snap.remap_ram(&self.mem)?;
+        #[cfg(target_os = "linux")]
+        teardown::exclude_from_fork(&self.mem);
+        self.timings().phase("ram_remapped");
+        self.core
+            .vm
+            .restore_state(&state.vm)
+            .map_err(|source| ControlError::Vm {
+                what: "restore",
+                source,
+            })?;
+        self.restore_devices(&state.devices)?;
+        self.timings().phase("devices_restored");
+        for (id, s) in state.vcpus.iter().enumerate() {
+            self.request(
+                &mut ctl,
+                id,
+                VcpuEvent::RestoreState(Box::new(s.clone())),
+                "restore its state",
+                |r| matches!(r, VcpuResponse::Restored),
+            )?;
+        }
+        drop(ctl);
+        self.timings().phase("vcpus_restored");
+        arch::new_generation(&self.core.vm, &self.mem, true)?;
+        self.timings().phase("restored");
+        Ok(())
+    }
+
+    /// Puts every device in its saved state, in place.
+    fn restore_devices(&self, saved: &DeviceStates) -> Result<(), RunError> {
+        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            m.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+        let failed = |what: &str| {
+            let what = what.to_string();
+            move |e: Box<dyn std::error::Error + Send + Sync>| RunError::RestoreDevice {
+                what,
+                source: e,
+            }
+        };
+        lock(&self.serial)
+            .restore(&saved.serial)
+            .map_err(|e| failed("the serial console")(Box::new(e)))?;
+        match (&self.i8042, &saved.i8042) {
+            (Some(d), Some(s)) => lock(d).restore(s),
+            (None, None) => {}
+            _ => {
+                return Err(RunError::StateMismatch {
+                    what: "the i8042 is in only one of the snapshot and this VM".into(),
+                })
+            }
+        }
+        lock(&self.core.power).restore(&saved.power);
+        for (a, s) in self.virtio.iter().zip(&saved.virtio) {
+            // A disk's request state is not restored in place yet either.
+            if !matches!(s.device, state::VirtioDeviceState::Rng) {
+                return Err(RunError::StateMismatch {
+                    what: format!(
+                        "the {} device cannot be restored in place yet",
+                        s.device.kind()
+                    ),
+                });
+            }
+            lock(&a.transport)
+                .restore(&s.transport)
+                .map_err(|e| failed(&a.what)(Box::new(e)))?;
+        }
+        Ok(())
+    }
+
     /// Writes the paused VM to a snapshot file at `path` (atomically): its
     /// resources, its whole state and guest RAM, where pages the guest never
     /// touched (or that are all zeros) are holes. The VM stays paused.

@@ -77,6 +77,75 @@ impl Snapshot {
         &self.meta.state
     }
 
+    /// Maps the saved RAM copy-on-write over `mem`, the RAM of a paused VM of
+    /// the same shape, region by region at the same addresses (`MAP_FIXED`): the
+    /// old pages, the guest's private copies included, are dropped, and `mem`'s
+    /// regions go on owning the new mappings.
+    pub(super) fn remap_ram(&self, mem: &GuestMemoryMmap) -> Result<(), RunError> {
+        let have: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let saved: Vec<(u64, u64)> = self
+            .meta
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.len))
+            .collect();
+        if have != saved {
+            return Err(RunError::StateMismatch {
+                what: format!("RAM regions {saved:x?} saved, {have:x?} in this VM"),
+            });
+        }
+        let file_len = self
+            .file
+            .metadata()
+            .map_err(|source| snapshot::SnapshotError::Io {
+                what: "reading",
+                path: self.path.clone(),
+                source,
+            })?
+            .len();
+        for (region, saved) in mem.iter().zip(&self.meta.regions) {
+            let at = self.meta.header.ram_offset + saved.offset;
+            let len = usize::try_from(saved.len).unwrap_or(usize::MAX);
+            if at.saturating_add(saved.len) > file_len {
+                return Err(snapshot::SnapshotError::Truncated {
+                    path: self.path.clone(),
+                    what: "guest RAM",
+                    needed: at + saved.len,
+                    len: file_len,
+                }
+                .into());
+            }
+            let offset = libc::off_t::try_from(at).map_err(|_| RunError::StateMismatch {
+                what: format!("RAM at file offset {at:#x} does not fit this host"),
+            })?;
+            // SAFETY: the target is exactly the live mapping of `region` (its
+            // address and length), which `mem` owns and goes on owning: its unmap
+            // on drop covers the new mapping. The VM is paused (every vCPU parked,
+            // the device loop held), so nothing reads or writes guest RAM while it
+            // is replaced; KVM's memslot names the address range, and the kernel
+            // drops its stale translations of it when the range is remapped. The
+            // file is open, the offset page-aligned (load_meta) and inside it.
+            let p = unsafe {
+                libc::mmap(
+                    region.as_ptr().cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    offset,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(snapshot::SnapshotError::Map {
+                    path: self.path.clone(),
+                    source: std::io::Error::last_os_error(),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// Guest RAM for `res`, mapped copy-on-write from the file; its regions
     /// must be the ones `res` gives a VM.
     pub(super) fn map_ram(&self, res: &VmResources) -> Result<GuestMemoryMmap, RunError> {
