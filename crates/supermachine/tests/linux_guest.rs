@@ -2248,6 +2248,17 @@ fn egress_over_ipv6(env: &Env, oci: &str) -> Result<(), String> {
     result
 }
 
+/// The `supervisor.log` of the VM an `inspect` printed (its `Dir`).
+fn supervisor_log(inspect: &Outcome) -> String {
+    let dir = inspect
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"Dir\": \""))
+        .map(|d| d.trim_end_matches([',', '"']).to_string())
+        .unwrap_or_default();
+    std::fs::read_to_string(Path::new(&dir).join("supervisor.log")).unwrap_or_default()
+}
+
 /// `run -d` like docker's: a detached httpd answers on its published port,
 /// `ps` lists it with the port, `logs` and `logs -f` show its output, `stop`
 /// delivers SIGTERM to the process (whose handler prints a marker and exits
@@ -2287,14 +2298,7 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
         t.elapsed().as_secs_f64()
     );
     // Where that time went, on the VMM process's clock (its supervisor.log).
-    let inspect = sm(&["inspect", "web"])?;
-    let dir = inspect
-        .stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"Dir\": \""))
-        .map(|d| d.trim_end_matches([',', '"']).to_string())
-        .unwrap_or_default();
-    let own = std::fs::read_to_string(Path::new(&dir).join("supervisor.log")).unwrap_or_default();
+    let own = supervisor_log(&sm(&["inspect", "web"])?);
     let phases: Vec<&str> = own
         .lines()
         .filter_map(|l| l.strip_prefix("[timing] "))
@@ -2435,14 +2439,7 @@ fn run_detached_vms_are_managed_like_containers(env: &Env) -> Result<(), String>
     if !(stop.code == Some(0) && took >= 2.0 && wait.stdout == "137\n") {
         // What the supervisor saw, for the failure's reader.
         let inspect = sm(&["inspect", "stubborn"])?;
-        let dir = inspect
-            .stdout
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("\"Dir\": \""))
-            .map(|d| d.trim_end_matches([',', '"']).to_string())
-            .unwrap_or_default();
-        let own =
-            std::fs::read_to_string(Path::new(&dir).join("supervisor.log")).unwrap_or_default();
+        let own = supervisor_log(&inspect);
         return Err(format!(
             "stop -t 2 kills a process that ignores SIGTERM (137): stop {stop:?}, wait {wait:?}\n\
              inspect: {}\nsupervisor.log: {own}",

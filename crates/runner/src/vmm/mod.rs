@@ -541,15 +541,7 @@ impl<V: Vm + 'static> Vmm<V> {
             })?;
         {
             let mut ctl = vmm.lock_control();
-            for (id, s) in state.vcpus.iter().enumerate() {
-                vmm.request(
-                    &mut ctl,
-                    id,
-                    VcpuEvent::RestoreState(Box::new(s.clone())),
-                    "restore its state",
-                    |r| matches!(r, VcpuResponse::Restored),
-                )?;
-            }
+            vmm.restore_vcpus(&mut ctl, &state.vcpus)?;
             ctl.phase = Phase::Paused;
         }
         vmm.timings().phase("vcpus_restored");
@@ -616,19 +608,29 @@ impl<V: Vm + 'static> Vmm<V> {
             })?;
         self.restore_devices(&state.devices)?;
         self.timings().phase("devices_restored");
-        for (id, s) in state.vcpus.iter().enumerate() {
+        self.restore_vcpus(&mut ctl, &state.vcpus)?;
+        drop(ctl);
+        self.timings().phase("vcpus_restored");
+        arch::new_generation(&self.core.vm, &self.mem, true)?;
+        self.timings().phase("restored");
+        Ok(())
+    }
+
+    /// Each vCPU's saved state, set on its own thread.
+    fn restore_vcpus(
+        &self,
+        ctl: &mut Control,
+        states: &[hypervisor::VcpuState],
+    ) -> Result<(), ControlError> {
+        for (id, s) in states.iter().enumerate() {
             self.request(
-                &mut ctl,
+                ctl,
                 id,
                 VcpuEvent::RestoreState(Box::new(s.clone())),
                 "restore its state",
                 |r| matches!(r, VcpuResponse::Restored),
             )?;
         }
-        drop(ctl);
-        self.timings().phase("vcpus_restored");
-        arch::new_generation(&self.core.vm, &self.mem, true)?;
-        self.timings().phase("restored");
         Ok(())
     }
 
