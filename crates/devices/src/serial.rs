@@ -160,6 +160,10 @@ impl<W: Write + Send> std::fmt::Debug for Serial<W> {
     }
 }
 
+/// Bytes the UART's receive FIFO holds (vm-superio's); a saved state with more
+/// pending input is refused.
+pub const FIFO_LEN: usize = 64;
+
 /// A saved state vm-superio refused.
 fn state_error(e: vm_superio::serial::Error<InterruptError>, state: &SerialState) -> SerialError {
     match e {
@@ -201,17 +205,20 @@ impl<W: Write + Send> Serial<W> {
 
     /// Puts the UART in the saved `state`, keeping its interrupt line and its
     /// writer (a VM restored in place): what [`Serial::from_state`] builds, around
-    /// this one's line and output. `W::default()` stands in for the writer while
-    /// the UART is rebuilt. Re-raises the interrupt as `from_state` does.
+    /// this one's line and output. The new UART is built around `W::default()`,
+    /// which takes the old one's place once it is; a refused state leaves this
+    /// UART as it was. Re-raises the interrupt as `from_state` does.
     pub fn restore(&mut self, state: &SerialState) -> Result<(), SerialError>
     where
         W: Default,
     {
         let raw = vm_superio::serial::SerialState::from(state);
         let trigger = IrqTrigger(self.uart.interrupt_evt().0.clone());
-        let out = std::mem::take(self.uart.writer_mut());
-        self.uart = vm_superio::Serial::from_state(&raw, trigger, self.lost.clone(), out)
-            .map_err(|e| state_error(e, state))?;
+        let mut uart =
+            vm_superio::Serial::from_state(&raw, trigger, self.lost.clone(), W::default())
+                .map_err(|e| state_error(e, state))?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
         Ok(())
     }
 

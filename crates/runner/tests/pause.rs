@@ -444,6 +444,14 @@ fn every_restore_is_a_new_vmgenid_generation() {
     }
 }
 
+/// A vCPU's general-purpose registers.
+fn regs(s: &hypervisor::VcpuState) -> hypervisor::x86_64::Regs {
+    match s {
+        hypervisor::VcpuState::X86_64(s) => s.regs,
+        other => panic!("not an x86_64 vCPU: {other:?}"),
+    }
+}
+
 /// This process's resident set (VmRSS) in KiB, and its open descriptors.
 fn rss_kib_and_fds() -> (u64, usize) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -476,6 +484,7 @@ fn a_vm_restored_in_place_1000_times_counts_on_from_the_snapshot_each_time() {
     let captured_file = std::fs::read(&file).unwrap();
     let saved = counter(&vmm, 0);
     let snap = Snapshot::open(&file).unwrap();
+    let captured_regs = regs(&snap.state().vmm.vcpus[0]);
     let mut at_10 = (0, 0);
     let mut took = Vec::with_capacity(1000);
     for i in 1..=1000 {
@@ -493,7 +502,14 @@ fn a_vm_restored_in_place_1000_times_counts_on_from_the_snapshot_each_time() {
         let t = Instant::now();
         vmm.restore_in_place(&snap).unwrap();
         took.push(t.elapsed());
+        // Its RAM is the captured one, and so are its registers (the heartbeat
+        // keeps the count in ESI): the captured vCPU state, read back.
         assert_eq!(counter(&vmm, 0), saved, "restore {i}: the captured count");
+        assert_eq!(
+            regs(&vmm.save_state().unwrap().vcpus[0]),
+            captured_regs,
+            "restore {i}: the captured registers"
+        );
         if i == 10 {
             at_10 = rss_kib_and_fds();
         }

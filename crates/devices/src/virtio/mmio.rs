@@ -672,12 +672,9 @@ impl MmioTransport {
         Ok(t)
     }
 
-    /// Puts this transport, and the device behind it, in the saved `state`: the
-    /// device is reset first (as a driver's write of 0 to `Status` does), then
-    /// the registers and queues are the saved ones and an active device is
-    /// activated again. What [`MmioTransport::from_state`] does to a new
-    /// transport, for one that lives on (a VM restored in place).
-    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), MmioError> {
+    /// Whether `state` is one of this transport's device (its kind and queue
+    /// count), before anything is changed.
+    pub fn check_state(&self, state: &MmioTransportState) -> Result<(), MmioError> {
         let actual = self.device.device_type();
         if state.device_type != actual {
             return Err(MmioError::StateDeviceMismatch {
@@ -691,6 +688,16 @@ impl MmioTransport {
                 actual: self.queues.len(),
             });
         }
+        Ok(())
+    }
+
+    /// Puts this transport, and the device behind it, in the saved `state`: the
+    /// device is reset first (as a driver's write of 0 to `Status` does), then
+    /// the registers and queues are the saved ones and an active device is
+    /// activated again. What [`MmioTransport::from_state`] does to a new
+    /// transport, for one that lives on (a VM restored in place).
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), MmioError> {
+        self.check_state(state)?;
         self.reset();
         let t = self;
         let event_idx = state.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;

@@ -13,4 +13,4 @@ mod platform;
 pub use boot::BootError as PlatformError;
 pub use layout::ram_ranges;
 #[cfg(target_arch = "aarch64")]
-pub use platform::{new_generation, setup_platform};
+pub use platform::{generation_line, new_generation, setup_platform};

@@ -158,10 +158,14 @@ pub fn setup_platform<V: Vm>(
 
 /// VMGenID on aarch64 (the device tree's `microsoft,vmgenid` node) is not
 /// offered yet: nothing to write or notify.
-pub fn new_generation<V: Vm>(
-    _vm: &V,
+pub fn new_generation<L: hypervisor::IrqLine>(
     _mem: &GuestMemoryMmap,
-    _notify: bool,
+    _notify: Option<&L>,
 ) -> Result<(), RunError> {
     Ok(())
+}
+
+/// No VMGenID device on aarch64 yet: no line.
+pub fn generation_line<V: Vm>(_vm: &V) -> Result<Option<V::IrqLine>, RunError> {
+    Ok(None)
 }

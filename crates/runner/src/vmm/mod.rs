@@ -364,6 +364,8 @@ pub(crate) struct Core<V: Vm> {
     pio: Bus,
     mmio: Bus,
     power: Arc<Mutex<devices::power::PowerDevice>>,
+    /// The VMGenID notification (x86), made once: every restore raises it.
+    generation: Option<V::IrqLine>,
     end: Arc<End>,
     timings: Arc<Timings>,
 }
@@ -547,7 +549,7 @@ impl<V: Vm + 'static> Vmm<V> {
         vmm.timings().phase("vcpus_restored");
         // Clone safety for kernels with a vmgenid driver: every restore is a
         // new generation.
-        arch::new_generation(&vmm.core.vm, &vmm.mem, true)?;
+        arch::new_generation(&vmm.mem, vmm.core.generation.as_ref())?;
         vmm.timings().phase("restored");
         Ok(vmm)
     }
@@ -563,30 +565,15 @@ impl<V: Vm + 'static> Vmm<V> {
     /// vsock and network devices (host connections, backends) are not restored
     /// in place yet: a VM with one is refused, as is a snapshot of another VM.
     pub fn restore_in_place(&self, snap: &Snapshot) -> Result<(), RunError> {
-        if snap.resources() != &self.resources {
+        if !cfg!(target_os = "linux") {
+            // Whether Hypervisor.framework sees RAM remapped under hv_vm_map is
+            // not known (KVM follows through its MMU notifier).
             return Err(RunError::StateMismatch {
-                what: "the snapshot is of a VM built from other resources".into(),
-            });
-        }
-        if self.resources.vsock.is_some() || self.resources.network.is_some() {
-            return Err(RunError::StateMismatch {
-                what: "a VM with a vsock or network device cannot be restored in place yet".into(),
+                what: "restore in place is built for KVM only so far".into(),
             });
         }
         let state = &snap.state().vmm;
-        if state.vcpus.len() != self.vcpus as usize
-            || state.devices.virtio.len() != self.virtio.len()
-        {
-            return Err(RunError::StateMismatch {
-                what: format!(
-                    "{} vCPUs and {} virtio devices saved, {} and {} here",
-                    state.vcpus.len(),
-                    state.devices.virtio.len(),
-                    self.vcpus,
-                    self.virtio.len()
-                ),
-            });
-        }
+        self.check_in_place(snap)?;
         let mut ctl = self.lock_control();
         if ctl.phase != Phase::Paused {
             return Err(ControlError::NotPaused {
@@ -595,24 +582,87 @@ impl<V: Vm + 'static> Vmm<V> {
             .into());
         }
         self.timings().phase("in_place_start");
-        snap.remap_ram(&self.mem)?;
-        #[cfg(target_os = "linux")]
-        teardown::exclude_from_fork(&self.mem);
-        self.timings().phase("ram_remapped");
-        self.core
-            .vm
-            .restore_state(&state.vm)
-            .map_err(|source| ControlError::Vm {
-                what: "restore",
-                source,
-            })?;
-        self.restore_devices(&state.devices)?;
-        self.timings().phase("devices_restored");
-        self.restore_vcpus(&mut ctl, &state.vcpus)?;
+        // From the first change on, a failure leaves a VM that is neither the old
+        // one nor the snapshot's: it is ended, never resumed.
+        let r = (|| {
+            snap.remap_ram(&self.mem)?;
+            #[cfg(target_os = "linux")]
+            teardown::exclude_from_fork(&self.mem);
+            self.timings().phase("ram_remapped");
+            self.core
+                .vm
+                .restore_state(&state.vm)
+                .map_err(|source| ControlError::Vm {
+                    what: "restore",
+                    source,
+                })?;
+            self.restore_devices(&state.devices)?;
+            self.timings().phase("devices_restored");
+            self.restore_vcpus(&mut ctl, &state.vcpus)?;
+            self.timings().phase("vcpus_restored");
+            // Before the control lock goes: no resume runs the guest first.
+            arch::new_generation(&self.mem, self.core.generation.as_ref())
+        })();
         drop(ctl);
-        self.timings().phase("vcpus_restored");
-        arch::new_generation(&self.core.vm, &self.mem, true)?;
+        if let Err(e) = &r {
+            self.end.finish(Err(RunError::StateMismatch {
+                what: format!("an in-place restore failed half-way: {e}"),
+            }));
+        }
         self.timings().phase("restored");
+        r
+    }
+
+    /// Everything `restore_in_place` can refuse, before it changes anything.
+    fn check_in_place(&self, snap: &Snapshot) -> Result<(), RunError> {
+        let mismatch = |what: String| Err(RunError::StateMismatch { what });
+        if snap.resources() != &self.resources {
+            return mismatch("the snapshot is of a VM built from other resources".into());
+        }
+        if self.resources.vsock.is_some() || self.resources.network.is_some() {
+            return mismatch(
+                "a VM with a vsock or network device cannot be restored in place yet".into(),
+            );
+        }
+        let state = &snap.state().vmm;
+        if state.vcpus.len() != self.vcpus as usize
+            || state.devices.virtio.len() != self.virtio.len()
+        {
+            return mismatch(format!(
+                "{} vCPUs and {} virtio devices saved, {} and {} here",
+                state.vcpus.len(),
+                state.devices.virtio.len(),
+                self.vcpus,
+                self.virtio.len()
+            ));
+        }
+        if self.i8042.is_some() != state.devices.i8042.is_some() {
+            return mismatch("the i8042 is in only one of the snapshot and this VM".into());
+        }
+        if state.devices.serial.in_buffer.len() > devices::serial::FIFO_LEN {
+            return mismatch(format!(
+                "{} bytes of pending console input saved (a UART holds {})",
+                state.devices.serial.in_buffer.len(),
+                devices::serial::FIFO_LEN
+            ));
+        }
+        for (a, s) in self.virtio.iter().zip(&state.devices.virtio) {
+            // A disk's request state is not restored in place yet either.
+            if !matches!(s.device, state::VirtioDeviceState::Rng) {
+                return mismatch(format!(
+                    "the {} device cannot be restored in place yet",
+                    s.device.kind()
+                ));
+            }
+            a.transport
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .check_state(&s.transport)
+                .map_err(|e| RunError::RestoreDevice {
+                    what: a.what.clone(),
+                    source: Box::new(e),
+                })?;
+        }
         Ok(())
     }
 
@@ -649,26 +699,11 @@ impl<V: Vm + 'static> Vmm<V> {
         lock(&self.serial)
             .restore(&saved.serial)
             .map_err(|e| failed("the serial console")(Box::new(e)))?;
-        match (&self.i8042, &saved.i8042) {
-            (Some(d), Some(s)) => lock(d).restore(s),
-            (None, None) => {}
-            _ => {
-                return Err(RunError::StateMismatch {
-                    what: "the i8042 is in only one of the snapshot and this VM".into(),
-                })
-            }
+        if let (Some(d), Some(s)) = (&self.i8042, &saved.i8042) {
+            lock(d).restore(s);
         }
         lock(&self.core.power).restore(&saved.power);
         for (a, s) in self.virtio.iter().zip(&saved.virtio) {
-            // A disk's request state is not restored in place yet either.
-            if !matches!(s.device, state::VirtioDeviceState::Rng) {
-                return Err(RunError::StateMismatch {
-                    what: format!(
-                        "the {} device cannot be restored in place yet",
-                        s.device.kind()
-                    ),
-                });
-            }
             lock(&a.transport)
                 .restore(&s.transport)
                 .map_err(|e| failed(&a.what)(Box::new(e)))?;
@@ -760,12 +795,14 @@ impl<V: Vm + 'static> Vmm<V> {
             virtio,
         } = arch::setup_platform(&vm, &mem, res, console, &timings, saved.map(|s| &s.devices))?;
 
+        let generation = arch::generation_line(&vm)?;
         let end = Arc::new(End::new());
         let core = Arc::new(Core {
             vm,
             pio,
             mmio,
             power,
+            generation,
             end: end.clone(),
             timings: timings.clone(),
         });

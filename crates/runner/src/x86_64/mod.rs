@@ -41,16 +41,25 @@ pub enum PlatformError {
 /// kernel with that driver reseeds its random state in every clone. Called
 /// for a restored VM once its interrupt controller and vCPUs hold their saved
 /// state: the edge then stays pending until the guest runs.
-pub fn new_generation<V: Vm>(vm: &V, mem: &GuestMemoryMmap, notify: bool) -> Result<(), RunError> {
+pub fn new_generation<L: IrqLine>(
+    mem: &GuestMemoryMmap,
+    notify: Option<&L>,
+) -> Result<(), RunError> {
     use vm_memory::{Bytes, GuestAddress};
     let mut id = [0u8; acpi::VMGENID_LEN];
     getrandom::fill(&mut id).map_err(|e| PlatformError::GenerationId(e.to_string()))?;
     mem.write_slice(&id, GuestAddress(acpi::VMGENID_ADDR))
         .map_err(|e| PlatformError::GenerationId(e.to_string()))?;
-    if notify {
-        vm.irq_line(layout::VMGENID_GSI)?.trigger()?;
+    if let Some(line) = notify {
+        line.trigger()?;
     }
     Ok(())
+}
+
+/// The VMGenID device's interrupt line (its GED's GSI), made once per VM while
+/// it is built, so a restore (in place, in a sandboxed worker) makes none.
+pub fn generation_line<V: Vm>(vm: &V) -> Result<Option<V::IrqLine>, RunError> {
+    Ok(Some(vm.irq_line(layout::VMGENID_GSI)?))
 }
 
 /// Builds the x86_64 platform in `mem` for `vm` (whose interrupt controller exists):
@@ -146,7 +155,7 @@ pub fn setup_platform<V: Vm>(
         },
     )
     .map_err(PlatformError::from)?;
-    new_generation(vm, mem, false)?;
+    new_generation::<V::IrqLine>(mem, None)?;
 
     timings.phase("devices_ready");
     let mem = mem.as_ref();
