@@ -664,7 +664,7 @@ pub fn start(opts: &crate::RunOptions) -> Result<Entry, Error> {
     }
     // It runs on, in its own session; a thread reaps it when it ends (a
     // library's process may outlive it), whatever this returns.
-    let reaper = std::thread::spawn(move || child.wait());
+    std::thread::spawn(move || child.wait());
     loop {
         let e = vms::find(&id)?;
         let s = e.effective_state();
@@ -681,9 +681,6 @@ pub fn start(opts: &crate::RunOptions) -> Result<Entry, Error> {
             return Err(Error::Detach(s.reason.unwrap_or_else(|| {
                 "the VM ended before its process started".into()
             })));
-        }
-        if reaper.is_finished() && !e.supervised_now() {
-            continue;
         }
         std::thread::sleep(POLL);
     }

@@ -534,13 +534,7 @@ impl<V: Vm + 'static> Vmm<V> {
         let mem = snap.map_ram(res)?;
         timings.phase("ram_mapped");
         let vmm = Self::assemble(hv, res, console, timings, mem, Some(state))?;
-        vmm.core
-            .vm
-            .restore_state(&state.vm)
-            .map_err(|source| ControlError::Vm {
-                what: "restore",
-                source,
-            })?;
+        vmm.restore_vm_state(&state.vm)?;
         {
             let mut ctl = vmm.lock_control();
             vmm.restore_vcpus(&mut ctl, &state.vcpus)?;
@@ -589,13 +583,7 @@ impl<V: Vm + 'static> Vmm<V> {
             #[cfg(target_os = "linux")]
             teardown::exclude_from_fork(&self.mem);
             self.timings().phase("ram_remapped");
-            self.core
-                .vm
-                .restore_state(&state.vm)
-                .map_err(|source| ControlError::Vm {
-                    what: "restore",
-                    source,
-                })?;
+            self.restore_vm_state(&state.vm)?;
             self.restore_devices(&state.devices)?;
             self.timings().phase("devices_restored");
             self.restore_vcpus(&mut ctl, &state.vcpus)?;
@@ -664,6 +652,17 @@ impl<V: Vm + 'static> Vmm<V> {
                 })?;
         }
         Ok(())
+    }
+
+    /// The VM-wide state (interrupt controllers, timers, clock).
+    fn restore_vm_state(&self, state: &hypervisor::VmState) -> Result<(), ControlError> {
+        self.core
+            .vm
+            .restore_state(state)
+            .map_err(|source| ControlError::Vm {
+                what: "restore",
+                source,
+            })
     }
 
     /// Each vCPU's saved state, set on its own thread.
